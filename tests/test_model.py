@@ -1,0 +1,100 @@
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_llama
+from transformers import AutoModelForCausalLM
+
+from nanorlhf import model as M
+from nanorlhf.cli import UserError
+from nanorlhf.lora import add_lora, lora_layers
+
+
+def test_smollm2_gguf_converts_and_answers(smollm2_dir):
+    """The embedded GGUF becomes a plain folder that transformers loads, and the model is the real one."""
+    assert os.path.isfile(os.path.join(smollm2_dir, "config.json"))
+    model, tok = M.load_model(smollm2_dir)
+    assert model.config.hidden_size == 576 and model.config.vocab_size == 49152 and len(tok) == 49152
+    assert tok.pad_token_id != tok.eos_token_id  # REFERENCE §1.4
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert M.resolve("smollm2") == smollm2_dir  # cached: converted once
+
+
+def test_resolve_errors(tmp_path):
+    with pytest.raises(UserError, match="--actor .*not a model folder"):
+        M.resolve(str(tmp_path), flag="--actor")
+    with pytest.raises(UserError, match="GGUF file not found"):
+        M.resolve(str(tmp_path / "x.gguf"))
+    with pytest.raises(UserError, match="no such model folder"):
+        M.resolve(str(tmp_path / "missing"))
+
+
+def test_load_model_settings(tiny_dir):
+    model, tok = M.load_model(tiny_dir, gradient_checkpointing=True)
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    assert tok.pad_token_id not in (None, tok.eos_token_id) and model.config.pad_token_id == tok.pad_token_id
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_logprobs_match_hf_logits_with_left_and_right_padding(tiny_dir):
+    model, tok = M.load_model(tiny_dir)
+    ids = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on row 0
+    mask[1, -2:] = 0  # right padding on row 1
+    targets = torch.where(mask.bool(), ids.roll(-1, 1), -100)
+    targets[:, -1] = -100
+    targets[0, :3] = -100
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
+    torch.testing.assert_close(M.logprobs(model, ids, mask, targets, temperature=0.7), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_lm_head_refusals(tiny_dir):
+    model, _ = M.load_model(tiny_dir)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(UserError, match="soft-capping"):
+        M.lm_head(model)
+    model.config.final_logit_softcapping = None
+    model.lm_head = torch.nn.Linear(64, model.config.vocab_size, bias=True)
+    with pytest.raises(UserError, match="bias"):
+        M.lm_head(model)
+
+
+def test_save_model_merged_and_adapter(tiny_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, tok = M.load_model(tiny_dir, load_in_4bit=True)
+    add_lora(model, r=4, alpha=8)
+    for _, m in lora_layers(model):
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05)
+    ids = torch.randint(3, 1000, (1, 8))
+    ours = model(ids).logits.detach()
+    M.save_model(model, tok, str(tmp_path / "out"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(merged(ids).logits, ours, atol=1e-4, rtol=1e-4)
+    with open(tmp_path / "out" / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == tiny_dir
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=model.config.quantization_config,
+                                                device_map={"": "cpu"}, dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "out" / "adapter")
+    torch.testing.assert_close(loaded(ids).logits, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_4bit_unavailable_is_a_clear_error(monkeypatch, tiny_dir):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_bnb(name, *a, **k):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(UserError, match="--load-in-4bit: bitsandbytes cannot be imported"):
+        M.load_model(tiny_dir, load_in_4bit=True)

@@ -1,0 +1,84 @@
+"""Supervised fine-tuning: teach the model to answer like the data (the first stage of RLHF).
+
+The loss is the mean negative log-likelihood of the completion tokens only (prompt tokens are
+context, not targets), EOS included so the model learns to stop (Ouyang et al. 2022, §3.5).
+It comes from the fused logprob kernel, so the (tokens, vocab) logits never exist.
+
+    python train_sft.py --data ../shared/data/alpaca_en_demo.json --out out/sft
+"""
+from dataclasses import dataclass
+
+import torch
+
+from nanorlhf import model as M
+from nanorlhf.cli import arg, main
+from nanorlhf.data import collate
+from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
+
+
+@dataclass
+class Args(TrainArgs):
+    samples: int = arg(3, "Sample generations printed at the end (greedy, from held-out prompts).", ge=0)
+    max_new_tokens: int = arg(64, "Length of those sample generations.", gt=0)
+
+
+def sft_loss(logprobs, targets, n_tokens):
+    """Sum of -log π(y_t) over completion tokens / n_tokens (the completion tokens of the whole step).
+
+    logprobs, targets: (B, T); targets == -100 on prompt and padding, where logprobs are 0.
+    Dividing by the step's token count makes gradient accumulation equal one big batch.
+    """
+    return -(logprobs * (targets != -100)).sum() / n_tokens
+
+
+@torch.no_grad()
+def evaluate(model, rows, pad_id, batch_size, device):
+    """Mean completion-token NLL over `rows`."""
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
+        logprobs = M.logprobs(model, batch["input_ids"], batch["attention_mask"], batch["targets"])  # (B, T)
+        total += -logprobs.sum().item()
+        count += (batch["targets"] != -100).sum().item()
+    return total / max(count, 1)
+
+
+def train(args):
+    check_out(args)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_policy(args)
+    device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
+    train_rows, eval_rows = load_data(args, "sft", tokenizer)
+    loop = Loop(args, {"model": model}, len(train_rows))
+    if eval_rows and not args.resume:
+        loop.log({"step": 0, "eval_loss": evaluate(model, eval_rows, pad_id, args.batch_size, device)})
+
+    for step in loop:
+        batches = [collate([train_rows[i] for i in idx], pad_id) for idx in loop.batches()]
+        n_tokens = sum(int((b["targets"] != -100).sum()) for b in batches)
+        metrics = {"loss": 0.0, "tokens": sum(int(b["attention_mask"].sum()) for b in batches)}
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logprobs = M.logprobs(model, batch["input_ids"], batch["attention_mask"], batch["targets"])  # (B, T)
+            loss = sft_loss(logprobs, batch["targets"], n_tokens)
+            loss.backward()
+            metrics["loss"] += loss.item()
+        metrics |= loop.optimizer_step()
+        if eval_rows and args.eval_every and step % args.eval_every == 0:
+            metrics["eval_loss"] = evaluate(model, eval_rows, pad_id, args.batch_size, device)
+        loop.end_step(metrics)
+
+    if eval_rows:
+        eval_loss = evaluate(model, eval_rows, pad_id, args.batch_size, device)
+        loop.log({"step": loop.step, "final_eval_loss": eval_loss})
+    M.save_model(model, tokenizer, args.out)
+    print(f"saved the merged model to {args.out} and the LoRA adapter to {args.out}/adapter")
+    prompts = [row[0] for row in (eval_rows or train_rows)[:args.samples]]
+    if prompts:
+        responses, lengths, _ = M.generate(model, tokenizer, prompts, args.max_new_tokens, temperature=0)
+        for prompt, response, n in zip(prompts, responses, lengths):
+            print(f"\n--- prompt\n{tokenizer.decode(prompt)}\n--- response\n{tokenizer.decode(response[:n])}")
+
+
+if __name__ == "__main__":
+    main(train, Args)
