@@ -14,9 +14,9 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
 
 
-def arg(default, help, *, choices=None, gt=None, ge=None):
-    """A dataclass field with its help text, allowed choices and numeric bounds."""
-    meta = dict(help=help, choices=choices, gt=gt, ge=ge)
+def arg(default, help, *, choices=None, gt=None, ge=None, alias=None):
+    """A dataclass field with its help text, allowed choices, numeric bounds and an optional alias flag."""
+    meta = dict(help=help, choices=choices, gt=gt, ge=ge, alias=alias)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -45,7 +45,8 @@ def build_parser(cls, description=None):
             kw["help"] += f" Repeatable. (default: {default})"
         else:
             kw["type"] = tp
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+        names = ["--" + f.name.replace("_", "-")] + ([f.metadata["alias"]] if f.metadata.get("alias") else [])
+        p.add_argument(*names, dest=f.name, **kw)
     return p
 
 

@@ -4,13 +4,13 @@ One layer holds several named adapters (e.g. `policy` and `value` for PPO). `use
 selects one; `use_adapter(model, None)` disables them all, which turns the model back into its frozen
 base: the reference policy costs no second copy of the weights.
 
-Gradient checkpointing recomputes forwards during backward, so call `.backward()` inside the same
-`use_adapter` block as the forward it belongs to.
+Gradient checkpointing recomputes forwards during backward, possibly after `use_adapter` has
+switched adapters; `adapter_context_fn` replays the adapter of the original forward.
 """
 import json
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -117,8 +117,24 @@ def use_adapter(model, name):
             m.active = p
 
 
-def lora_parameters(model, name):
-    return [p for _, m in lora_layers(model) if name in m.lora_A for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
+def adapter_context_fn(model):
+    """A torch.utils.checkpoint `context_fn`: the recompute runs with the adapters active at forward time."""
+    def context_fn():
+        layers = [m for _, m in lora_layers(model)]
+        active = [m.active for m in layers]
+
+        @contextmanager
+        def replay():
+            previous = [m.active for m in layers]
+            for m, a in zip(layers, active):
+                m.active = a
+            try:
+                yield
+            finally:
+                for m, p in zip(layers, previous):
+                    m.active = p
+        return nullcontext(), replay()
+    return context_fn
 
 
 def merged_state_dict(model, name="default", dtype=None):

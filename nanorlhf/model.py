@@ -15,7 +15,7 @@ from torch import nn
 
 from .cli import UserError
 from .kernels import token_logprobs
-from .lora import lora_layers, merge, save_adapter, use_adapter
+from .lora import adapter_context_fn, lora_layers, merge, save_adapter, use_adapter
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -157,11 +157,14 @@ def load_model(name, *, kind="causal", device="auto", dtype="auto", load_in_4bit
         raise UserError(f"{flag} {name}: could not load ({str(e).splitlines()[0]})")
     set_pad_token(tokenizer, model)
     disable_dropout(model)
-    if gradient_checkpointing:  # non-reentrant: works with a frozen base whose inputs need no grad
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works with a frozen base whose inputs need no grad, and its
+        # context_fn lets the recompute in backward see the adapter that was active in forward.
+        kwargs = {"use_reentrant": False, "context_fn": adapter_context_fn(model)}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     model.name_or_path = name
     return model, tokenizer

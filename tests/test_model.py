@@ -98,3 +98,29 @@ def test_4bit_unavailable_is_a_clear_error(monkeypatch, tiny_dir):
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(UserError, match="--load-in-4bit: bitsandbytes cannot be imported"):
         M.load_model(tiny_dir, load_in_4bit=True)
+
+
+def test_gradient_checkpointing_replays_the_forward_adapter(tiny_dir):
+    """Two adapters, one backward after both contexts closed: checkpointed grads equal plain grads."""
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = M.load_model(tiny_dir, gradient_checkpointing=checkpointing)
+        model.train()
+        torch.manual_seed(0)  # the same A init in both runs
+        add_lora(model, r=4, alpha=8, name="policy")
+        add_lora(model, r=4, alpha=8, name="value")
+        for i, (_, m) in enumerate(lora_layers(model)):
+            for name in ("policy", "value"):
+                torch.nn.init.normal_(m.lora_B[name].weight, std=0.1, generator=torch.Generator().manual_seed(i))
+        ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        from nanorlhf.lora import use_adapter
+        with use_adapter(model, "policy"):
+            a = M.hidden_states(model, ids, mask).pow(2).mean()
+        with use_adapter(model, "value"):
+            b = M.hidden_states(model, ids, mask).mean()
+        (a + b).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4 * 14
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
