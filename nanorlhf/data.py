@@ -49,6 +49,7 @@ FORMATS = {
                   "or chosen/rejected as whole conversations sharing all but the last message",
     "hh": "chosen, rejected: '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts",
     "ranked": "prompt, responses [str], rank [int] (lower rank = better)",
+    "prompt": "prompt (string or message list) alone: prompts for PPO",
 }
 
 # Used when the tokenizer has no chat template: one block per turn, ending with the
@@ -168,6 +169,8 @@ def _detect(rec):
         return "prompt_completion"
     if {"chosen", "rejected"} <= keys:
         return "hh" if "prompt" not in keys and isinstance(rec["chosen"], str) else "preference"
+    if "prompt" in keys:
+        return "prompt"
     return None
 
 
@@ -296,7 +299,8 @@ def _ranked(rec):
 
 
 _PARSERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": lambda rec: _conversation(rec, "messages"),
-            "prompt_completion": _prompt_completion, "preference": _preference, "hh": _hh, "ranked": _ranked}
+            "prompt_completion": _prompt_completion, "preference": _preference, "hh": _hh, "ranked": _ranked,
+            "prompt": lambda rec: [PromptExample(_messages(rec["prompt"], "prompt"))]}
 
 _NEEDS = {
     "sft": "a prompt and one completion (or pairs, whose chosen reply is used)",

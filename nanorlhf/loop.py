@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cli import UserError, arg
-from .data import load_examples, tokenize
+from .data import FORMATS, load_examples, tokenize
 from .lora import add_lora
 from .model import DEFAULT_MODEL, load_model
 
@@ -38,7 +38,7 @@ class TrainArgs:
     data: str = arg("", "Training data: .json/.jsonl file (alpaca, sharegpt, messages, prompt/completion, "
                     "preference, hh, ranked) or a hub dataset id.")
     format: str | None = arg(None, "Force the data format instead of detecting it.",
-                             choices=["alpaca", "sharegpt", "messages", "prompt_completion", "preference", "hh", "ranked"])
+                             choices=list(FORMATS))
     eval_data: str | None = arg(None, "Evaluation data file; default: hold out --eval-frac of --data.")
     eval_frac: float = arg(0.05, "Fraction of --data held out for evaluation when --eval-data is not given.", ge=0)
     limit: int | None = arg(None, "Use only the first N training examples (quick runs).", gt=0)

@@ -118,6 +118,14 @@ def test_ranked_expands_to_all_ordered_pairs(tmp_path):
     assert pairs == [("mid", "worst"), ("best", "mid"), ("best", "worst")]
 
 
+def test_prompt_only_records_are_prompts_and_nothing_else(tmp_path):
+    path = write(tmp_path, "p.jsonl", [{"prompt": "Hi?"}, {"prompt": [user("a"), assistant("b"), user("c")]}])
+    assert load_examples(path, "prompts") == [PromptExample([user("Hi?")]),
+                                              PromptExample([user("a"), assistant("b"), user("c")])]
+    with pytest.raises(UserError, match="p.jsonl:1: .*cannot be used as sft"):
+        load_examples(path, "sft")
+
+
 def test_format_forcing(tmp_path):
     # A record with every alpaca field plus `messages`: detection picks messages, --format alpaca wins.
     path = write(tmp_path, "f.json", [{"messages": [user("m"), assistant("x")], "instruction": "i", "output": "o"}])

@@ -1,0 +1,253 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_llama
+
+import train_ppo
+from nanorlhf import model as M
+from nanorlhf.lora import add_lora, lora_layers
+from nanorlhf.rollout import KLController, RolloutBuffer, gae, masked_mean, whiten
+
+WORDS = [" the", " cat", " dog", " red", " blue", " sun", " tree", " fish", " bird", " car", " book", " milk",
+         " rain", " king", " moon", " star"]
+
+
+def lengths_mask(lengths, R):
+    return (torch.arange(R)[None] < torch.tensor(lengths)[:, None]).long()
+
+
+def gae_loop(rewards, values, gamma, lam):
+    """GAE for one episode, written as the textbook recursion over plain Python floats."""
+    advantages, last = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        next_value = values[t + 1] if t + 1 < len(values) else 0.0
+        last = rewards[t] + gamma * next_value - values[t] + gamma * lam * last
+        advantages[t] = last
+    return advantages, [a + v for a, v in zip(advantages, values)]
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 1.0), (0.9, 0.5), (1.0, 0.0)])
+def test_gae_matches_python_loop(gamma, lam):
+    g = torch.Generator().manual_seed(int(gamma * 100 + lam * 10))
+    lengths = [7, 3, 1, 5]
+    rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    mask = lengths_mask(lengths, 7)
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        adv, ret = gae_loop(rewards[b, :n].tolist(), values[b, :n].tolist(), gamma, lam)
+        torch.testing.assert_close(advantages[b, :n], torch.tensor(adv))
+        torch.testing.assert_close(returns[b, :n], torch.tensor(ret))
+        assert advantages[b, n:].eq(0).all() and returns[b, n:].eq(0).all()
+
+
+def test_whiten_uses_only_masked_positions():
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    valid = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    expected = (valid - valid.mean()) / valid.std()  # unbiased, as masked_var
+    out = whiten(x, mask)
+    torch.testing.assert_close(out[mask.bool()], expected, atol=1e-6, rtol=1e-6)
+    assert out[~mask.bool()].eq(0).all()
+    torch.testing.assert_close(whiten(x, mask, shift_mean=False)[mask.bool()], expected + 3.0, atol=1e-6, rtol=1e-6)
+
+
+def test_buffer_visits_each_sample_once_per_epoch():
+    B = 10
+    t = torch.arange(B, dtype=torch.float)[:, None].expand(B, 3)
+    buffer = RolloutBuffer(*([t.clone()] * 10))
+    for _ in range(3):
+        seen = torch.cat([mb["responses"][:, 0] for mb in buffer.minibatches(4)])
+        assert sorted(seen.long().tolist()) == list(range(B))
+    sizes = [len(mb["mask"]) for mb in buffer.minibatches(4)]
+    assert sizes == [4, 4, 2]
+
+
+def test_ppo_loss_hand_computed():
+    # four one-token cases: ratio 1.5 / A=+1 (clipped to 1.2), ratio 1.1 / A=+1 (inside),
+    # ratio 0.5 / A=-1 (clipped to 0.8), padding (ignored)
+    old = torch.zeros(1, 4)
+    logprobs = torch.log(torch.tensor([[1.5, 1.1, 0.5, 7.0]])).requires_grad_()
+    advantages = torch.tensor([[1.0, 1.0, -1.0, 5.0]])
+    values = torch.tensor([[1.0, 0.6, 0.5, 9.0]], requires_grad=True)
+    old_values = torch.tensor([[0.5, 0.5, 0.5, 0.0]])
+    returns = torch.tensor([[2.0, 0.0, 0.5, 3.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    pg, vf, stats = train_ppo.ppo_loss(logprobs, old, values, old_values, advantages, returns, mask, 0.2, 0.2)
+    # pg terms: max(-1.5, -1.2) = -1.2; max(-1.1, -1.1) = -1.1; max(0.5, 0.8) = 0.8
+    assert pg.item() == pytest.approx((-1.2 - 1.1 + 0.8) / 3)
+    # vf terms: v=1 clipped to 0.7: max(1, 1.69) = 1.69; v=0.6 inside: 0.36; v=0.5: 0
+    assert vf.item() == pytest.approx(0.5 * (1.69 + 0.36 + 0.0) / 3)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["vf_clipfrac"].item() == pytest.approx(1 / 3)
+    (pg + vf).backward()
+    # d/dlogp of -A·ratio is -A·ratio where unclipped (only token 2: -1.1), 0 where clipped or padded
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, -1.1 / 3, 0.0, 0.0]]))
+    # value grads: clipped branch wins on token 1 -> 0; token 2: 0.5·2·(0.6-0)/3; token 3: 0
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, 0.6 / 3, 0.0, 0.0]]))
+
+
+def test_shape_rewards_hand_computed():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -5.0, -5.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    rewards = train_ppo.shape_rewards(torch.tensor([2.0, -1.0]), logprobs, ref, mask, 0.1, "k1")
+    expected = torch.tensor([[-0.05, 0.0, 0.1 + 2.0], [-0.1 - 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_kl_controller():
+    fixed = KLController(0.05)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.05
+    ctl = KLController(0.1, target=6.0, horizon=1000)
+    ctl.update(12.0, 100)  # error clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    ctl.update(5.4, 100)  # error -0.1
+    assert ctl.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
+
+
+def test_padding_is_inert_in_rewards_gae_and_losses():
+    g = torch.Generator().manual_seed(0)
+    lengths, R = [5, 2, 4], 5
+    mask = lengths_mask(lengths, R)
+    clean = {k: torch.randn(3, R, generator=g) for k in ("logprobs", "ref", "values", "new_logprobs", "new_values")}
+    dirty = {k: torch.where(mask.bool(), v, torch.randn(3, R, generator=g) * 1e4) for k, v in clean.items()}
+    scores = torch.tensor([1.0, -2.0, 0.5])
+
+    def run(t):
+        rewards = train_ppo.shape_rewards(scores, t["logprobs"], t["ref"], mask, 0.05, "k3")
+        rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, t["values"], mask, 1.0, 0.95)
+        advantages = whiten(advantages, mask)
+        pg, vf, stats = train_ppo.ppo_loss(t["new_logprobs"], t["logprobs"], t["new_values"], t["values"],
+                                           advantages, returns, mask, 0.2, 0.2)
+        return [rewards * mask, advantages, returns, pg, vf, *stats.values()]
+
+    for a, b in zip(run(clean), run(dirty)):
+        assert torch.equal(a, b)
+
+
+def tiny_actor(tokenizer, path):
+    """A tiny random Llama that mostly says one of 16 words, so a word-count reward has signal."""
+    model = tiny_llama(len(tokenizer), seed=1)
+    ids = [tokenizer(w, add_special_tokens=False).input_ids for w in WORDS]
+    assert all(len(i) == 1 for i in ids)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[[i[0] for i in ids]] *= 40
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def make_args(tmp_path, actor, **kw):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something {i}."}) + "\n" for i in range(32)))
+    defaults = dict(model=actor, data=str(prompts), out=str(tmp_path / "ppo"), rollout_batch_size=8,
+                    minibatch_size=8, batch_size=4, max_new_tokens=6, temperature=1.0, ppo_epochs=2, lr=1e-3,
+                    lora_r=8, lora_alpha=16, max_steps=2, sample_every=0, log_every=100, missing_eos="none")
+    return train_ppo.Args(**(defaults | kw))
+
+
+@pytest.fixture(scope="module")
+def actor_dir(tokenizer, tmp_path_factory):
+    return tiny_actor(tokenizer, tmp_path_factory.mktemp("actor"))
+
+
+def policy_and_critic(actor_dir):
+    model, tok = M.load_model(actor_dir)
+    torch.manual_seed(0)
+    add_lora(model, 4, 8, name="policy")
+    add_lora(model, 4, 8, name="value")
+    for _, m in lora_layers(model):
+        torch.nn.init.normal_(m.lora_B["policy"].weight, std=0.05)
+    head = torch.nn.Linear(64, 1)
+    return model, tok, head
+
+
+def test_logprob_temperature_is_the_sampling_temperature(actor_dir, tmp_path, monkeypatch):
+    model, tok, head = policy_and_critic(actor_dir)
+    args = make_args(tmp_path, actor_dir, temperature=0.6)
+    seen = {}
+    real_generate = model.generate
+
+    def spy(*a, **k):
+        seen["temperature"] = k["temperature"]
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(model, "generate", spy)
+    queries = [tok("Hello there", add_special_tokens=False).input_ids, tok("Hi", add_special_tokens=False).input_ids]
+    data, lengths, _ = train_ppo.sample(model, tok, queries, args)
+    logprobs, entropy, ref_logprobs, values = train_ppo.score_tokens(model, model, head, data, args)
+    assert seen["temperature"] == args.temperature
+    P = data["queries"].shape[1]
+    ids, attn, _ = train_ppo.join(**data)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+
+    def eager(temperature, adapter):
+        from nanorlhf.lora import use_adapter
+        with use_adapter(model, adapter), torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1]
+        lp = torch.log_softmax(logits / temperature, -1).gather(-1, data["responses"][..., None])[..., 0]
+        return lp * data["mask"]
+
+    torch.testing.assert_close(logprobs, eager(0.6, "policy"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_logprobs, eager(0.6, None), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logprobs, eager(1.0, "policy"), atol=1e-3)
+    # padded response positions hold pad ids; putting other tokens there changes nothing
+    dirty = dict(data, responses=data["responses"].masked_fill(data["mask"] == 0, 17))
+    torch.testing.assert_close(train_ppo.score_tokens(model, model, head, dirty, args)[0], logprobs)
+
+
+def test_ppo_learns_a_programmatic_reward(actor_dir, tmp_path, monkeypatch):
+    (tmp_path / "moon_reward.py").write_text(
+        "def moon(prompts, responses):\n    return [float(r.count(' moon')) for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    args = make_args(tmp_path, actor_dir, reward_fn="moon_reward:moon", max_steps=30, kl_coef=0.02,
+                     rollout_batch_size=16, minibatch_size=8, lr=3e-3)
+    train_ppo.train(args)
+    with open(os.path.join(args.out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    score, kl = [r["score"] for r in rows], [r["kl"] for r in rows]
+    first, last = sum(score[:5]) / 5, sum(score[-5:]) / 5
+    assert last > first + 1.0 and last > 2 * first, score
+    assert max(kl) < 20 and all(math.isfinite(k) for k in kl), kl
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tokenizer, tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(0)
+    config = tiny_llama(len(tokenizer)).config
+    config.num_labels, config.pad_token_id = 1, tokenizer.unk_token_id
+    rm = LlamaForSequenceClassification(config)
+    rm.config.reward_mean, rm.config.reward_std = 0.1, 2.0
+    path = tmp_path_factory.mktemp("rm")
+    rm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("extra", [[], ["--load-in-4bit", "--critic-from-rm"]])
+def test_ppo_script_smoke(actor_dir, rm_dir, tmp_path, extra):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n" for w in WORDS))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train_ppo.py", "--actor", actor_dir, "--rm", rm_dir, "--data", str(prompts), "--out",
+           str(out), "--max-steps", "2", "--rollout-batch-size", "4", "--minibatch-size", "2", "--batch-size", "2",
+           "--max-new-tokens", "4", "--ppo-epochs", "1", "--sample-every", "1"] + extra
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--- prompt" in r.stdout
+    with open(out / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("score", "kl", "entropy", "clipfrac", "approx_kl", "vf_loss", "explained_variance",
+                "response_length", "eos_frac", "tokens_per_s", "peak_mem_gb", "time/generate", "time/update"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 49152

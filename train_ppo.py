@@ -1,0 +1,337 @@
+"""PPO from a reward model (Ziegler et al. 2019; Ouyang et al. 2022), with the implementation
+details of the N+ reproduction (Huang et al. 2024, arXiv 2403.17031) and REFERENCE §1.
+
+One frozen base carries three roles: the actor (LoRA adapter `policy`), the reference (every
+adapter disabled) and the critic (adapter `value` + a linear value head). Each iteration:
+
+    1. rollout      sample responses to a batch of prompts, cut after the first EOS
+    2. score + KL   reward = -β·KL(π‖π_ref) per token, plus the RM score on the last token
+    3. GAE          advantages and returns (γ, λ), whitened advantages
+    4. PPO epochs   clipped policy and value losses over shuffled minibatches
+    5. log + save
+
+    python train_ppo.py --actor out/sft --rm out/rm --data ../shared/data/hh_harmless.jsonl --out out/ppo
+"""
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nanorlhf import model as M
+from nanorlhf.cli import UserError, arg, main
+from nanorlhf.data import load_examples, render_prompt
+from nanorlhf.kernels import kl_penalty
+from nanorlhf.lora import add_lora, use_adapter
+from nanorlhf.loop import Loop, TrainArgs, check_out, load_policy
+from nanorlhf.rollout import KLController, RolloutBuffer, gae, masked, masked_mean, masked_var, whiten
+
+
+@dataclass
+class Args(TrainArgs):
+    model: str = arg(M.DEFAULT_MODEL, "The actor to start from: an SFT output (train_sft.py --out) or any causal LM.",
+                     alias="--actor")
+    rm: list[str] = arg([], "Reward model folder (train_rm.py --out). Give it several times for a weighted sum.")
+    rm_weight: list[float] = arg([], "Weight of each --rm in the composite score, in order (default 1 each).")
+    reward_fn: str | None = arg(None, "Python reward 'module:function' called as f(prompts, responses) on lists of "
+                                "strings (the last user message, the decoded response), returning floats; added to "
+                                "the RM scores. For verifiable rewards.")
+    critic_from_rm: bool = arg(False, "Start the critic from the first --rm (its weights and head) instead of a "
+                               "zero value head on the actor's base. Costs a second base in memory.")
+    max_steps: int | None = arg(None, "PPO iterations; default: --epochs over the prompts.", gt=0)
+    rollout_batch_size: int = arg(16, "Prompts sampled per iteration. 7B on 24 GB: 32-64.", gt=0)
+    minibatch_size: int = arg(8, "Rollouts per optimizer step, run --batch-size at a time.", gt=0)
+    batch_size: int = arg(4, "Sequences per forward pass (rollout scoring and training micro-batches).", gt=0)
+    grad_accum: int = arg(1, "Unused by PPO: accumulation is --minibatch-size / --batch-size.", gt=0)
+    ppo_epochs: int = arg(4, "Passes over each iteration's rollouts.", gt=0)
+    lr: float = arg(1e-5, "Peak learning rate (LoRA; N+ uses 3e-6 for full fine-tuning).", gt=0)
+    max_length: int = arg(256, "Max prompt tokens; longer prompts are skipped.", gt=0)
+    max_new_tokens: int = arg(64, "Response length limit.", gt=0)
+    temperature: float = arg(0.7, "Sampling temperature, used in every logprob pass too (REFERENCE §1.5).", gt=0)
+    top_p: float = arg(1.0, "Nucleus sampling; < 1 makes logprobs differ from the sampling distribution.", gt=0)
+    kl_coef: float = arg(0.05, "β, the per-token KL penalty coefficient (initial value when adaptive).", ge=0)
+    target_kl: float | None = arg(None, "Adaptive β: steer the per-sequence KL towards this (Ziegler et al.).", gt=0)
+    kl_horizon: int = arg(10000, "Horizon of the adaptive controller, in rollouts.", gt=0)
+    kl_estimator: str = arg("k1", "Per-token KL estimator in the reward (Schulman 2020).", choices=["k1", "k2", "k3"])
+    gamma: float = arg(1.0, "GAE discount γ.", ge=0)
+    lam: float = arg(0.95, "GAE λ.", ge=0)
+    whiten_rewards: bool = arg(False, "Whiten per-token rewards (scale only) before GAE.")
+    cliprange: float = arg(0.2, "PPO policy ratio clip ε.", gt=0)
+    cliprange_value: float = arg(0.2, "Value clip around the rollout's values.", gt=0)
+    vf_coef: float = arg(0.1, "Value loss coefficient.", ge=0)
+    entropy_coef: float = arg(0.0, "Entropy bonus coefficient (the seeds suggest 0.01).", ge=0)
+    early_stop_kl: float | None = arg(None, "Stop an iteration's PPO epochs once mean approx-KL exceeds this.", gt=0)
+    missing_eos: str = arg("replace", "A response without EOS within --max-new-tokens: replace its score with "
+                           "--missing-eos-value, subtract --missing-eos-value, or leave it.",
+                           choices=["replace", "subtract", "none"])
+    missing_eos_value: float = arg(-1.0, "See --missing-eos (N+ replaces with -1 on normalised scores).")
+    sample_every: int = arg(10, "Print a prompt -> response -> score table every N iterations (0 = never).", ge=0)
+
+
+def ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, mask, cliprange, cliprange_value):
+    """Clipped surrogate and clipped value loss (Schulman et al. 2017, eq. 7; value clip as in PPO2).
+
+    All inputs (B, R); mask is 1 on real response tokens. Returns (pg_loss, vf_loss, stats).
+    """
+    log_ratio = masked(logprobs - old_logprobs, mask)  # padding: ratio 1, never exp(garbage)
+    ratio = torch.exp(log_ratio)
+    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    pg_loss = masked_mean(pg_losses, mask)
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_losses = torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
+    vf_loss = 0.5 * masked_mean(vf_losses, mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((pg_losses > -advantages * ratio).float(), mask),
+                 "vf_clipfrac": masked_mean(((values_clipped - returns) ** 2 > (values - returns) ** 2).float(), mask),
+                 "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask)}
+    return pg_loss, vf_loss, stats
+
+
+def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
+    """Per-token reward -β·KL plus the score on the last real token (REFERENCE §1.1).
+
+    scores (B,); logprobs, ref_logprobs, mask (B, R). Returns rewards (B, R), 0 on padding.
+    """
+    rewards = -kl_coef * masked(kl_penalty(logprobs, ref_logprobs, estimator), mask)
+    last = (mask.sum(1) - 1).clamp(min=0).long()  # (B,) index of the last real token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def join(queries, query_mask, responses, mask):
+    """Left-padded queries (B, P) + right-padded responses (B, R) -> model inputs whose targets at
+    positions P-1 .. P+R-2 are the response tokens, so outputs[:, P-1:-1] line up with responses."""
+    P = queries.shape[1]
+    input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+    targets = torch.full_like(input_ids, -100)
+    targets[:, P - 1:-1] = responses.masked_fill(mask == 0, -100)
+    return input_ids, attention_mask, targets
+
+
+def policy_logprobs(model, batch, temperature, return_entropy=False):
+    """(B, R) logprobs (and entropy) of the responses under the `policy` adapter at the sampling temperature."""
+    P = batch["queries"].shape[1]
+    input_ids, attention_mask, targets = join(batch["queries"], batch["query_mask"], batch["responses"], batch["mask"])
+    with use_adapter(model, "policy"):
+        out = M.logprobs(model, input_ids, attention_mask, targets, temperature, return_entropy)
+    return tuple(t[:, P - 1:-1] for t in out) if return_entropy else out[:, P - 1:-1]
+
+
+def critic_values(critic, value_head, batch):
+    """(B, R) values V(s_t) of the states before each response token, from the `value` adapter + head."""
+    P = batch["queries"].shape[1]
+    input_ids, attention_mask, _ = join(batch["queries"], batch["query_mask"], batch["responses"], batch["mask"])
+    with use_adapter(critic, "value"):
+        hidden = M.hidden_states(critic, input_ids, attention_mask)[:, P - 1:-1]  # (B, R, H)
+    return value_head(hidden.float()).squeeze(-1)
+
+
+class Rewarder:
+    """The composite score: Σ w_i · normalised RM_i(prompt, response) + reward_fn(prompt, response)."""
+
+    def __init__(self, args, tokenizer, device):
+        self.rms, self.tokenizer, self.device = [], tokenizer, device
+        weights = args.rm_weight or [1.0] * len(args.rm)
+        if len(weights) != len(args.rm):
+            raise UserError(f"--rm-weight: got {len(weights)} weights for {len(args.rm)} --rm models")
+        for path, w in zip(args.rm, weights):
+            config = json.load(open(os.path.join(M.resolve(path, "--rm"), "config.json")))
+            if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+                raise UserError(f"--rm {path}: not a sequence-classification model (architectures: "
+                                f"{config.get('architectures')}); train one with train_rm.py")
+            rm, rm_tok = M.load_model(path, kind="reward", device=args.device, dtype=args.dtype,
+                                      load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, flag="--rm")
+            rm.requires_grad_(False).eval()
+            same = rm_tok.get_vocab() == tokenizer.get_vocab() and rm_tok.chat_template == tokenizer.chat_template
+            mean, std = getattr(rm.config, "reward_mean", 0.0), getattr(rm.config, "reward_std", 1.0)
+            self.rms.append((rm, rm_tok, same, mean, std, w))
+        self.fn = None
+        if args.reward_fn:
+            module, _, name = args.reward_fn.partition(":")
+            try:
+                sys.path.insert(0, os.getcwd())
+                self.fn = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError) as e:
+                raise UserError(f"--reward-fn {args.reward_fn}: cannot import it ({e}); expected module:function")
+        if not self.rms and self.fn is None:
+            raise UserError("give a reward: --rm FOLDER (repeatable) and/or --reward-fn module:function")
+
+    @torch.no_grad()
+    def __call__(self, messages, queries, responses, lengths, ended, batch_size):
+        """scores (B,) for prompts (message lists / unpadded id lists) and right-padded responses (B, R)."""
+        texts = [self.tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses, lengths)]
+        scores = torch.zeros(len(texts))
+        for rm, rm_tok, same, mean, std, weight in self.rms:
+            if same:  # score exactly the sampled ids
+                seqs = [q + r[:n].tolist() for q, r, n in zip(queries, responses, lengths)]
+            else:  # another tokenizer: re-encode the conversation as text
+                seqs = [render_prompt(rm_tok, m) + rm_tok(t, add_special_tokens=False).input_ids +
+                        ([rm_tok.eos_token_id] if e else []) for m, t, e in zip(messages, texts, ended)]
+            for i in range(0, len(seqs), batch_size):
+                chunk = seqs[i:i + batch_size]
+                T = max(map(len, chunk))
+                ids = torch.tensor([s + [rm_tok.pad_token_id] * (T - len(s)) for s in chunk], device=self.device)
+                mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in chunk], device=self.device)
+                raw = rm(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu()
+                scores[i:i + batch_size] += weight * (raw - mean) / std  # REFERENCE §1.8
+        if self.fn is not None:
+            scores += torch.tensor(self.fn([m[-1]["content"] for m in messages], texts), dtype=torch.float)
+        return scores, texts
+
+
+@torch.no_grad()
+def sample(model, tokenizer, queries_list, args):
+    """Responses to token-id prompts from the policy, cut after the first EOS (REFERENCE §1.3).
+
+    Returns data {queries (B, P) left-padded, query_mask, responses (B, R) right-padded, mask}, lengths, ended.
+    """
+    device = next(model.parameters()).device
+    with use_adapter(model, "policy"):
+        responses, lengths, ended = M.generate(model, tokenizer, queries_list, args.max_new_tokens,
+                                               args.temperature, args.top_p)
+    P, R = max(map(len, queries_list)), responses.shape[1]
+    queries = torch.full((len(queries_list), P), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    query_mask = torch.zeros_like(queries)
+    for b, q in enumerate(queries_list):
+        queries[b, P - len(q):], query_mask[b, P - len(q):] = torch.tensor(q), 1
+    mask = (torch.arange(R, device=device)[None] < lengths[:, None]).long()  # (B, R) real response tokens
+    return {"queries": queries, "query_mask": query_mask, "responses": responses, "mask": mask}, lengths, ended
+
+
+@torch.no_grad()
+def score_tokens(model, critic, value_head, data, args):
+    """Old logprobs and entropy (policy), reference logprobs (adapters off), values (critic): each (B, R),
+    all at the sampling temperature so the KL and the PPO ratio compare like with like (REFERENCE §1.5)."""
+    P, bs = data["queries"].shape[1], args.batch_size
+    chunks = [{k: v[i:i + bs] for k, v in data.items()} for i in range(0, len(data["queries"]), bs)]
+    logprobs, entropy = (torch.cat(t) for t in zip(*[policy_logprobs(model, c, args.temperature, True)
+                                                    for c in chunks]))
+    ref_logprobs = torch.cat([M.reference_logprobs(model, None, *join(**c), args.temperature)[:, P - 1:-1]
+                              for c in chunks])
+    values = torch.cat([critic_values(critic, value_head, c) for c in chunks])
+    return logprobs, entropy, ref_logprobs, values
+
+
+def load_prompts(args, tokenizer):
+    examples = load_examples(args.data, "prompts", args.format, args.limit)
+    prompts = [(ex.prompt, ids) for ex in examples if len(ids := render_prompt(tokenizer, ex.prompt)) <= args.max_length]
+    print(f"prompts {args.data}: kept {len(prompts)}, skipped {len(examples) - len(prompts)} (longer than "
+          f"--max-length {args.max_length})")
+    if not prompts:
+        raise UserError(f"all {len(examples)} prompts in {args.data} are longer than --max-length {args.max_length}")
+    return prompts
+
+
+def train(args):
+    if not args.lora_r:
+        raise UserError("--lora-r 0: PPO shares one frozen base between actor, reference and critic; it needs LoRA")
+    if args.minibatch_size % args.batch_size or args.rollout_batch_size % args.minibatch_size:
+        raise UserError("--rollout-batch-size must be a multiple of --minibatch-size, and that of --batch-size")
+    check_out(args)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
+    device = next(model.parameters()).device
+    critic = model
+    if args.critic_from_rm:  # N+ and TRL start the critic from the reward model (REFERENCE §1.7)
+        critic = load_policy(args, name=args.rm[0] if args.rm else "", flag="--rm", kind="reward", adapter="value")[0]
+        score = critic.score
+        value_head = nn.Linear(score.in_features, 1).to(device)
+        mean, std = getattr(critic.config, "reward_mean", 0.0), getattr(critic.config, "reward_std", 1.0)
+        with torch.no_grad():
+            value_head.weight.copy_(score.weight.float() / std)
+            value_head.bias.fill_(-mean / std)
+        score.requires_grad_(False)
+    else:  # a zero value head: the critic starts by predicting 0 everywhere
+        add_lora(model, args.lora_r, args.lora_alpha, name="value", dropout=args.lora_dropout)
+        value_head = nn.Linear(model.config.hidden_size, 1).to(device)
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+    rewarder = Rewarder(args, tokenizer, device)
+    prompts = load_prompts(args, tokenizer)
+    kl_ctl = KLController(args.kl_coef, args.target_kl, args.kl_horizon)
+    iterations = args.max_steps or math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)
+    updates = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
+    modules = {"model": model, "value_head": value_head} | ({"critic": critic} if critic is not model else {})
+    loop = Loop(args, modules, len(prompts), stateful={"kl": kl_ctl}, total_steps=iterations, updates_per_step=updates)
+    bs = args.batch_size
+
+    for step in loop:
+        # 1. rollout: sample, then old/reference logprobs and values at the sampling temperature
+        t0 = time.perf_counter()
+        batch_prompts = [prompts[i] for i in loop.stream.take(args.rollout_batch_size)]
+        messages, queries_list = [m for m, _ in batch_prompts], [q for _, q in batch_prompts]
+        data, lengths, ended = sample(model, tokenizer, queries_list, args)
+        t1 = time.perf_counter()
+        logprobs, entropy, ref_logprobs, values = score_tokens(model, critic, value_head, data, args)
+        mask = data["mask"]
+
+        # 2. score + KL: RM scores (normalised), missing-EOS penalty, per-token KL penalty
+        scores_raw, texts = rewarder(messages, queries_list, data["responses"].cpu(), lengths.cpu(), ended.cpu(), bs)
+        scores = scores_raw.clone()
+        if args.missing_eos == "replace":
+            scores[~ended.cpu()] = args.missing_eos_value
+        elif args.missing_eos == "subtract":
+            scores[~ended.cpu()] -= args.missing_eos_value
+        rewards = shape_rewards(scores.to(mask.device), logprobs, ref_logprobs, mask, kl_ctl.value, args.kl_estimator)
+        t2 = time.perf_counter()
+
+        # 3. GAE on the masked response tokens; whitened advantages (REFERENCE §1.10)
+        if args.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
+        advantages = whiten(advantages, mask)
+        buffer = RolloutBuffer(**data, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
+                               advantages=advantages, returns=returns)
+
+        # 4. PPO epochs: minibatches of --minibatch-size, micro-batches of --batch-size
+        stats, n_micro = {}, args.minibatch_size // bs
+        for epoch in range(args.ppo_epochs):
+            epoch_kl = []
+            for mb in buffer.minibatches(args.minibatch_size):
+                for i in range(0, args.minibatch_size, bs):
+                    micro = {k: v[i:i + bs] for k, v in mb.items()}
+                    new_logprobs, new_entropy = policy_logprobs(model, micro, args.temperature, True)
+                    new_values = critic_values(critic, value_head, micro)
+                    pg_loss, vf_loss, s = ppo_loss(new_logprobs, micro["logprobs"], new_values, micro["values"],
+                                                   micro["advantages"], micro["returns"], micro["mask"],
+                                                   args.cliprange, args.cliprange_value)
+                    ent = masked_mean(new_entropy, micro["mask"])
+                    loss = pg_loss + args.vf_coef * vf_loss - args.entropy_coef * ent
+                    (loss / n_micro).backward()
+                    s |= {"pg_loss": pg_loss, "vf_loss": vf_loss, "loss": loss}
+                    for k, v in s.items():
+                        stats.setdefault(k, []).append(float(v))
+                    epoch_kl.append(float(s["approx_kl"]))
+                for k, v in loop.optimizer_step().items():
+                    stats.setdefault(k, []).append(v)
+            if args.early_stop_kl and sum(epoch_kl) / len(epoch_kl) > args.early_stop_kl:
+                break
+        t3 = time.perf_counter()
+
+        # 5. log + save
+        kl_per_seq = masked(kl_penalty(logprobs, ref_logprobs, "k1"), mask).sum(1).mean().item()
+        kl_ctl.update(kl_per_seq, args.rollout_batch_size)
+        residual_var = masked_var(returns - values, mask)
+        metrics = {k: sum(v) / len(v) for k, v in stats.items()} | {
+            "score": scores.mean(), "score_raw": scores_raw.mean(), "kl": kl_per_seq, "kl_coef": kl_ctl.value,
+            "entropy": masked_mean(entropy, mask), "response_length": lengths.float().mean(),
+            "eos_frac": ended.float().mean(), "explained_variance": 1 - residual_var / masked_var(returns, mask),
+            "ppo_epochs_run": epoch + 1, "tokens": int(mask.sum()),
+            "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2}
+        if args.sample_every and step % args.sample_every == 0:
+            for m, text, sc in list(zip(messages, texts, scores.tolist()))[:3]:
+                loop.bar.write(f"--- prompt: {m[-1]['content'][:200]!r}\n    response: {text[:300]!r}\n    "
+                               f"score: {sc:.3f}")
+        loop.end_step(metrics)
+
+    M.save_model(model, tokenizer, args.out, adapter="policy")
+    print(f"saved the merged actor to {args.out} and its LoRA adapter to {args.out}/adapter")
+
+
+if __name__ == "__main__":
+    main(train, Args)
