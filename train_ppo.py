@@ -177,7 +177,7 @@ class Rewarder:
                 T = max(map(len, chunk))
                 ids = torch.tensor([s + [rm_tok.pad_token_id] * (T - len(s)) for s in chunk], device=self.device)
                 mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in chunk], device=self.device)
-                raw = rm(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu()
+                raw = M.reward_scores(rm, ids, mask).cpu()
                 scores[i:i + batch_size] += weight * (raw - mean) / std  # REFERENCE §1.8
         if self.fn is not None:
             scores += torch.tensor(self.fn([m[-1]["content"] for m in messages], texts), dtype=torch.float)

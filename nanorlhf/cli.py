@@ -37,7 +37,8 @@ def build_parser(cls, description=None):
     for f in dataclasses.fields(cls):
         tp, is_list = _unwrap(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kw = dict(help=f.metadata.get("help", ""), default=default, choices=f.metadata.get("choices"))
+        text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help: "~30% slower" would break
+        kw = dict(help=text, default=default, choices=f.metadata.get("choices"))
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif is_list:

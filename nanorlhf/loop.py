@@ -221,6 +221,7 @@ class Loop:
 
     def __iter__(self):
         """Yields the 1-based number of the step about to run."""
+        self.t_step = time.perf_counter()  # an evaluation before step 1 is not part of step 1's time
         while self.step < self.total_steps:
             yield self.step + 1
         self.bar.close()

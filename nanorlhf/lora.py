@@ -187,8 +187,10 @@ def merge(model, name="default"):
     return merged.eval()
 
 
-def save_adapter(model, path, name="default", base_model=None):
-    """Write adapter `name` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+def save_adapter(model, path, name="default", base_model=None, modules_to_save=()):
+    """Write adapter `name` in PEFT's format (adapter_config.json + adapter_model.safetensors).
+
+    `modules_to_save`: submodules trained whole (a reward model's `score` head), stored as PEFT does."""
     from safetensors.torch import save_file
     layers = [(p, m) for p, m in lora_layers(model) if name in m.lora_A]
     tensors, targets = {}, set()
@@ -197,14 +199,18 @@ def save_adapter(model, path, name="default", base_model=None):
         tensors[key + ".lora_A.weight"] = m.lora_A[name].weight.detach().contiguous()
         tensors[key + ".lora_B.weight"] = m.lora_B[name].weight.detach().contiguous()
         targets.add(path_.rsplit(".", 1)[-1])
+    for module in modules_to_save:
+        for key, t in model.get_submodule(module).state_dict().items():
+            tensors[f"base_model.model.{module}.{key}"] = t.detach().contiguous()
+    seq_cls = type(model).__name__.endswith("ForSequenceClassification")
     first = layers[0][1]
     r = first.lora_A[name].weight.shape[0]
     dropout = first.lora_dropout[name]
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": first.scaling[name] * r, "lora_dropout": getattr(dropout, "p", 0.0),
         "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": _is_conv1d(first.base),
-        "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
+        "inference_mode": True, "modules_to_save": list(modules_to_save) or None, "init_lora_weights": True,
         "use_rslora": False, "use_dora": False,
     }
     os.makedirs(path, exist_ok=True)
@@ -225,5 +231,9 @@ def load_adapter(model, path, name="default"):
         if key + ".lora_A.weight" in tensors:
             m.lora_A[name].weight.data.copy_(tensors.pop(key + ".lora_A.weight"))
             m.lora_B[name].weight.data.copy_(tensors.pop(key + ".lora_B.weight"))
+    for module in config.get("modules_to_save") or []:  # PEFT's SEQ_CLS also lists "classifier": skip absent ones
+        if hasattr(model, module):
+            for key, t in model.get_submodule(module).state_dict().items():
+                t.copy_(tensors.pop(f"base_model.model.{module}.{key}", t))
     if tensors:
         raise ValueError(f"{path}: adapter tensors match no layer of the model: {sorted(tensors)[:3]}")

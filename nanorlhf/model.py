@@ -198,6 +198,19 @@ def logprobs(model, input_ids, attention_mask, targets, temperature=1.0, return_
     return token_logprobs(hidden, weight, targets, temperature / scale, return_entropy=return_entropy)
 
 
+def reward_scores(model, input_ids, attention_mask):
+    """Scores (B,) fp32: the head applied to the final hidden state of each row's last real token.
+
+    That position comes from the attention mask (its last 1), never from comparing ids with pad, so any
+    padding works; for right padding it is the token HF's *ForSequenceClassification pools, so the saved
+    model scores alike (pad differs from EOS, REFERENCE §1.4).
+    """
+    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # (B,)
+    pooled = hidden[torch.arange(len(last), device=last.device), last]  # (B, H)
+    return model.score(pooled.to(model.score.weight.dtype)).squeeze(-1).float()
+
+
 def frozen_copy(model):
     """The reference for full fine-tuning; with LoRA, `reference_logprobs` disables adapters instead."""
     return None if lora_layers(model) else copy.deepcopy(model).requires_grad_(False)
@@ -217,9 +230,13 @@ def save_model(model, tokenizer, out, adapter="default"):
     os.makedirs(out, exist_ok=True)
     if lora_layers(model):
         merged = merge(model, adapter)
-        merged.generation_config = model.generation_config
+        if getattr(model, "generation_config", None) is not None:  # reward models (seq-cls) have none
+            merged.generation_config = model.generation_config
         merged.save_pretrained(out)
-        save_adapter(model, os.path.join(out, "adapter"), adapter, base_model=getattr(model, "name_or_path", None))
+        # A sequence classifier's head (a reward model's `score`) is trained whole: PEFT's modules_to_save.
+        head = ["score"] if type(model).__name__.endswith("ForSequenceClassification") else []
+        save_adapter(model, os.path.join(out, "adapter"), adapter, base_model=getattr(model, "name_or_path", None),
+                     modules_to_save=head)
     else:
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -1,0 +1,184 @@
+"""Reward model: learn a scalar score that ranks the chosen reply above the rejected one (RLHF stage 2).
+
+The model is the SFT model with a one-output linear `score` head in place of the lm_head, read at the
+last real token of prompt + reply: the EOS every reply ends with, the same position PPO adds the score
+at (REFERENCE §1.1). The loss is Bradley-Terry, -log σ(r_chosen - r_rejected) (Stiennon et al. 2020;
+Ouyang et al. 2022 eq. 1), with an optional per-pair margin from the data (Touvron et al. 2023 §3.2.2),
+or a hinge (`--loss margin-ranking`). At the end, the mean and std of the model's scores are stored in
+config.json as `reward_mean` / `reward_std`, so PPO can centre rewards on a known scale (REFERENCE §1.8).
+
+    python train_rm.py --model out/sft --data ../shared/data/hh_harmless.jsonl --out out/rm
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanorlhf import model as M
+from nanorlhf.cli import UserError, arg, main
+from nanorlhf.data import collate, load_examples, tokenize
+from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
+
+
+@dataclass
+class Args(TrainArgs):
+    loss: str = arg("sigmoid", "sigmoid: -log σ(r_c - r_r - margin), margin = the pair's `margin` field or 0 "
+                    "(Bradley-Terry). margin-ranking: max(0, m - (r_c - r_r)) with m = --ranking-margin + the "
+                    "pair's margin; a pair stops pulling once its score gap reaches m.",
+                    choices=["sigmoid", "margin-ranking"])
+    ranking_margin: float = arg(1.0, "m of --loss margin-ranking: the score gap a pair must reach.", ge=0)
+    norm_data: str | None = arg(None, "Data whose completions set reward_mean/reward_std, e.g. the SFT data "
+                                "(closest to what PPO's policy writes; pairs give both replies). Default: the "
+                                "training pairs' chosen and rejected replies.")
+    norm_samples: int = arg(256, "Completions scored for reward_mean/reward_std: a seeded sample (0 = all). "
+                            "lm-human-preferences uses 256.", ge=0)
+
+
+def score_head(model):
+    """The (hidden -> 1) linear transformers' *ForSequenceClassification classes call `score`."""
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear) or head.out_features != 1:
+        raise UserError(f"{type(model).__name__} has no one-output linear `score` head; train_rm supports decoder "
+                        "LMs whose sequence-classification class has one (Llama, Qwen, Mistral, Gemma, GPT-2, ...)")
+    return head
+
+
+def init_head(head):
+    """Weights N(0, 1/√(d_model + 1)), bias 0 (REFERENCE §1.7; Stiennon et al. 2020, lm-human-preferences):
+    with unit-scale hidden states the first scores have variance ≈ 1."""
+    nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+
+
+def is_reward_model(config):
+    """True when --model was saved as a sequence classifier, so its head is trained, not drawn at random."""
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+
+
+def reward_loss(chosen_rewards, rejected_rewards, margin=None, loss_type="sigmoid", ranking_margin=1.0):
+    """Per-pair losses (B,) from the scores (B,) of the chosen and rejected replies.
+
+    sigmoid:        -log σ(r_c - r_r - margin). The margin (B,) asks for a bigger gap on pairs the data
+                    rates as clearly different (Llama 2, Touvron et al. 2023 §3.2.2); None means 0.
+    margin-ranking: max(0, ranking_margin + margin - (r_c - r_r)), torch's MarginRankingLoss: pairs
+                    already separated by that much give no gradient.
+    """
+    diff = chosen_rewards - rejected_rewards
+    margin = torch.zeros_like(diff) if margin is None else margin
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(diff - margin)
+    if loss_type == "margin-ranking":
+        return F.relu(ranking_margin + margin - diff)
+    raise ValueError(f"unknown loss_type {loss_type!r}; use 'sigmoid' or 'margin-ranking'")
+
+
+def pair_rewards(model, rows, pad_id, device):
+    """(chosen (B,), rejected (B,), margin (B,), tokens) for pair rows; both replies in one forward."""
+    batch = collate([(p, c) for p, c, r, m in rows] + [(p, r) for p, c, r, m in rows], pad_id)
+    mask = batch["attention_mask"].to(device)
+    scores = M.reward_scores(model, batch["input_ids"].to(device), mask)  # (2B,): chosen rows, then rejected rows
+    margin = torch.tensor([m or 0.0 for *_, m in rows], device=device)
+    return scores[:len(rows)], scores[len(rows):], margin, int(mask.sum())
+
+
+@torch.no_grad()
+def evaluate(model, rows, pad_id, batch_size, device, loss_type="sigmoid", ranking_margin=1.0):
+    """Mean loss and pairwise accuracy (the share of pairs with r_c > r_r) over `rows`."""
+    rows = sorted(rows, key=lambda r: len(r[0]) + max(len(r[1]), len(r[2])))  # similar lengths: less padding
+    total, correct = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        chosen, rejected, margin, _ = pair_rewards(model, rows[i:i + batch_size], pad_id, device)
+        total += reward_loss(chosen, rejected, margin, loss_type, ranking_margin).sum().item()
+        correct += (chosen > rejected).sum().item()
+    return {"eval_loss": total / len(rows), "eval_accuracy": correct / len(rows)}
+
+
+def norm_sequences(args, tokenizer, train_rows):
+    """(prompt_ids, completion_ids) rows for the reward statistics: the completions of --norm-data (both
+    replies of pair data), else of the training pairs; a seeded sample of --norm-samples of them."""
+    rows = train_rows
+    if args.norm_data:
+        try:
+            examples = load_examples(args.norm_data, "pairs")
+        except UserError:  # not pair data: score its SFT completions (a real error is raised again below)
+            examples = load_examples(args.norm_data, "sft")
+        rows = tokenize(examples, tokenizer, args.max_length, args.norm_data)[0]
+    seqs = [(r[0], r[1]) for r in rows] + [(r[0], r[2]) for r in rows if len(r) == 4]
+    if args.norm_samples and len(seqs) > args.norm_samples:
+        pick = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(args.seed))[:args.norm_samples]
+        seqs = [seqs[i] for i in sorted(pick.tolist())]
+    if len(seqs) < 2:
+        raise UserError(f"{args.norm_data or args.data}: reward statistics need at least 2 completions")
+    return seqs
+
+
+@torch.no_grad()
+def reward_stats(model, seqs, pad_id, batch_size, device):
+    """Mean and (unbiased) std of the scores of (prompt_ids, completion_ids) rows."""
+    seqs = sorted(seqs, key=lambda s: len(s[0]) + len(s[1]))  # similar lengths together: ~1/3 less padding on hh
+    scores = []
+    for i in range(0, len(seqs), batch_size):
+        batch = collate(seqs[i:i + batch_size], pad_id)
+        scores.append(M.reward_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+    scores = torch.cat(scores)
+    return scores.mean().item(), scores.std().item()
+
+
+def train(args):
+    check_out(args)
+    torch.manual_seed(args.seed)
+    # 1. The SFT model with a scalar head. A causal LM's folder has no head, so transformers drew one at
+    #    random: redraw it at the scale REFERENCE §1.7 asks for. An existing reward model keeps its own.
+    model, tokenizer = load_policy(args, kind="reward")
+    head = score_head(model)
+    if is_reward_model(model.config):
+        print(f"score head: kept the trained one of {args.model}")
+    else:
+        init_head(head)
+    # LoRA froze the head with the base; it is trained whole, in fp32 like the adapters (the optimizer updates it).
+    head.float().requires_grad_(True)
+    device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
+    train_rows, eval_rows = load_data(args, "pairs", tokenizer)  # ranked lists arrive as all their pairs
+    loop = Loop(args, {"model": model}, len(train_rows))  # the head's params are trainable: checkpointed
+    eval_kw = dict(batch_size=args.batch_size, device=device, loss_type=args.loss, ranking_margin=args.ranking_margin)
+    if eval_rows and not args.resume:
+        loop.log({"step": 0, **evaluate(model, eval_rows, pad_id, **eval_kw)})
+
+    # 2. Train: each micro-batch scores chosen and rejected replies in one forward.
+    for step in loop:
+        chosen, rejected, metrics = [], [], {"loss": 0.0, "tokens": 0}
+        for idx in loop.batches():
+            c, r, margin, tokens = pair_rewards(model, [train_rows[i] for i in idx], pad_id, device)
+            # Micro-batches are equal-sized, so the mean over each / grad_accum is the mean over the step.
+            loss = reward_loss(c, r, margin, args.loss, args.ranking_margin).mean() / args.grad_accum
+            loss.backward()
+            metrics["loss"] += loss.item()
+            metrics["tokens"] += tokens
+            chosen.append(c.detach())
+            rejected.append(r.detach())
+        c, r = torch.cat(chosen), torch.cat(rejected)
+        metrics |= {"accuracy": (c > r).float().mean(), "rewards/chosen": c.mean(), "rewards/rejected": r.mean(),
+                    "rewards/margin": (c - r).mean()}
+        metrics |= loop.optimizer_step()
+        if eval_rows and args.eval_every and step % args.eval_every == 0:
+            metrics |= evaluate(model, eval_rows, pad_id, **eval_kw)
+        loop.end_step(metrics)
+
+    if eval_rows:
+        final = evaluate(model, eval_rows, pad_id, **eval_kw)
+        loop.log({"step": loop.step, **{"final_" + k: v for k, v in final.items()}})
+    # 3. Reward-normalisation statistics travel with the model in config.json (REFERENCE §1.8).
+    seqs = norm_sequences(args, tokenizer, train_rows)
+    mean, std = reward_stats(model, seqs, pad_id, 2 * args.batch_size, device)
+    model.config.reward_mean, model.config.reward_std = mean, std
+    loop.log({"step": loop.step, "reward_mean": mean, "reward_std": std, "norm_samples": float(len(seqs))})
+    M.save_model(model, tokenizer, args.out)
+    print(f"saved the reward model to {args.out} (reward_mean {mean:.4g}, reward_std {std:.4g} over {len(seqs)} "
+          f"completions in its config.json)")
+
+
+if __name__ == "__main__":
+    main(train, Args)
