@@ -13,7 +13,6 @@ adapter disabled) and the critic (adapter `value` + a linear value head). Each i
     python train_ppo.py --actor out/sft --rm out/rm --data ../shared/data/hh_harmless.jsonl --out out/ppo
 """
 import importlib
-import json
 import math
 import os
 import sys
@@ -134,22 +133,16 @@ def critic_values(critic, value_head, batch):
 class Rewarder:
     """The composite score: Σ w_i · normalised RM_i(prompt, response) + reward_fn(prompt, response)."""
 
-    def __init__(self, args, tokenizer, device):
-        self.rms, self.tokenizer, self.device = [], tokenizer, device
+    def __init__(self, args, tokenizer):
+        self.rms, self.tokenizer = [], tokenizer
         weights = args.rm_weight or [1.0] * len(args.rm)
         if len(weights) != len(args.rm):
             raise UserError(f"--rm-weight: got {len(weights)} weights for {len(args.rm)} --rm models")
         for path, w in zip(args.rm, weights):
-            config = json.load(open(os.path.join(M.resolve(path, "--rm"), "config.json")))
-            if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
-                raise UserError(f"--rm {path}: not a sequence-classification model (architectures: "
-                                f"{config.get('architectures')}); train one with train_rm.py")
-            rm, rm_tok = M.load_model(path, kind="reward", device=args.device, dtype=args.dtype,
-                                      load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, flag="--rm")
-            rm.requires_grad_(False).eval()
+            rm, rm_tok = M.load_reward_model(path, device=args.device, dtype=args.dtype,
+                                             load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
             same = rm_tok.get_vocab() == tokenizer.get_vocab() and rm_tok.chat_template == tokenizer.chat_template
-            mean, std = getattr(rm.config, "reward_mean", 0.0), getattr(rm.config, "reward_std", 1.0)
-            self.rms.append((rm, rm_tok, same, mean, std, w))
+            self.rms.append((rm, rm_tok, same, w))
         self.fn = None
         if args.reward_fn:
             module, _, name = args.reward_fn.partition(":")
@@ -166,19 +159,13 @@ class Rewarder:
         """scores (B,) for prompts (message lists / unpadded id lists) and right-padded responses (B, R)."""
         texts = [self.tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses, lengths)]
         scores = torch.zeros(len(texts))
-        for rm, rm_tok, same, mean, std, weight in self.rms:
+        for rm, rm_tok, same, weight in self.rms:
             if same:  # score exactly the sampled ids
                 seqs = [q + r[:n].tolist() for q, r, n in zip(queries, responses, lengths)]
             else:  # another tokenizer: re-encode the conversation as text
                 seqs = [render_prompt(rm_tok, m) + rm_tok(t, add_special_tokens=False).input_ids +
                         ([rm_tok.eos_token_id] if e else []) for m, t, e in zip(messages, texts, ended)]
-            for i in range(0, len(seqs), batch_size):
-                chunk = seqs[i:i + batch_size]
-                T = max(map(len, chunk))
-                ids = torch.tensor([s + [rm_tok.pad_token_id] * (T - len(s)) for s in chunk], device=self.device)
-                mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in chunk], device=self.device)
-                raw = M.reward_scores(rm, ids, mask).cpu()
-                scores[i:i + batch_size] += weight * (raw - mean) / std  # REFERENCE §1.8
+            scores += weight * M.score_sequences(rm, seqs, rm_tok.pad_token_id, batch_size)
         if self.fn is not None:
             scores += torch.tensor(self.fn([m[-1]["content"] for m in messages], texts), dtype=torch.float)
         return scores, texts
@@ -251,7 +238,7 @@ def train(args):
         value_head = nn.Linear(model.config.hidden_size, 1).to(device)
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
-    rewarder = Rewarder(args, tokenizer, device)
+    rewarder = Rewarder(args, tokenizer)
     prompts = load_prompts(args, tokenizer)
     kl_ctl = KLController(args.kl_coef, args.target_kl, args.kl_horizon)
     iterations = args.max_steps or math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)

@@ -170,6 +170,17 @@ def load_model(name, *, kind="causal", device="auto", dtype="auto", load_in_4bit
     return model, tokenizer
 
 
+def load_reward_model(name, flag="--rm", **kw):
+    """A frozen reward model saved by train_rm.py (any *ForSequenceClassification with one label)."""
+    from transformers import AutoConfig
+    architectures = AutoConfig.from_pretrained(resolve(name, flag)).architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(f"{flag} {name}: not a sequence-classification model (architectures: {architectures}); "
+                        "train one with train_rm.py")
+    rm, tokenizer = load_model(name, kind="reward", flag=flag, **kw)
+    return rm.requires_grad_(False).eval(), tokenizer
+
+
 def lm_head(model):
     """(weight (V, H), scale) with logits = scale · hidden @ weight.T; refuse heads the kernel can't express."""
     head, cfg = model.get_output_embeddings(), model.config
@@ -209,6 +220,21 @@ def reward_scores(model, input_ids, attention_mask):
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # (B,)
     pooled = hidden[torch.arange(len(last), device=last.device), last]  # (B, H)
     return model.score(pooled.to(model.score.weight.dtype)).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score_sequences(rm, seqs, pad_id, batch_size):
+    """Scores (B,) of token-id lists, right-padded in batches, normalised with the statistics train_rm.py
+    stored in the RM's config (REFERENCE §1.8): (score - reward_mean) / reward_std."""
+    device, scores = next(rm.parameters()).device, []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        T = max(map(len, chunk))
+        ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in chunk], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in chunk], device=device)
+        scores.append(reward_scores(rm, ids, mask).cpu())
+    mean, std = getattr(rm.config, "reward_mean", 0.0), getattr(rm.config, "reward_std", 1.0)
+    return (torch.cat(scores) - mean) / std
 
 
 def frozen_copy(model):

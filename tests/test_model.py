@@ -3,7 +3,6 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_llama
 from transformers import AutoModelForCausalLM
 
 from nanorlhf import model as M

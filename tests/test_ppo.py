@@ -11,7 +11,7 @@ from conftest import ROOT, tiny_llama
 import train_ppo
 from nanorlhf import model as M
 from nanorlhf.lora import add_lora, lora_layers
-from nanorlhf.rollout import KLController, RolloutBuffer, gae, masked_mean, whiten
+from nanorlhf.rollout import KLController, RolloutBuffer, gae, whiten
 
 WORDS = [" the", " cat", " dog", " red", " blue", " sun", " tree", " fish", " bird", " car", " book", " milk",
          " rain", " king", " moon", " star"]
@@ -220,7 +220,7 @@ def test_ppo_learns_a_programmatic_reward(actor_dir, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def rm_dir(tokenizer, tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
     torch.manual_seed(0)
     config = tiny_llama(len(tokenizer)).config
     config.num_labels, config.pad_token_id = 1, tokenizer.unk_token_id
