@@ -50,3 +50,18 @@ def tiny_dir(tmp_path_factory, tokenizer):
     tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tmp_path_factory, tokenizer):
+    """A tiny random reward model (LlamaForSequenceClassification) with stored score statistics."""
+    from transformers import LlamaForSequenceClassification
+    torch.manual_seed(0)
+    config = tiny_llama(len(tokenizer)).config
+    config.num_labels, config.pad_token_id = 1, tokenizer.unk_token_id
+    rm = LlamaForSequenceClassification(config)
+    rm.config.reward_mean, rm.config.reward_std = 0.1, 2.0
+    path = str(tmp_path_factory.mktemp("rm"))
+    rm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -218,26 +218,12 @@ def test_ppo_learns_a_programmatic_reward(actor_dir, tmp_path, monkeypatch):
     assert max(kl) < 20 and all(math.isfinite(k) for k in kl), kl
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tokenizer, tmp_path_factory):
-    from transformers import LlamaForSequenceClassification
-    torch.manual_seed(0)
-    config = tiny_llama(len(tokenizer)).config
-    config.num_labels, config.pad_token_id = 1, tokenizer.unk_token_id
-    rm = LlamaForSequenceClassification(config)
-    rm.config.reward_mean, rm.config.reward_std = 0.1, 2.0
-    path = tmp_path_factory.mktemp("rm")
-    rm.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("extra", [[], ["--load-in-4bit", "--critic-from-rm"]])
-def test_ppo_script_smoke(actor_dir, rm_dir, tmp_path, extra):
+def test_ppo_script_smoke(actor_dir, tiny_rm_dir, tmp_path, extra):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n" for w in WORDS))
     out = tmp_path / "out"
-    cmd = [sys.executable, "train_ppo.py", "--actor", actor_dir, "--rm", rm_dir, "--data", str(prompts), "--out",
+    cmd = [sys.executable, "train_ppo.py", "--actor", actor_dir, "--rm", tiny_rm_dir, "--data", str(prompts), "--out",
            str(out), "--max-steps", "2", "--rollout-batch-size", "4", "--minibatch-size", "2", "--batch-size", "2",
            "--max-new-tokens", "4", "--ppo-epochs", "1", "--sample-every", "1"] + extra
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
