@@ -19,16 +19,6 @@ from nanorlhf.loop import Loop
 TIMING = ("step_time", "tokens_per_s", "peak_mem_gb")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads spin against the
-    other processes: a 4-step run here took 1.8 s with one thread and 14 s with two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pairs(path, n=16, margins=False):
     """Learnable pairs: every chosen reply praises with "wonderful", no rejected reply does."""
     fruits = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "melon"]
@@ -212,8 +202,7 @@ def test_rm_script_smoke_ranked_data(tiny_dir, tmp_path):
            "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2", "--eval-frac", "0.25", "--eval-every", "1",
            "--max-length", "48", "--loss", "margin-ranking", "--ranking-margin", "0.5", "--norm-data", str(sft),
            "--norm-samples", "5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "kept 9 (0 truncated)" in r.stdout  # 12 pairs, 3 held out
     logged = metrics(out)

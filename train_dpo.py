@@ -1,0 +1,157 @@
+"""Direct Preference Optimization: learn from preference pairs with no reward model and no sampling.
+
+The RLHF objective max E[r] - β·KL(π || π_ref) is maximised by π ∝ π_ref·exp(r / β), so the reward
+is r = β·log(π / π_ref) up to a per-prompt constant; putting that into the Bradley-Terry likelihood
+of the human preferences gives a loss on the policy alone (Rafailov et al. 2023, eq. 7):
+
+    h    = [log π(y_c|x) - log π_ref(y_c|x)] - [log π(y_r|x) - log π_ref(y_r|x)]
+    loss = -log σ(β·h)
+
+on summed response logprobs. β·(log π - log π_ref) is the implicit reward: its accuracy (chosen >
+rejected) and margin on held-out pairs show whether the preference is learnt. The reference is the
+starting model: with LoRA that same model with its adapters disabled, for full fine-tuning a
+frozen copy, and with --precompute-ref neither (its logprobs are computed once, before training).
+
+    python train_dpo.py --model out/sft --data ../shared/data/dpo_en_demo.json --out out/dpo
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nanorlhf import model as M
+from nanorlhf.cli import UserError, arg, main
+from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
+from nanorlhf.preference import precompute_reference, summed_logprobs
+
+
+@dataclass
+class Args(TrainArgs):
+    lr: float = arg(5e-5, "Peak learning rate (cosine decay after warmup). LoRA: 5e-6 to 5e-5; full fine-tuning "
+                    "wants ~5e-7 (Zephyr).", gt=0)
+    beta: float = arg(0.1, "β: the strength of the KL pull toward the reference; the implicit reward is "
+                      "β·(log π - log π_ref). Lower lets the policy move further.", gt=0)
+    loss: str = arg("sigmoid", "sigmoid: DPO (Rafailov et al. 2023); ipo: (h - 1/(2β))², which stops at a finite "
+                    "margin (Azar et al. 2023); hinge: relu(1 - β·h) (SLiC, Zhao et al. 2023); robust: unbiased "
+                    "under a label-flip rate --label-smoothing (Chowdhury et al. 2024).",
+                    choices=["sigmoid", "ipo", "hinge", "robust"])
+    label_smoothing: float = arg(0.0, "ε, the assumed fraction of flipped preference labels (0 <= ε < 0.5): "
+                                 "conservative DPO for --loss sigmoid, or --loss robust.", ge=0)
+    precompute_ref: bool = arg(False, "Compute the reference logprobs of every training pair once before training "
+                               "(held-out pairs always are): no reference forward per step and, with --lora-r 0, "
+                               "no frozen copy in memory.")
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta, loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair losses (B,) and the implicit rewards β·(log π - log π_ref) of chosen and rejected (B,), detached.
+
+    All inputs (B,): summed response logprobs. h is the chosen log-ratio minus the rejected one.
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps        # (B,)
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,)
+    h = chosen_logratios - rejected_logratios                             # (B,)
+    eps = label_smoothing
+    if loss_type == "sigmoid":  # eq. 7; with ε > 0 conservative DPO: each label is right with probability 1 - ε
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":  # rDPO: its expectation over flipped labels is the clean-label loss (Chowdhury et al.)
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "ipo":  # regress h to 1/(2β); DPO drives h to infinity on certain preferences (Azar et al.)
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":  # SLiC's calibration loss: no gradient once the margin β·h reaches 1
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def pair_seqs(rows):
+    """(prompt, completion) rows for one concatenated forward: every chosen row, then every rejected row."""
+    return [(p, c) for p, c, _, _ in rows] + [(p, r) for p, _, r, _ in rows]
+
+
+def dpo_step(model, ref_model, rows, ref_logprobs, args, pad_id):
+    """Per-pair losses (B,) of pair rows, and the sum over them of every logged metric.
+
+    ref_logprobs: (2, B) precomputed reference (chosen; rejected), or None to run the reference now.
+    """
+    seqs = pair_seqs(rows)
+    logprobs = summed_logprobs(model, seqs, pad_id).view(2, -1)  # (2, B): chosen and rejected in one forward
+    if ref_logprobs is None:
+        ref_logprobs = summed_logprobs(model, seqs, pad_id, ref_model, reference=True).view(2, -1)  # (2, B)
+    ref_logprobs = ref_logprobs.to(logprobs.device)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(logprobs[0], logprobs[1], ref_logprobs[0], ref_logprobs[1],
+                                                        args.beta, args.loss, args.label_smoothing)
+    sums = {"loss": losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(), "rewards/accuracy": (chosen_rewards > rejected_rewards).sum(),
+            "rewards/margin": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": logprobs[0].detach().sum(), "logps/rejected": logprobs[1].detach().sum()}
+    return losses, {k: v.item() for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model, rows, ref_logprobs, args, pad_id):
+    """Mean loss, implicit rewards, accuracy, margin and logprobs over held-out pairs, eval_-prefixed.
+
+    ref_logprobs: (2, N) the reference's, computed once before training.
+    """
+    totals = {}
+    for i in range(0, len(rows), args.batch_size):
+        _, sums = dpo_step(model, None, rows[i:i + args.batch_size], ref_logprobs[:, i:i + args.batch_size], args,
+                           pad_id)
+        totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
+    return {f"eval_{k}": v / len(rows) for k, v in totals.items()}
+
+
+def train(args):
+    if args.label_smoothing >= 0.5:  # at 0.5 the labels carry no information (and robust divides by 0)
+        raise UserError(f"--label-smoothing must be < 0.5, got {args.label_smoothing}")
+    if args.label_smoothing and args.loss in ("ipo", "hinge"):
+        raise UserError(f"--label-smoothing applies to --loss sigmoid or robust, not {args.loss}")
+    check_out(args)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_policy(args)
+    pad_id = tokenizer.pad_token_id
+    train_rows, eval_rows = load_data(args, "pairs", tokenizer)
+    # The reference is the model as loaded, before any update and before Loop loads a checkpoint: LoRA
+    # disables its adapters, full fine-tuning keeps a frozen copy, and --precompute-ref needs neither.
+    ref_model = None if args.precompute_ref else M.frozen_copy(model)
+
+    def precompute(rows):  # (2, N) reference logprobs (chosen; rejected) in the batches evaluate() uses
+        batches = [pair_seqs(rows[i:i + args.batch_size]) for i in range(0, len(rows), args.batch_size)]
+        return torch.cat([precompute_reference(model, ref_model, b, pad_id, len(b)).view(2, -1) for b in batches], 1)
+    ref_train = precompute(train_rows) if args.precompute_ref else None
+    # The held-out reference is fixed, so every evaluation reuses it. Same batches, same bits: at step 0
+    # policy and reference tie exactly instead of by rounding (which would make accuracy a coin flip).
+    ref_eval = precompute(eval_rows) if eval_rows else None
+    loop = Loop(args, {"model": model}, len(train_rows))
+    if eval_rows and not args.resume:
+        loop.log({"step": 0, **evaluate(model, eval_rows, ref_eval, args, pad_id)})
+
+    for step in loop:
+        batches = loop.batches()
+        n_pairs = sum(map(len, batches))  # the loss is the mean over the step's pairs, however accumulated
+        totals, tokens = {}, 0
+        for idx in batches:
+            rows = [train_rows[i] for i in idx]
+            losses, sums = dpo_step(model, ref_model, rows, ref_train[:, idx] if ref_train is not None else None,
+                                    args, pad_id)
+            (losses.sum() / n_pairs).backward()
+            totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
+            tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r, _ in rows)
+        metrics = {k: v / n_pairs for k, v in totals.items()} | {"tokens": tokens}
+        metrics |= loop.optimizer_step()
+        if eval_rows and args.eval_every and step % args.eval_every == 0:
+            metrics |= evaluate(model, eval_rows, ref_eval, args, pad_id)
+        loop.end_step(metrics)
+
+    if eval_rows:
+        final = evaluate(model, eval_rows, ref_eval, args, pad_id)
+        loop.log({"step": loop.step, **{f"final_{k}": v for k, v in final.items()}})
+    M.save_model(model, tokenizer, args.out)
+    adapter = f" and the LoRA adapter to {args.out}/adapter" if args.lora_r else ""
+    print(f"saved the merged model to {args.out}{adapter}")
+
+
+if __name__ == "__main__":
+    main(train, Args)

@@ -1,0 +1,211 @@
+"""Kahneman-Tversky Optimization: learn from single responses labelled good or bad, no pairs needed.
+
+KTO (Ethayarajh et al. 2024) scores a response by its log-ratio r = log π(y|x) - log π_ref(y|x)
+(summed logprobs) and values it against a reference point z₀ ≈ KL(π || π_ref), with a value
+function that saturates like prospect theory's, so examples already well on their side stop pulling:
+
+    desirable:    λ_D · (1 - σ(β·(r - z₀)))
+    undesirable:  λ_U · (1 - σ(β·(z₀ - r)))
+
+z₀ is the mean r over *mismatched* pairs of the step's batch, completion i after prompt (i+1) mod n:
+an answer to another question, so its r measures how far π has drifted overall, not how good the
+answer is. It is clamped at 0 and detached. It uses the step's whole batch (--batch-size ×
+--grad-accum examples, as HALOs reduces it over GPUs), so accumulation equals one big batch and
+the set of mismatched completions is the set of matched ones (TRL PR#1402). Pairs data is split
+into desirable (chosen) and undesirable (rejected) examples.
+
+    python train_kto.py --model out/sft --data ../shared/data/kto_en_demo.json --out out/kto
+"""
+from dataclasses import dataclass
+
+import torch
+
+from nanorlhf import model as M
+from nanorlhf.cli import arg, main
+from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
+from nanorlhf.preference import precompute_reference, summed_logprobs
+
+
+@dataclass
+class Args(TrainArgs):
+    lr: float = arg(5e-5, "Peak learning rate (cosine decay after warmup). LoRA: 5e-6 to 5e-5; full fine-tuning "
+                    "wants ~1e-6.", gt=0)
+    beta: float = arg(0.1, "β: how sharply the value saturates around z₀; higher keeps π closer to the "
+                      "reference. The implicit reward is β·(log π - log π_ref).", gt=0)
+    desirable_weight: float = arg(1.0, "λ_D, the weight of desirable examples' losses. The paper recommends "
+                                  "λ_D·n_D / (λ_U·n_U) between 1 and 4/3 (printed at start).", gt=0)
+    undesirable_weight: float = arg(1.0, "λ_U, the weight of undesirable examples' losses.", gt=0)
+    precompute_ref: bool = arg(False, "Compute the reference logprobs of every training example once before training "
+                               "(held-out ones always are); the z₀ pairs change every step, so their reference "
+                               "still runs each step.")
+
+
+def kto_loss(policy_logps, reference_logps, labels, kl_ref, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    """Per-example KTO losses (B,) and implicit rewards β·r (B,), detached.
+
+    policy_logps, reference_logps: (B,) summed response logprobs; labels: (B,) bool, True = desirable;
+    kl_ref: z₀, a float (already clamped and detached).
+    """
+    r = policy_logps - reference_logps                                          # (B,)
+    desirable = desirable_weight * (1 - torch.sigmoid(beta * (r - kl_ref)))     # (B,)
+    undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (kl_ref - r)))  # (B,)
+    return torch.where(labels, desirable, undesirable), beta * r.detach()
+
+
+def mismatched(rows, max_length):
+    """(prompt, completion) pairs that do not belong together: completion i after prompt (i+1) mod n.
+
+    Pairs whose two prompts are equal are matched after all (e.g. the chosen and rejected halves
+    of one preference pair side by side) and left out; a single row gives none. Prompts are cut
+    from the left to fit max_length.
+    """
+    seqs = []
+    for i, (prompt_i, completion, _) in enumerate(rows):
+        prompt = rows[(i + 1) % len(rows)][0]
+        if prompt != prompt_i:
+            seqs.append((prompt[max(0, len(prompt) + len(completion) - max_length):], completion))
+    return seqs
+
+
+@torch.no_grad()
+def estimate_kl(model, ref_model, seqs, pad_id, batch_size, ref_logprobs=None):
+    """z₀ = max(0, mean of log π - log π_ref over mismatched pairs), or None when there are none.
+
+    ref_logprobs: (n,) the reference's on `seqs` if precomputed, else None to run it now.
+    """
+    if not seqs:
+        return None
+    total = 0.0
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        logprobs = summed_logprobs(model, chunk, pad_id)  # (b,)
+        if ref_logprobs is None:
+            ref_chunk = summed_logprobs(model, chunk, pad_id, ref_model, reference=True)  # (b,)
+        else:
+            ref_chunk = ref_logprobs[i:i + batch_size].to(logprobs.device)
+        total += (logprobs - ref_chunk).sum().item()
+    return max(0.0, total / len(seqs))
+
+
+class ReferencePoint:
+    """z₀ for steps that cannot form one (one example, or one prompt only), where TRL's KTO logged NaN
+    (trl#1447, PR#1380): the last valid estimate, and 0 before any, which is exact then (π = π_ref).
+    Checkpointed with the run, so a resumed run falls back to the same value."""
+
+    def __init__(self):
+        self.kl, self.fallbacks = 0.0, 0
+
+    def update(self, kl):
+        if kl is None:
+            self.fallbacks += 1
+        else:
+            self.kl = kl
+        return self.kl
+
+    def state_dict(self):
+        return {"kl": self.kl, "fallbacks": self.fallbacks}
+
+    def load_state_dict(self, state):
+        self.kl, self.fallbacks = state["kl"], state["fallbacks"]
+
+
+def kto_step(model, ref_model, rows, ref_logprobs, kl, args, pad_id):
+    """Per-example losses (B,) of unpaired rows, and sums and counts of the logged metrics.
+
+    ref_logprobs: (B,) precomputed reference, or None to run the reference now; kl: z₀.
+    """
+    seqs = [(p, c) for p, c, _ in rows]
+    logprobs = summed_logprobs(model, seqs, pad_id)  # (B,)
+    if ref_logprobs is None:
+        ref_logprobs = summed_logprobs(model, seqs, pad_id, ref_model, reference=True)  # (B,)
+    labels = torch.tensor([label for _, _, label in rows], device=logprobs.device)  # (B,) bool
+    losses, rewards = kto_loss(logprobs, ref_logprobs.to(logprobs.device), labels, kl, args.beta,
+                               args.desirable_weight, args.undesirable_weight)
+    sums = {"loss": losses.detach().sum(), "rewards/chosen": rewards[labels].sum(), "n/chosen": labels.sum(),
+            "rewards/rejected": rewards[~labels].sum(), "n/rejected": (~labels).sum()}
+    return losses, {k: v.item() for k, v in sums.items()}
+
+
+def means(sums, n):
+    """Mean loss over all n examples; mean rewards over the desirable / undesirable ones, left out when
+    the batch has none of that kind (so the logs never hold a 0/0 NaN)."""
+    out = {"loss": sums["loss"] / n}
+    for kind in ("chosen", "rejected"):
+        if sums[f"n/{kind}"]:
+            out[f"rewards/{kind}"] = sums[f"rewards/{kind}"] / sums[f"n/{kind}"]
+    return out
+
+
+def add(totals, sums):
+    return {k: totals.get(k, 0.0) + v for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model, rows, ref_logprobs, kl_ref_logprobs, z0, args, pad_id):
+    """Loss and rewards over held-out examples, with z₀ from the whole held-out set's mismatched pairs.
+
+    ref_logprobs (N,), kl_ref_logprobs (n,): the reference's on those examples and pairs, computed once.
+    """
+    kl = estimate_kl(model, None, mismatched(rows, args.max_length), pad_id, args.batch_size, kl_ref_logprobs)
+    kl = z0.kl if kl is None else kl
+    totals = {}
+    for i in range(0, len(rows), args.batch_size):
+        ref = ref_logprobs[i:i + args.batch_size]
+        totals = add(totals, kto_step(model, None, rows[i:i + args.batch_size], ref, kl, args, pad_id)[1])
+    return {f"eval_{k}": v for k, v in (means(totals, len(rows)) | {"kl": kl}).items()}
+
+
+def train(args):
+    check_out(args)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_policy(args)
+    pad_id = tokenizer.pad_token_id
+    train_rows, eval_rows = load_data(args, "unpaired", tokenizer)
+    n_d = sum(label for *_, label in train_rows)
+    ratio = args.desirable_weight * n_d / (args.undesirable_weight * (len(train_rows) - n_d) or float("nan"))
+    print(f"{n_d} desirable, {len(train_rows) - n_d} undesirable examples: λ_D·n_D / (λ_U·n_U) = {ratio:.3g} "
+          f"(Ethayarajh et al. recommend 1 to 4/3; set --desirable-weight / --undesirable-weight)")
+    # The reference is the model as loaded, before any update and before Loop loads a checkpoint. The z₀
+    # pairs are new every step, so their reference needs the frozen copy even with --precompute-ref.
+    ref_model = M.frozen_copy(model)
+
+    def precompute(seqs):  # (N,) reference logprobs
+        return precompute_reference(model, ref_model, seqs, pad_id, args.batch_size) if seqs else None
+    ref_train = precompute([(p, c) for p, c, _ in train_rows]) if args.precompute_ref else None
+    # Held-out examples and their mismatched pairs are fixed, so every evaluation reuses their reference.
+    ref_eval = precompute([(p, c) for p, c, _ in eval_rows])
+    ref_eval_kl = precompute(mismatched(eval_rows, args.max_length))
+    z0 = ReferencePoint()
+    loop = Loop(args, {"model": model}, len(train_rows), stateful={"z0": z0})
+    if eval_rows and not args.resume:
+        loop.log({"step": 0, **evaluate(model, eval_rows, ref_eval, ref_eval_kl, z0, args, pad_id)})
+
+    for step in loop:
+        batches = loop.batches()
+        step_rows = [train_rows[i] for idx in batches for i in idx]
+        # z₀ first, from the whole step and without grad: every micro-batch then shares one reference point.
+        kl = z0.update(estimate_kl(model, ref_model, mismatched(step_rows, args.max_length), pad_id, args.batch_size))
+        totals = {}
+        for idx in batches:
+            rows = [train_rows[i] for i in idx]
+            losses, sums = kto_step(model, ref_model, rows, ref_train[idx] if ref_train is not None else None, kl,
+                                    args, pad_id)
+            (losses.sum() / len(step_rows)).backward()  # the mean over the step's examples
+            totals = add(totals, sums)
+        metrics = means(totals, len(step_rows)) | {"kl": kl, "kl_fallbacks": z0.fallbacks}
+        metrics["tokens"] = sum(len(p) + len(c) for p, c, _ in step_rows)
+        metrics |= loop.optimizer_step()
+        if eval_rows and args.eval_every and step % args.eval_every == 0:
+            metrics |= evaluate(model, eval_rows, ref_eval, ref_eval_kl, z0, args, pad_id)
+        loop.end_step(metrics)
+
+    if eval_rows:
+        final = evaluate(model, eval_rows, ref_eval, ref_eval_kl, z0, args, pad_id)
+        loop.log({"step": loop.step, **{f"final_{k}": v for k, v in final.items()}})
+    M.save_model(model, tokenizer, args.out)
+    adapter = f" and the LoRA adapter to {args.out}/adapter" if args.lora_r else ""
+    print(f"saved the merged model to {args.out}{adapter}")
+
+
+if __name__ == "__main__":
+    main(train, Args)
