@@ -1,0 +1,119 @@
+"""The memory planner: hand-computed weights, LoRA and KV sizes, what autograd really saves, and 8B in 24 GiB.
+
+Estimates against measured CPU runs: tests/benchmarks/validate_memory.py (slow, not in this suite)."""
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from nanorlhf import memory
+from nanorlhf import model as M
+from nanorlhf.cli import UserError
+from nanorlhf.lora import add_lora
+
+GiB = 2**30
+# H 8, 2 layers, 2 heads of 4 (q 8), 1 kv head (k, v 4), MLP 16, vocab 32, untied: small enough to count by hand.
+SMALL = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
+             vocab_size=32, tie_word_embeddings=False)
+# Settings under which every stage of Llama-3-8B, nf4 base + LoRA r=16, fits a 24 GiB card (our recommendation).
+FITS_8B = dict(load_in_4bit=True, lora_r=16, gradient_checkpointing=True, batch_size=4, max_length=1024,
+               max_new_tokens=256, rollout_batch_size=32)
+
+
+def test_weight_bytes_by_hand():
+    # per layer q 64 + k 32 + v 32 + o 64 + gate 128 + up 128 + down 128 = 576 linear weights
+    linear, other = 2 * 576, 32 * 8 + 32 * 8 + 5 * 8  # embeddings, lm_head, 5 RMSNorms
+    assert memory.weight_bytes(SMALL, 2) == (linear + other) * 2  # bf16: 2 B/param
+    assert memory.weight_bytes(SMALL, 2, bits=8) == linear * 1 + 4 * 2 * 64 + other * 2  # int8 + fp32 row scales
+    assert memory.weight_bytes(SMALL, 2, bits=4) == pytest.approx(linear * 0.5159 + other * 2, abs=0.1)
+    assert memory.NF4 == pytest.approx(0.52, abs=0.005)  # REFERENCE §4; embeddings and lm_head stay 16-bit
+    assert memory.weight_bytes(SMALL, 2, lm_head=False) == (linear + other - 32 * 8) * 2  # reward model: no lm_head
+
+
+def test_weight_bytes_match_a_real_model():
+    model = tiny_llama(1000)  # tied: the lm_head is the embedding
+    real = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert memory.weight_bytes(json.loads(model.config.to_json_string()), 4) == real
+
+
+def test_lora_params_match_add_lora():
+    model = tiny_llama(1000)
+    trainable, _ = add_lora(model, 16, 32, verbose=False)
+    # r · L · Σ(in + out): q 64+64, k 64+32, v 64+32, o 64+64, gate 64+128, up 64+128, down 128+64 = 1024
+    assert trainable == 16 * 2 * 1024 == memory.lora_params(model.config.to_dict(), 16)
+
+
+def test_kv_cache_by_hand():
+    cfg = memory.load_config("8b")  # 32 layers, 8 kv heads of 128: REFERENCE §4's 4·L·kv_dim bytes/token in bf16
+    assert memory.kv_cache_bytes(cfg, 2, 1000) == 4 * 32 * 1024 * 1000
+
+
+def test_tiles_are_the_kernels():
+    from nanorlhf.kernels import TILE_BYTES, chunk_rows
+    assert memory.TILE_BYTES == TILE_BYTES
+    for V in (1000, 49152, 128256, 152064):
+        for n in (1, 100, 480, 481, 8192):
+            assert memory.chunk_rows(n, V) == chunk_rows(n, V)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_activations_match_autograd(dtype):
+    """What one forward saves for backward, counted by autograd itself, against the planner's formula."""
+    model = tiny_llama(1000).to(dtype)
+    add_lora(model, 8, 16, verbose=False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    B, T = 2, 64
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, -5:] = 0  # padding: transformers passes a mask, so SDPA saves it and k, v are repeated
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        M.hidden_states(model, torch.randint(0, 1000, (B, T)), mask)
+    cfg = model.config.to_dict()
+    estimate = memory.activation_bytes(cfg, 4 if dtype == torch.float32 else 2, B * T, T, lora=8)
+    rope = 2 * B * T * 16 * (4 if dtype == torch.float32 else 2)  # cos and sin, shared by all layers: not modelled
+    assert estimate == pytest.approx(sum(saved.values()) - rope, rel=0.01)
+
+
+@pytest.mark.parametrize("stage", memory.STAGES)
+def test_8b_nf4_lora_fits_24gb_at_recommended_settings(stage):
+    b = memory.estimate(memory.load_config("8b"), stage, **FITS_8B)
+    assert 6 * GiB < b["total"] <= 24 * GiB, b  # above Unsloth's 6 GB floor for the 4-bit weights alone
+    assert b["reference"] == 0  # LoRA: the reference is the same model with adapters disabled
+
+
+def test_too_big_does_not_fit_and_a_fix_is_suggested():
+    cfg, kw = memory.load_config("8b"), dict(load_in_4bit=True, batch_size=8, max_length=4096)
+    assert memory.estimate(cfg, "dpo", **kw)["total"] > 24 * GiB
+    fix = memory.suggest(cfg, "dpo", 24, **kw)
+    assert fix["gradient_checkpointing"] and memory.estimate(cfg, "dpo", **(kw | fix))["total"] <= 24 * GiB
+    assert memory.estimate(cfg, "sft")["total"] > 24 * GiB  # a bf16 8B base does not fit with any batch
+
+
+def test_checkpointing_and_4bit_save_memory():
+    cfg = memory.load_config("8b")
+    plain, ckpt = (memory.estimate(cfg, "sft", gradient_checkpointing=g)["activations"] for g in (False, True))
+    assert ckpt < plain / 10
+    assert memory.estimate(cfg, "sft", load_in_4bit=True)["weights"] < memory.estimate(cfg, "sft")["weights"] / 2.5
+
+
+def test_cli_prints_every_stage(capsys, tmp_path):
+    memory.main(["--model", "8b", "--load-in-4bit", "--gradient-checkpointing", "--batch-size", "4",
+                 "--max-length", "1024", "--max-new-tokens", "256", "--rollout-batch-size", "32", "--all-stages"])
+    out = capsys.readouterr().out
+    assert out.count("fits in 24 GiB: yes") == 5 and "kv_cache" in out and "weights" in out
+    memory.main(["--model", "8b", "--stage", "dpo", "--batch-size", "16", "--max-length", "4096"])
+    assert "fits in 24 GiB: no" in capsys.readouterr().out
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    memory.main(["--model", str(tmp_path), "--stage", "ppo", "--dtype", "fp32", "--device", "cpu"])
+    assert "fits in 24 GiB: yes" in capsys.readouterr().out
+
+
+def test_bad_model_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not a preset"):
+        memory.load_config(str(tmp_path / "nope"))
