@@ -7,7 +7,7 @@ few (chunk, V) fp32 tiles exist, in forward and in backward. A custom autograd.F
 backward, so autograd never saves logits either. Matmuls run as plain torch.mm (inductor would
 call the same library); only the small per-row math is compiled. On a 2-core CPU at N=8192,
 H=576, V=49152 the frozen-head path needs ~1/24 of eager's peak memory and ~0.8x its time
-(tests/bench_kernels.py).
+(tests/benchmarks/bench_kernels.py).
 
 Two backward strategies:
 - frozen lm_head (LoRA): d logp_i / d h_i = (w[y_i] - sum_v p_iv w_v) / T is one H-vector per

@@ -125,7 +125,7 @@ def test_compiled_flag_and_env_default(monkeypatch):
 
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
 def test_never_holds_tokens_by_vocab(trainable):
-    from bench_kernels import peak_bytes  # the benchmark's allocation-peak meter (tests/)
+    from benchmarks.bench_kernels import peak_bytes  # the benchmark's allocation-peak meter
 
     N, H, V, chunk = 2048, 32, 4096, 128
     full = N * V * 4  # bytes of fp32 logits for all tokens: 32 MiB
