@@ -290,7 +290,7 @@ def train(args):
                     ent = masked_mean(new_entropy, micro["mask"])
                     loss = pg_loss + args.vf_coef * vf_loss - args.entropy_coef * ent
                     (loss / n_micro).backward()
-                    s |= {"pg_loss": pg_loss, "vf_loss": vf_loss, "loss": loss}
+                    s |= {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "loss": loss.detach()}
                     for k, v in s.items():
                         stats.setdefault(k, []).append(float(v))
                     epoch_kl.append(float(s["approx_kl"]))
