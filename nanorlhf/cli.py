@@ -43,7 +43,8 @@ def build_parser(cls, description=None):
             kw["action"] = argparse.BooleanOptionalAction
         elif is_list:
             kw.update(type=tp, action="extend", nargs="+", default=None)
-            kw["help"] += f" Repeatable. (default: {default})"
+            # "%(default).0s" prints nothing; it only stops the formatter appending the None used for parsing
+            kw["help"] += f" Repeatable. (default: {default})%(default).0s"
         else:
             kw["type"] = tp
         names = ["--" + f.name.replace("_", "-")] + ([f.metadata["alias"]] if f.metadata.get("alias") else [])

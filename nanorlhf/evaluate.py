@@ -21,7 +21,7 @@ from .data import collate, load_examples, render_prompt
 
 @dataclass
 class Args:
-    model: list[str] = arg([], "A model to evaluate (HF folder, e.g. out/ppo). Repeatable.")
+    model: list[str] = arg([], "A model to evaluate (HF folder, e.g. out/ppo).")
     baseline: str = arg("", "The model to compare against, usually the SFT output.")
     rm: str = arg("", "Reward model folder (train_rm.py output) that judges the responses.")
     data: str = arg("", "Prompts: any format that carries prompts (.json/.jsonl).")

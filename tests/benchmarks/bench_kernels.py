@@ -4,9 +4,10 @@
     python tests/benchmarks/bench_kernels.py --shapes 8192,576,49152 --repeats 5
 
 Forward + backward of loss = -logprobs.mean(), fp32, side by side in one run, at the SmolLM2 shape
-(H=576, V=49152) and a Llama-3-8B shape (H=4096, V=128256, fewer tokens). TRL's
-`selective_log_softmax` (trl.trainer.utils) joins when trl is installed (`pip install -e .[bench]`):
-it takes full logits, so its row starts from the same `hidden @ weight.T` as eager.
+(H=576, V=49152) and a Llama-3-8B shape (H=4096, V=128256; only 256 tokens, so that a CPU finishes
+it in minutes). TRL's `selective_log_softmax` (trl.trainer.utils) joins when trl is installed
+(`pip install -e .[bench]`): it takes full logits, so its row starts from the same `hidden @ weight.T`
+as eager.
 Peak memory is the allocation peak of one step above what was allocated before it:
 - CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats.
 - CPU: torch.profiler(profile_memory=True) records every allocation and free made through the
@@ -117,12 +118,12 @@ def bench(n_tokens, n_hidden, vocab, args, dev):
     print(fmt.format("lm_head", "method", "peak MiB", "time s", "mem ratio", "time ratio"))
     for head, k, mem, t in rows:
         mem0, t0 = next((m, s) for hd, kk, m, s in rows if hd == head and kk == "eager")
-        print(fmt.format(head, k, f"{mem / 2**20:.1f}", f"{t:.3f}", f"{mem / mem0:.3f}", f"{t / t0:.3f}"))
+        print(fmt.format(head, k, f"{mem / 2**20:.1f}", f"{t:.3f}", f"{mem / mem0:.3f}", f"{t / t0:.3f}"), flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=["8192,576,49152", "2048,4096,128256"],
+    ap.add_argument("--shapes", nargs="+", default=["8192,576,49152", "256,4096,128256"],
                     help="tokens,hidden,vocab per table (default: SmolLM2, then Llama-3-8B)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk", type=int, default=None, help="chunk size (default: from vocab)")
