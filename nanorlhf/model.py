@@ -96,7 +96,7 @@ def _quantization(load_in_4bit, load_in_8bit, dtype, flag):
     if not (load_in_4bit or load_in_8bit):
         return None
     try:
-        importlib.import_module("bitsandbytes")  # fail here, with our message, not deep inside transformers
+        import bitsandbytes  # noqa: F401  (fail here, with our message, not deep inside transformers)
         from transformers import BitsAndBytesConfig
     except Exception as e:
         raise UserError(f"{flag}: bitsandbytes cannot be imported here ({e}); install it or drop the flag")
