@@ -115,15 +115,10 @@ def norm_sequences(args, tokenizer, train_rows):
     return seqs
 
 
-@torch.no_grad()
-def reward_stats(model, seqs, pad_id, batch_size, device):
-    """Mean and (unbiased) std of the scores of (prompt_ids, completion_ids) rows."""
+def reward_stats(model, seqs, pad_id, batch_size):
+    """Mean and (unbiased) std of the raw scores of (prompt_ids, completion_ids) rows."""
     seqs = sorted(seqs, key=lambda s: len(s[0]) + len(s[1]))  # similar lengths together: ~1/3 less padding on hh
-    scores = []
-    for i in range(0, len(seqs), batch_size):
-        batch = collate(seqs[i:i + batch_size], pad_id)
-        scores.append(M.reward_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
-    scores = torch.cat(scores)
+    scores = M.score_sequences(model, [list(p) + list(c) for p, c in seqs], pad_id, batch_size, normalise=False)
     return scores.mean().item(), scores.std().item()
 
 
@@ -172,7 +167,7 @@ def train(args):
         loop.log({"step": loop.step, **{"final_" + k: v for k, v in final.items()}})
     # 3. Reward-normalisation statistics travel with the model in config.json (REFERENCE §1.8).
     seqs = norm_sequences(args, tokenizer, train_rows)
-    mean, std = reward_stats(model, seqs, pad_id, 2 * args.batch_size, device)
+    mean, std = reward_stats(model, seqs, pad_id, 2 * args.batch_size)
     model.config.reward_mean, model.config.reward_std = mean, std
     loop.log({"step": loop.step, "reward_mean": mean, "reward_std": std, "norm_samples": float(len(seqs))})
     M.save_model(model, tokenizer, args.out)

@@ -16,7 +16,8 @@ import torch
 
 from . import model as M
 from .cli import UserError, arg, main
-from .data import collate, load_examples, render_prompt
+from .data import load_examples, render_prompt
+from .preference import summed_logprobs
 
 
 @dataclass
@@ -58,13 +59,9 @@ def respond(model, tokenizer, queries, args):
 @torch.no_grad()
 def sequence_logprobs(model, queries, responses, temperature, batch_size):
     """Σ_t log π(response_t | prompt, response_<t) at `temperature`, one per prompt."""
-    out = []
-    for i in range(0, len(queries), batch_size):
-        batch = collate(list(zip(queries[i:i + batch_size], responses[i:i + batch_size])), 0)
-        batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
-        out.append(M.logprobs(model, batch["input_ids"], batch["attention_mask"], batch["targets"], temperature)
-                   .sum(-1).cpu())
-    return torch.cat(out)
+    rows = list(zip(queries, responses))
+    return torch.cat([summed_logprobs(model, rows[i:i + batch_size], 0, temperature=temperature).cpu()
+                      for i in range(0, len(rows), batch_size)])
 
 
 def evaluate(args):

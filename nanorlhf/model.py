@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .cli import UserError
+from .data import collate
 from .kernels import token_logprobs
 from .lora import adapter_context_fn, lora_layers, merge, save_adapter, use_adapter
 
@@ -223,18 +224,17 @@ def reward_scores(model, input_ids, attention_mask):
 
 
 @torch.no_grad()
-def score_sequences(rm, seqs, pad_id, batch_size):
-    """Scores (B,) of token-id lists, right-padded in batches, normalised with the statistics train_rm.py
-    stored in the RM's config (REFERENCE §1.8): (score - reward_mean) / reward_std."""
+def score_sequences(rm, seqs, pad_id, batch_size, normalise=True):
+    """Scores (B,) of token-id lists, right-padded in batches; normalised with the statistics train_rm.py
+    stored in the RM's config (REFERENCE §1.8), (score - reward_mean) / reward_std, unless told not to."""
     device, scores = next(rm.parameters()).device, []
     for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
-        T = max(map(len, chunk))
-        ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in chunk], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in chunk], device=device)
-        scores.append(reward_scores(rm, ids, mask).cpu())
-    mean, std = getattr(rm.config, "reward_mean", 0.0), getattr(rm.config, "reward_std", 1.0)
-    return (torch.cat(scores) - mean) / std
+        batch = collate([(s, []) for s in seqs[i:i + batch_size]], pad_id)
+        scores.append(reward_scores(rm, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
+    scores = torch.cat(scores)
+    if not normalise:
+        return scores
+    return (scores - getattr(rm.config, "reward_mean", 0.0)) / getattr(rm.config, "reward_std", 1.0)
 
 
 def frozen_copy(model):

@@ -10,17 +10,18 @@ from . import model as M
 from .data import collate
 
 
-def summed_logprobs(model, seqs, pad_id, ref_model=None, reference=False):
+def summed_logprobs(model, seqs, pad_id, ref_model=None, reference=False, temperature=1.0):
     """Σ_t log π(y_t) over each completion, (N,), for N (prompt_ids, completion_ids) rows in one forward.
 
     reference=True: the reference instead, without grad: `ref_model`, or `model` with adapters disabled.
+    temperature: of the distribution scored (evaluation compares models at the sampling temperature).
     """
     device = next(model.parameters()).device
     b = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
     inputs = b["input_ids"], b["attention_mask"], b["targets"]  # (N, T) each; targets -100 off the completion
     if reference:
-        return M.reference_logprobs(model, ref_model, *inputs).sum(-1)  # (N, T) -> (N,)
-    return M.logprobs(model, *inputs).sum(-1)                           # (N, T) -> (N,)
+        return M.reference_logprobs(model, ref_model, *inputs, temperature).sum(-1)  # (N, T) -> (N,)
+    return M.logprobs(model, *inputs, temperature).sum(-1)                           # (N, T) -> (N,)
 
 
 @torch.no_grad()
