@@ -23,16 +23,35 @@ def _is_conv1d(layer):
     return type(layer).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D: y = x @ W + b, W is (in, out)
 
 
-def dense_weight(layer):
-    """The layer's weight as a float tensor in (out, in) layout, dequantised for bitsandbytes bases."""
-    w = layer.weight
-    if type(w).__name__ == "Params4bit":
-        import bitsandbytes.functional as bnbf
-        return bnbf.dequantize_4bit(w.data, w.quant_state).float()
-    if type(w).__name__ == "Int8Params":  # row-wise absmax int8: W = CB * SCB / 127
-        scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
-        return w.data.float() * scb.float()[:, None] / 127
-    return w.detach().float().T if _is_conv1d(layer) else w.detach().float()
+@torch.no_grad()
+def dense_weight(layer, chunk=1024):
+    """The layer's weight as a float tensor in (out, in) layout, dequantised for bitsandbytes bases.
+
+    A bitsandbytes weight is read back from the layer's own forward, W[:, i] = layer(e_i) - b, a
+    chunk of identity rows at a time, never decoded from the tensors in memory. Their layout is
+    private to each backend and changes under us: bitsandbytes 0.50 repacks a 4-bit weight in place
+    at its first CPU inference on AVX512-BF16 machines, after which decoding the stored bytes gives
+    garbage (and its own inverse loses the block order of non-nested scales). The forward is the one
+    thing every backend must keep right, and it is what the trained model computed, in its compute
+    dtype, so merging matches the quantised model on every backend, layout and bitsandbytes version.
+    """
+    if type(layer.weight).__name__ not in ("Params4bit", "Int8Params"):
+        w = layer.weight.detach().float()
+        return w.T if _is_conv1d(layer) else w
+    dtype = getattr(layer, "compute_dtype", None) or torch.float32
+    device = layer.weight.device
+    was_training = layer.training
+    layer.train()  # an inference-mode call is what makes bitsandbytes repack; reading must not change the layer
+    try:
+        cols = []
+        for i in range(0, layer.in_features, chunk):
+            n = min(chunk, layer.in_features - i)
+            eye = torch.eye(n, layer.in_features, device=device, dtype=dtype).roll(i, 1)  # (n, in): rows e_i .. e_i+n-1
+            cols.append(layer(eye).float())                                                # (n, out) = W[:, i:i+n].T + b
+    finally:
+        layer.train(was_training)
+    bias = layer.bias.detach().float() if layer.bias is not None else 0.0
+    return (torch.cat(cols) - bias).T.contiguous()
 
 
 class LoRALinear(nn.Module):
@@ -153,7 +172,10 @@ def merged_state_dict(model, name="default", dtype=None):
             if m.bias is not None:
                 out[prefix + "bias"] = m.bias.detach()
             skip.add(prefix)
-    for key, t in model.state_dict().items():
+    # Parameters and buffers, not model.state_dict(): saving a bitsandbytes layer unpacks a repacked weight in place,
+    # and its inverse scrambles non-nested 4-bit scales (bitsandbytes 0.50), so merging would corrupt the model.
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    for key, t in tensors.items():
         if not any(key.startswith(s) for s in skip) and key not in out:
             out[key] = t
     dtype = dtype or _compute_dtype(model)

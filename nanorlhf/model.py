@@ -94,6 +94,8 @@ def pick_dtype(device, dtype="auto"):
 
 
 def _quantization(load_in_4bit, load_in_8bit, dtype, flag):
+    if load_in_4bit and load_in_8bit:
+        raise UserError("--load-in-4bit and --load-in-8bit contradict each other; pick one")
     if not (load_in_4bit or load_in_8bit):
         return None
     try:
@@ -105,6 +107,21 @@ def _quantization(load_in_4bit, load_in_8bit, dtype, flag):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def one_4bit_path(model):
+    """Keep every bitsandbytes 4-bit layer on the kernel it trains with.
+
+    bitsandbytes 0.50 switches a 4-bit layer to a bf16 CPU kernel at its first inference (eval mode,
+    no grad) on AVX512-BF16 machines, repacking the weight in place, and every later forward uses that
+    kernel, training ones too. That kernel passes no gradient to its input: after PPO's first
+    generation, LoRA gradients through a repacked base had cosine 0.21 with the true ones on SmolLM2
+    (tests/test_lora.py forces the repack on any CPU). One kernel for sampling, scoring and training
+    also keeps PPO's ratio exactly 1 at the first update.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def set_pad_token(tokenizer, model=None):
@@ -158,6 +175,7 @@ def load_model(name, *, kind="causal", device="auto", dtype="auto", load_in_4bit
         raise UserError(f"{flag} {name}: could not load ({str(e).splitlines()[0]})")
     set_pad_token(tokenizer, model)
     disable_dropout(model)
+    one_4bit_path(model)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen base whose inputs need no grad, and its
         # context_fn lets the recompute in backward see the adapter that was active in forward.

@@ -88,6 +88,7 @@ def test_quantized_base_trains_only_lora_and_merges(tmp_path, bits):
     add_lora(model, r=4, alpha=8)
     randomize(model, "default")
     ids = tokens()
+    model.train()  # the training path (fp32 here); test_merge_after_bitsandbytes_repacked_4bit_weights covers inference
     logits = model(ids).logits
     logits.float().pow(2).mean().backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -135,3 +136,57 @@ def test_gpt2_conv1d(tmp_path):
     save_adapter(model, tmp_path / "adapter")
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
     torch.testing.assert_close(loaded(ids).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def packed_cpu_kernel(A, B, out=None, state=None):
+    """What bitsandbytes' AVX512-BF16 CPU kernel computes from a repacked 4-bit weight, in plain torch, for CPUs
+    that lack it (there bitsandbytes would decode the repacked bytes in the old layout). The layout is the one
+    bitsandbytes.functional._convert_weight_packed_for_cpu writes: (N, K/2) bytes in blocks of 32 rows, scales
+    (K/blocksize, N) in bf16, and the matmul in bf16."""
+    N, K = state.shape
+    nibbles = B.view(torch.uint8).reshape(-1, 32)
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], -1).reshape(N // 32, K // 2, 32, 2).transpose(1, 2).reshape(N, K)
+    scales = state.absmax.float().T.repeat_interleave(state.blocksize, 1)  # (N, K)
+    W = (state.code[q.long()] * scales).to(torch.bfloat16)
+    return (A.to(torch.bfloat16) @ W.T).to(A.dtype)
+
+
+def repack_like_bitsandbytes(model):
+    """Put every 4-bit weight in the layout bitsandbytes switches to at its first CPU inference on AVX512-BF16."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    n = 0
+    for m in model.modules():
+        if type(getattr(m, "weight", None)).__name__ == "Params4bit":
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_merge_after_bitsandbytes_repacked_4bit_weights(tmp_path, monkeypatch, tokenizer, nested):
+    """bitsandbytes 0.50 repacks a 4-bit weight at its first CPU inference on AVX512-BF16 machines; decoding the
+    stored bytes afterwards gave logits off by 0.5. Forced here on any CPU (the kernel emulated where it is absent):
+    the merged model must match what the repacked quantised model computes, to bf16 rounding."""
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from nanorlhf.model import save_model
+    if not bnbf.has_avx512bf16():
+        monkeypatch.setattr(bnbf, "gemv_4bit", packed_cpu_kernel)
+    tiny_llama(1000).save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                               bnb_4bit_use_double_quant=nested)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map={"": "cpu"},
+                                                 dtype=torch.float32)
+    add_lora(model, r=4, alpha=8)
+    randomize(model, "default")
+    ids = tokens()
+    with torch.no_grad():
+        before = model.train()(ids).logits
+        assert repack_like_bitsandbytes(model) == 14
+        packed = model.eval()(ids).logits
+    torch.testing.assert_close(packed, before, atol=1e-2, rtol=1e-2)  # the repacked kernel is the same model in bf16
+    tol = dict(atol=1e-2, rtol=1e-2)  # bf16: the kernel rounds activations and scales
+    torch.testing.assert_close(merge(model)(ids).logits, packed, **tol)
+    save_model(model, tokenizer, str(tmp_path / "out"))
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits, packed, **tol)

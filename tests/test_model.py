@@ -74,15 +74,41 @@ def test_save_model_merged_and_adapter(tiny_dir, tmp_path):
         torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05)
     ids = torch.randint(3, 1000, (1, 8))
     ours = model(ids).logits.detach()
+    M.generate(model, tok, [[5, 6, 7]], max_new_tokens=3)  # an inference pass first, as PPO's rollouts do
     M.save_model(model, tok, str(tmp_path / "out"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(merged(ids).logits, ours, atol=1e-4, rtol=1e-4)
     with open(tmp_path / "out" / "adapter" / "adapter_config.json") as f:
         assert json.load(f)["base_model_name_or_path"] == tiny_dir
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=model.config.quantization_config,
-                                                device_map={"": "cpu"}, dtype=torch.float32)
+    base, _ = M.load_model(tiny_dir, load_in_4bit=True)
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "out" / "adapter")
     torch.testing.assert_close(loaded(ids).logits, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_inference_keeps_4bit_layers_on_their_training_kernel(tiny_dir, monkeypatch):
+    """On AVX512-BF16 CPUs bitsandbytes 0.50 moves a 4-bit layer to a bf16 kernel at its first no-grad eval forward,
+    and that kernel passes no gradient to its input. The CPU capability is faked here, so this runs on any CPU:
+    after a generation, the LoRA gradients must equal those of a model that never ran inference."""
+    import bitsandbytes.nn.modules as bnb_modules
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for generate_first in (False, True):
+        model, tok = M.load_model(tiny_dir, load_in_4bit=True)
+        torch.manual_seed(0)
+        add_lora(model, r=4, alpha=8)
+        for i, (_, m) in enumerate(lora_layers(model)):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05, generator=torch.Generator().manual_seed(i))
+        if generate_first:
+            M.generate(model, tok, [[5, 6, 7]], max_new_tokens=3)
+            assert not any(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
+                           for m in model.modules() if hasattr(m, "weight"))
+        model.train()
+        model(ids).logits.pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 14
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=0, rtol=0)
 
 
 def test_4bit_unavailable_is_a_clear_error(monkeypatch, tiny_dir):
