@@ -32,7 +32,8 @@ class Args(TrainArgs):
     beta: float = arg(0.1, "β: the strength of the KL pull toward the reference; the implicit reward is "
                       "β·(log π - log π_ref). Lower lets the policy move further.", gt=0)
     loss: str = arg("sigmoid", "sigmoid: DPO (Rafailov et al. 2023); ipo: (h - 1/(2β))², which stops at a finite "
-                    "margin (Azar et al. 2023); hinge: relu(1 - β·h) (SLiC, Zhao et al. 2023); robust: unbiased "
+                    "margin (Azar et al. 2023), on each completion's mean token logprob (TRL's form, confirmed by "
+                    "the IPO authors), so β means what it means elsewhere; hinge: relu(1 - β·h) (SLiC, Zhao et al. 2023); robust: unbiased "
                     "under a label-flip rate --label-smoothing (Chowdhury et al. 2024).",
                     choices=["sigmoid", "ipo", "hinge", "robust"])
     label_smoothing: float = arg(0.0, "ε, the assumed fraction of flipped preference labels (0 <= ε < 0.5): "
@@ -80,6 +81,9 @@ def dpo_step(model, ref_model, rows, ref_logprobs, args, pad_id):
     if ref_logprobs is None:
         ref_logprobs = summed_logprobs(model, seqs, pad_id, ref_model, reference=True).view(2, -1)  # (2, B)
     ref_logprobs = ref_logprobs.to(logprobs.device)
+    if args.loss == "ipo":  # IPO compares mean token logprobs: Σ_t log π / |y|, for the policy and the reference
+        lengths = torch.tensor([len(c) for _, c in seqs], device=logprobs.device).view(2, -1)  # (2, B)
+        logprobs, ref_logprobs = logprobs / lengths, ref_logprobs / lengths
     losses, chosen_rewards, rejected_rewards = dpo_loss(logprobs[0], logprobs[1], ref_logprobs[0], ref_logprobs[1],
                                                         args.beta, args.loss, args.label_smoothing)
     sums = {"loss": losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),

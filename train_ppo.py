@@ -45,10 +45,13 @@ class Args(TrainArgs):
     max_steps: int | None = arg(None, "PPO iterations; default: --epochs over the prompts.", gt=0)
     rollout_batch_size: int = arg(16, "Prompts sampled per iteration. 7B on 24 GB: 32-64.", gt=0)
     minibatch_size: int = arg(8, "Rollouts per optimizer step, run --batch-size at a time.", gt=0)
-    batch_size: int = arg(4, "Sequences per forward pass (rollout scoring and training micro-batches).", gt=0)
+    batch_size: int | None = arg(None, "Sequences per forward pass (rollout scoring and training micro-batches); "
+                                 "default min(4, --minibatch-size).", gt=0)
     grad_accum: int = arg(1, "Unused by PPO: accumulation is --minibatch-size / --batch-size.", gt=0)
     ppo_epochs: int = arg(4, "Passes over each iteration's rollouts.", gt=0)
     lr: float = arg(1e-5, "Peak learning rate (LoRA; N+ uses 3e-6 for full fine-tuning).", gt=0)
+    lora_dropout: float = arg(0.0, "Accepted for shared commands, but PPO turns every dropout off, LoRA's too: with "
+                              "dropout the ratio is not 1 at the first update (Huang et al. 2024).", ge=0)
     max_length: int = arg(256, "Max prompt tokens; longer prompts are skipped.", gt=0)
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
     temperature: float = arg(0.7, "Sampling temperature, used in every logprob pass too (REFERENCE §1.5).", gt=0)
@@ -66,9 +69,12 @@ class Args(TrainArgs):
     entropy_coef: float = arg(0.0, "Entropy bonus coefficient (the seeds suggest 0.01).", ge=0)
     early_stop_kl: float | None = arg(None, "Stop an iteration's PPO epochs once mean approx-KL exceeds this.", gt=0)
     missing_eos: str = arg("replace", "A response without EOS within --max-new-tokens: replace its score with "
-                           "--missing-eos-value, subtract --missing-eos-value, or leave it.",
+                           "--missing-eos-value, subtract --missing-eos-penalty from it, or leave it.",
                            choices=["replace", "subtract", "none"])
-    missing_eos_value: float = arg(-1.0, "See --missing-eos (N+ replaces with -1 on normalised scores).")
+    missing_eos_value: float = arg(-1.0, "The score of a response without EOS under --missing-eos replace (N+ "
+                                   "replaces with -1 on normalised scores).")
+    missing_eos_penalty: float = arg(1.0, "Subtracted from the score of a response without EOS under --missing-eos "
+                                     "subtract (TRL's missing_eos_penalty).", ge=0)
     sample_every: int = arg(10, "Print a prompt -> response -> score table every N iterations (0 = never).", ge=0)
 
 
@@ -100,6 +106,16 @@ def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
     last = (mask.sum(1) - 1).clamp(min=0).long()  # (B,) index of the last real token
     rewards[torch.arange(len(scores)), last] += scores
     return rewards
+
+
+def missing_eos_scores(scores, ended, args):
+    """Scores (B,) with responses that never emitted EOS (ended False) penalised (REFERENCE §1.3):
+    replaced by --missing-eos-value, or lowered by --missing-eos-penalty (>= 0), or left as they are."""
+    if args.missing_eos == "replace":
+        return torch.where(ended, scores, torch.full_like(scores, args.missing_eos_value))
+    if args.missing_eos == "subtract":
+        return torch.where(ended, scores, scores - args.missing_eos_penalty)
+    return scores.clone()
 
 
 def join(queries, query_mask, responses, mask):
@@ -217,15 +233,23 @@ def load_prompts(args, tokenizer):
 def train(args):
     if not args.lora_r:
         raise UserError("--lora-r 0: PPO shares one frozen base between actor, reference and critic; it needs LoRA")
+    if args.batch_size is None:
+        args.batch_size = min(4, args.minibatch_size)
     if args.minibatch_size % args.batch_size or args.rollout_batch_size % args.minibatch_size:
         raise UserError("--rollout-batch-size must be a multiple of --minibatch-size, and that of --batch-size")
+    if args.critic_from_rm and not args.rm:
+        raise UserError("--critic-from-rm starts the critic from the first --rm; give one (--rm FOLDER)")
     check_out(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
     device = next(model.parameters()).device
+    rewarder = Rewarder(args, tokenizer)
     critic = model
     if args.critic_from_rm:  # N+ and TRL start the critic from the reward model (REFERENCE §1.7)
-        critic = load_policy(args, name=args.rm[0] if args.rm else "", flag="--rm", kind="reward", adapter="value")[0]
+        if not rewarder.rms[0][2]:  # the critic reads the actor's token ids
+            raise UserError(f"--critic-from-rm: --rm {args.rm[0]} has another tokenizer or chat template than the "
+                            "actor, so it cannot read the actor's tokens; drop --critic-from-rm")
+        critic = load_policy(args, name=args.rm[0], flag="--rm", kind="reward", adapter="value")[0]
         score = critic.score
         value_head = nn.Linear(score.in_features, 1).to(device)
         mean, std = getattr(critic.config, "reward_mean", 0.0), getattr(critic.config, "reward_std", 1.0)
@@ -234,17 +258,22 @@ def train(args):
             value_head.bias.fill_(-mean / std)
         score.requires_grad_(False)
     else:  # a zero value head: the critic starts by predicting 0 everywhere
-        add_lora(model, args.lora_r, args.lora_alpha, name="value", dropout=args.lora_dropout)
+        add_lora(model, args.lora_r, args.lora_alpha, name="value")
         value_head = nn.Linear(model.config.hidden_size, 1).to(device)
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
-    rewarder = Rewarder(args, tokenizer)
+    for m in (model, critic):  # LoRA's dropout too: with any dropout the ratio is not 1 at the first update
+        M.disable_dropout(m)
     prompts = load_prompts(args, tokenizer)
     kl_ctl = KLController(args.kl_coef, args.target_kl, args.kl_horizon)
     iterations = args.max_steps or math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)
     updates = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
     modules = {"model": model, "value_head": value_head} | ({"critic": critic} if critic is not model else {})
-    loop = Loop(args, modules, len(prompts), stateful={"kl": kl_ctl}, total_steps=iterations, updates_per_step=updates)
+    # Policy and critic are clipped apart: the critic's large early gradients must not set the policy's step.
+    clip_groups = {"policy": [p for n, p in model.named_parameters() if ".policy." in n],
+                   "critic": [p for n, p in critic.named_parameters() if ".value." in n] + list(value_head.parameters())}
+    loop = Loop(args, modules, len(prompts), stateful={"kl": kl_ctl}, total_steps=iterations, updates_per_step=updates,
+                clip_groups=clip_groups)
     bs = args.batch_size
 
     for step in loop:
@@ -259,11 +288,7 @@ def train(args):
 
         # 2. score + KL: RM scores (normalised), missing-EOS penalty, per-token KL penalty
         scores_raw, texts = rewarder(messages, queries_list, data["responses"].cpu(), lengths.cpu(), ended.cpu(), bs)
-        scores = scores_raw.clone()
-        if args.missing_eos == "replace":
-            scores[~ended.cpu()] = args.missing_eos_value
-        elif args.missing_eos == "subtract":
-            scores[~ended.cpu()] -= args.missing_eos_value
+        scores = missing_eos_scores(scores_raw, ended.cpu(), args)
         rewards = shape_rewards(scores.to(mask.device), logprobs, ref_logprobs, mask, kl_ctl.value, args.kl_estimator)
         t2 = time.perf_counter()
 

@@ -81,6 +81,8 @@ def check_out(args):
         raise UserError("--out is required: the folder for checkpoints, metrics.jsonl and the final model")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; expected a folder for the run (new or to resume)")
     exists = os.path.isdir(args.out) and os.listdir(args.out)
     if exists and not (args.resume or args.overwrite):
         what = "a finished run" if os.path.exists(os.path.join(args.out, "config.json")) else "files"
@@ -199,12 +201,15 @@ class Loop:
     """Owns everything about a run but the algorithm. `modules` are checkpointed by their trainable
     parameters; `stateful` objects (e.g. a KL controller) by their state_dict."""
 
-    def __init__(self, args, modules, n_examples, stateful=None, total_steps=None, updates_per_step=1):
+    def __init__(self, args, modules, n_examples, stateful=None, total_steps=None, updates_per_step=1, clip_groups=None):
+        """clip_groups: {name: parameters} clipped to --max-grad-norm each on its own (PPO: policy and critic, so
+        the critic's large early gradients do not shrink the policy's step); default one group of every parameter."""
         self.args, self.modules, self.stateful = args, modules, dict(stateful or {})
         self.stream = Stream(n_examples, args.seed)
         per_step = args.batch_size * args.grad_accum
         self.total_steps = total_steps or args.max_steps or max(1, math.ceil(args.epochs * n_examples / per_step))
         self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        self.clip_groups = clip_groups or {"": self.params}
         self.optimizer = make_optimizer(self.params, args)
         schedule = cosine_with_warmup(self.total_steps * updates_per_step, args.warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -235,8 +240,8 @@ class Loop:
     def optimizer_step(self):
         """Clip and step; a NaN/inf gradient (from a NaN loss too) skips the step instead of poisoning weights."""
         max_norm = self.args.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        ok = bool(torch.isfinite(grad_norm))
+        norms = {name: torch.nn.utils.clip_grad_norm_(params, max_norm) for name, params in self.clip_groups.items()}
+        ok = all(bool(torch.isfinite(n)) for n in norms.values())
         if ok:
             self.optimizer.step()
             self.bad_steps = 0
@@ -248,7 +253,8 @@ class Loop:
             last = checkpoints(self.args.out)
             raise UserError(f"{self.bad_steps} optimizer steps in a row had a NaN/inf loss or gradient; stopped. "
                             f"Last good checkpoint: {last[-1] if last else 'none'}. Try a lower --lr.")
-        return {"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped}
+        grad_norms = {f"grad_norm/{name}" if name else "grad_norm": float(n) for name, n in norms.items()}
+        return grad_norms | {"lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped}
 
     def end_step(self, metrics):
         """Count the step, log it everywhere once, checkpoint when due or when a signal asked to stop."""

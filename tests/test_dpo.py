@@ -171,3 +171,30 @@ def test_dpo_script_smoke(tiny_dir, tmp_path):
     assert {"logps/chosen", "logps/rejected", "rewards/margin", "tokens_per_s"} <= set(rows[1])
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 49152
     assert os.path.isdir(out / "adapter")
+
+
+def test_ipo_uses_mean_token_logprobs_hand_computed(tiny_dir):
+    """IPO regresses the difference of *mean* token log-ratios to 1/(2β) (TRL since v0.11): with unequal
+    completion lengths the summed form gives another loss."""
+    from nanorlhf.lora import lora_layers
+    from nanorlhf.preference import summed_logprobs
+    model, tok = M.load_model(tiny_dir)
+    from nanorlhf.lora import add_lora
+    add_lora(model, r=4, alpha=8)
+    for i, (_, m) in enumerate(lora_layers(model)):  # a policy that differs from its reference
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.1, generator=torch.Generator().manual_seed(i))
+    prompt = [5, 6, 7]
+    rows = [(prompt, [11, 12, 2], [13, 2], None), (prompt, [14, 2], [15, 16, 17, 18, 2], None)]  # lengths 3|2, 2|5
+    args = train_dpo.Args(loss="ipo", beta=0.5)
+    losses, _ = train_dpo.dpo_step(model, None, rows, None, args, tok.pad_token_id)
+    seqs = train_dpo.pair_seqs(rows)
+    with torch.no_grad():
+        pi = summed_logprobs(model, seqs, tok.pad_token_id)
+        ref = summed_logprobs(model, seqs, tok.pad_token_id, reference=True)
+    n = torch.tensor([3.0, 2.0, 2.0, 5.0])  # chosen lengths, then rejected lengths
+    r = (pi - ref) / n
+    h = r[:2] - r[2:]
+    expected = (h - 1 / (2 * 0.5)) ** 2
+    torch.testing.assert_close(losses.detach(), expected, atol=1e-5, rtol=1e-5)
+    summed_h = (pi - ref)[:2] - (pi - ref)[2:]
+    assert not torch.allclose(expected, (summed_h - 1.0) ** 2, atol=1e-3)  # the case tells the two forms apart

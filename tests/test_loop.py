@@ -97,3 +97,24 @@ def test_out_folder_is_never_clobbered(tmp_path):
     a.resume, a.overwrite = False, True
     check_out(a)
     assert not (out / "config.json").exists()
+
+
+def test_clip_groups_are_clipped_apart(tmp_path):
+    """A critic with a huge gradient must not shrink the policy's step: each group is clipped on its own."""
+    args = args_for(tmp_path, max_grad_norm=1.0)
+    policy, critic = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
+    loop = Loop(args, {"policy": policy, "critic": critic}, n_examples=4,
+                clip_groups={"policy": list(policy.parameters()), "critic": list(critic.parameters())})
+    policy.weight.grad = torch.tensor([[0.3, 0.4]])    # norm 0.5: under the limit, left alone
+    critic.weight.grad = torch.tensor([[30.0, 40.0]])  # norm 50: scaled to 1
+    seen = {}
+    real_step = loop.optimizer.step
+
+    def spy():
+        seen["policy"], seen["critic"] = policy.weight.grad.clone(), critic.weight.grad.clone()
+        real_step()
+    loop.optimizer.step = spy
+    metrics = loop.optimizer_step()
+    torch.testing.assert_close(seen["policy"], torch.tensor([[0.3, 0.4]]))
+    torch.testing.assert_close(seen["critic"], torch.tensor([[0.6, 0.8]]))
+    assert metrics["grad_norm/policy"] == pytest.approx(0.5) and metrics["grad_norm/critic"] == pytest.approx(50.0)
