@@ -16,6 +16,7 @@ into desirable (chosen) and undesirable (rejected) examples.
 
     python train_kto.py --model out/sft --data ../shared/data/kto_en_demo.json --out out/kto
 """
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -161,10 +162,16 @@ def train(args):
     model, tokenizer = load_policy(args)
     pad_id = tokenizer.pad_token_id
     train_rows, eval_rows = load_data(args, "unpaired", tokenizer)
-    n_d = sum(label for *_, label in train_rows)
-    ratio = args.desirable_weight * n_d / (args.undesirable_weight * (len(train_rows) - n_d) or float("nan"))
-    print(f"{n_d} desirable, {len(train_rows) - n_d} undesirable examples: λ_D·n_D / (λ_U·n_U) = {ratio:.3g} "
-          f"(Ethayarajh et al. recommend 1 to 4/3; set --desirable-weight / --undesirable-weight)")
+    n_d, n_u = sum(label for *_, label in train_rows), sum(not label for *_, label in train_rows)
+    if n_d and n_u:
+        ratio = args.desirable_weight * n_d / (args.undesirable_weight * n_u)
+        print(f"{n_d} desirable, {n_u} undesirable examples: λ_D·n_D / (λ_U·n_U) = {ratio:.3g} (Ethayarajh et al. "
+              f"recommend 1 to 4/3; set --desirable-weight / --undesirable-weight)")
+    else:  # as TRL: go on, but say so; only one side of the value function then pulls
+        have, missing = ("desirable", "undesirable") if n_d else ("undesirable", "desirable")
+        print(f"warning: {args.data}: all {len(train_rows)} training examples are {have}, none {missing}: KTO can "
+              f"only move {have} log-ratios past z₀. Check the labels if that is not what you meant.",
+              file=sys.stderr)
     # The reference is the model as loaded, before any update and before Loop loads a checkpoint. The z₀
     # pairs are new every step, so their reference needs the frozen copy even with --precompute-ref.
     ref_model = M.frozen_copy(model)

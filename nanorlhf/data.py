@@ -95,6 +95,8 @@ def _read_records(path):
         if "/" in path and not path.endswith((".json", ".jsonl")):
             return _read_hub(path)
         raise UserError(f"data file not found: {path}")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; expected a .json or .jsonl data file")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".jsonl") or text.lstrip().startswith("{"):  # many ".json" files are JSON lines

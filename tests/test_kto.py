@@ -114,6 +114,16 @@ def test_reference_stays_fixed_while_the_policy_learns(tiny_dir, tmp_path, monke
     assert rewards[0] == 0 and rewards[0] < rewards[1] < rewards[2]
 
 
+def test_one_sided_data_is_said_plainly(tiny_dir, tmp_path, capsys):
+    """Data with no undesirable example trains (as TRL, with a warning) and names the missing side; no NaN ratio."""
+    args = args_for(tiny_dir, tmp_path, data=labelled(tmp_path / "one.json", n=1), batch_size=1, max_steps=1)
+    train_kto.train(args)
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "all 1 training examples are desirable, none undesirable" in warnings[0]
+    assert "nan" not in out + err
+
+
 def test_precompute_ref_gives_the_same_losses(tiny_dir, tmp_path):
     kw = dict(lr=1e-2, max_steps=2)
     train_kto.train(args_for(tiny_dir, tmp_path, "live", **kw))

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tiny_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tiny_dir, tmp_path_factory):
+def bad_inputs(tiny_dir, tiny_rm_dir, tmp_path_factory):
     """(name, argv, expected message) for every bad-input case of issue 6."""
     d = tmp_path_factory.mktemp("bad")
     good = sft_data(d)
@@ -159,6 +160,13 @@ def bad_inputs(tiny_dir, tmp_path_factory):
     (d / "nobnb" / "bitsandbytes" / "__init__.py").write_text("raise ImportError('simulated: no CUDA build')\n")
     prompts = d / "p.jsonl"
     prompts.write_text('{"prompt": "hi"}\n')
+    (d / "a_file.txt").write_text("mine")
+    other_rm = d / "other_rm"  # a reward model whose tokenizer has a token the actor's lacks
+    shutil.copytree(tiny_rm_dir, other_rm)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_rm_dir)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other_rm)
     sft = ["train_sft.py", "--model", tiny_dir, "--max-steps", "1"]
     out = lambda name: ["--out", str(d / name)]  # noqa: E731
     return [
@@ -186,6 +194,15 @@ def bad_inputs(tiny_dir, tmp_path_factory):
         ("resume nothing", sft + ["--data", good, "--resume"] + out("o16"), "no checkpoint"),
         ("4-bit without bitsandbytes", sft + ["--data", good, "--load-in-4bit"] + out("o17"),
          "--load-in-4bit: bitsandbytes cannot be imported", str(d / "nobnb")),
+        ("data is a folder", sft + ["--data", str(d / "notmodel")] + out("o18"), "notmodel is a folder; expected a"),
+        ("out is a file", sft + ["--data", good, "--out", str(d / "a_file.txt")], "--out .*a_file.txt is a file"),
+        ("4 and 8 bit", sft + ["--data", good, "--load-in-4bit", "--load-in-8bit"] + out("o19"),
+         "--load-in-4bit and --load-in-8bit contradict"),
+        ("critic without rm", ["train_ppo.py", "--actor", tiny_dir, "--reward-fn", "x:y", "--critic-from-rm",
+                               "--data", str(prompts)] + out("o21"), "--critic-from-rm starts the critic from"),
+        ("critic from another tokenizer", ["train_ppo.py", "--actor", tiny_dir, "--rm", str(other_rm),
+                                           "--critic-from-rm", "--data", str(prompts)] + out("o22"),
+         "--critic-from-rm: --rm .*other_rm has another tokenizer"),
     ]
 
 
@@ -205,3 +222,5 @@ def test_bad_input_is_one_line_exit_2_no_traceback(bad_inputs):
         assert len(errors) == 1 and re.search(expected, errors[0]), (name, r.stderr[-1500:])
     finished = next(argv[argv.index("--out") + 1] for name, argv, *_ in bad_inputs if name == "finished out")
     assert open(os.path.join(finished, "config.json")).read() == "{}"  # untouched
+    a_file = next(argv[argv.index("--out") + 1] for name, argv, *_ in bad_inputs if name == "out is a file")
+    assert open(a_file).read() == "mine"
