@@ -385,6 +385,18 @@ def render_prompt(tokenizer, messages):
     return ids
 
 
+def load_prompts(path, tokenizer, max_length, format=None, limit=None, flag="--max-length"):
+    """[(messages, token ids)] of the first `limit` prompts in `path` that fit `max_length` tokens (any data
+    that carries prompts; each distinct prompt once). Longer ones are skipped, and the count is printed."""
+    examples = load_examples(path, "prompts", format)
+    prompts = [(ex.prompt, ids) for ex in examples if len(ids := render_prompt(tokenizer, ex.prompt)) <= max_length]
+    print(f"prompts {path}: {len(prompts)} of {len(examples)} fit {flag} {max_length}"
+          + (f"; using the first {limit}" if limit is not None and limit < len(prompts) else ""))
+    if not prompts:
+        raise UserError(f"all {len(examples)} prompts in {path} are longer than {flag} {max_length}")
+    return prompts[:limit]
+
+
 @dataclass
 class TokenStats:
     kept: int = 0  # rows returned, truncated ones included

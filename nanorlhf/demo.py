@@ -1,96 +1,213 @@
-"""The whole pipeline in one command, on the embedded SmolLM2-135M-Instruct and ../shared/data:
+"""The main job: a gold-reward experiment that shows each method aligning a real model, on one CPU.
 
-    SFT (alpaca) -> RM (hh) -> PPO (hh prompts); DPO (hh) and KTO (kto demo) from the SFT model;
-    then evaluation of PPO, DPO and KTO against SFT on held-out hh prompts, and plots.
+A known "gold" reward stands in for human judgement (Ziegler et al. 2019 §4; Rafailov et al. 2023 §6.1;
+Gao et al. 2023): here how positive a response reads (VADER, `nanorlhf.gold:sentiment`). On the embedded
+SmolLM2-135M-Instruct and the alpaca instructions in data/, split once into training and held-out prompts:
 
-    python -m nanorlhf.demo --out out/demo            # budgets sized for ~30 min on a 2-core CPU
-    python -m nanorlhf.demo --out out/demo --scale 4  # 4x the steps (a GPU, or patience)
+    1. sft       SFT on concise alpaca answers (each cut to its first sentences, <= 40 words)
+    2. label     k samples per training prompt from the SFT model, judged by the gold reward: preference
+                 pairs (best against worst) and KTO labels (above / below the prompt's median)
+    3. rm        a reward model on those pairs
+    4. ppo_rm    PPO on the reward model, with the gold reward logged beside it (never optimised)
+    5. ppo_gold  PPO straight on the gold reward: what PPO reaches when the reward is right
+    6. dpo, kto  DPO on the pairs, KTO on the labels
+    7. eval      every model against SFT on held-out prompts no stage saw: gold reward, win rate, KL, ...
+    8. results   results.md (the table) and frontier.png (gold reward against KL to SFT)
 
-Each stage is its script run as a subprocess with the arguments printed first, so every number can be
-reproduced by hand. A stage whose output already exists is skipped (re-run with --overwrite to redo it).
+    python -m nanorlhf.demo --out out/demo            # budgets sized for ~35 min on 2 CPU cores
+    python -m nanorlhf.demo --out out/demo --scale 4  # 4x every budget, and each method at 3 β values
+
+Each stage is its script run as a subprocess with the command printed first and logged, so every number can
+be reproduced by hand. A stage whose output exists is skipped (--overwrite redoes everything).
 """
-import argparse
+import json
 import os
+import random
+import re
 import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+
+from .cli import UserError, arg, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLD = "nanorlhf.gold:sentiment"
+# The β each method runs at, and the sweep that draws its frontier when --scale > 1 (PPO: the KL coefficient).
+BETAS = {"ppo_rm": (0.05, [0.02, 0.05, 0.2]), "ppo_gold": (0.05, [0.02, 0.05, 0.2]),
+         "dpo": (0.1, [0.05, 0.1, 0.5]), "kto": (0.1, [0.05, 0.1, 0.5])}
 
 
-def stages(out, data, scale, model):
-    """(name, argv) of each stage. hh_harmless.jsonl is split by the scripts' seeded --eval-frac; its last
-    rows (after --limit) serve as held-out prompts for the evaluation."""
-    s = lambda n: str(max(1, int(n * scale)))  # noqa: E731
-    hh, common = os.path.join(data, "hh_harmless.jsonl"), ["--max-length", "192", "--log-every", "2"]
-    sft, rm = os.path.join(out, "sft"), os.path.join(out, "rm")
-    return [
-        ("sft", ["train_sft.py", "--model", model, "--data", os.path.join(data, "alpaca_en_demo.json"), "--out", sft,
-                 "--max-steps", s(16), "--batch-size", "4", "--grad-accum", "2", "--lr", "2e-4", "--eval-frac",
-                 "0.03", *common]),
-        ("rm", ["train_rm.py", "--model", sft, "--data", hh, "--limit", "400", "--out", rm, "--max-steps", s(16),
-                "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-4", "--eval-frac", "0.1", "--norm-samples",
-                "64", *common]),
-        ("ppo", ["train_ppo.py", "--actor", sft, "--rm", rm, "--data", hh, "--limit", "400", "--out",
-                 os.path.join(out, "ppo"), "--max-steps", s(6), "--rollout-batch-size", "8", "--minibatch-size", "4",
-                 "--batch-size", "4", "--ppo-epochs", "2", "--max-new-tokens", "32", "--lr", "1e-4",
-                 "--sample-every", "3", "--max-length", "128", "--log-every", "1"]),  # --max-length: the prompt
-        ("dpo", ["train_dpo.py", "--model", sft, "--data", hh, "--limit", "400", "--out", os.path.join(out, "dpo"),
-                 "--max-steps", s(12), "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-4", "--eval-frac",
-                 "0.1", *common]),
-        ("kto", ["train_kto.py", "--model", sft, "--data", os.path.join(data, "kto_en_demo.json"), "--out",
-                 os.path.join(out, "kto"), "--max-steps", s(12), "--batch-size", "4", "--grad-accum", "1", "--lr",
-                 "1e-4", "--eval-frac", "0.1", *common]),
+@dataclass
+class Args:
+    out: str = arg("out/demo", "Folder for every stage's output, its log, and the results.")
+    data: str = arg(os.path.join(ROOT, "data"), "Folder holding alpaca_en_demo.json.")
+    model: str = arg("smollm2", "Base model for SFT (default: the embedded SmolLM2-135M-Instruct).")
+    scale: float = arg(1.0, "Multiply every stage's budget by this; above 1 each method also runs at 3 β values.",
+                       gt=0)
+    heldout: int = arg(64, "Held-out prompts for the final evaluation (set aside before any stage).", ge=16)
+    overwrite: bool = arg(False, "Redo stages whose output exists.")
+
+
+def concise(text, max_words=40):
+    """The first sentences of `text` that fit max_words (at least the first sentence's words)."""
+    out = ""
+    for sentence in re.split(r"(?<=[.!?])\s+", text.strip()):
+        if len((out + " " + sentence).split()) > max_words:
+            break
+        out = (out + " " + sentence).strip()
+    return out or " ".join(text.split()[:max_words])
+
+
+def prepare(data, out, heldout):
+    """Split the alpaca instructions once (seeded): held-out prompts, training prompts, concise SFT rows."""
+    src = os.path.join(data, "alpaca_en_demo.json")
+    if not os.path.isfile(src):
+        raise UserError(f"--data {data}: no alpaca_en_demo.json there (the repository ships it in data/)")
+    with open(src) as f:
+        rows = json.load(f)
+    prompt = lambda r: r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")  # noqa: E731
+    prompts = sorted({prompt(r) for r in rows})  # some instructions repeat: split the distinct ones
+    random.Random(0).shuffle(prompts)
+    held_out = set(prompts[:heldout])
+    held = [next(r for r in rows if prompt(r) == p) for p in prompts[:heldout]]
+    train = [r for r in rows if prompt(r) not in held_out]
+    folder = os.path.join(out, "data")
+    os.makedirs(folder, exist_ok=True)
+    paths = {k: os.path.join(folder, f) for k, f in (("sft", "sft.json"), ("prompts", "prompts.jsonl"),
+                                                     ("heldout", "heldout.jsonl"))}
+    with open(paths["sft"], "w") as f:
+        json.dump([dict(r, output=concise(r["output"])) for r in train], f, indent=1)
+    for key, part in (("prompts", train), ("heldout", held)):
+        with open(paths[key], "w") as f:
+            f.writelines(json.dumps({"prompt": prompt(r)}) + "\n" for r in part)
+    return paths
+
+
+def stages(out, paths, scale, model):
+    """(name, argv) of every training stage, in order. Names of swept runs carry their β."""
+    s = lambda n: str(max(1, round(n * scale)))  # noqa: E731
+    sft, rm, labels = (os.path.join(out, n) for n in ("sft", "rm", "labels"))
+    pairs, kto = os.path.join(labels, "pairs.jsonl"), os.path.join(labels, "kto.jsonl")
+    short = ["--max-length", "128", "--log-every", "4"]
+    runs = [
+        ("sft", ["train_sft.py", "--model", model, "--data", paths["sft"], "--out", sft, "--max-steps", s(24),
+                 "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3", "--eval-frac", "0.05", "--max-length",
+                 "160", "--log-every", "4"]),
+        ("labels", ["-m", "nanorlhf.label", "--model", sft, "--data", paths["prompts"], "--limit", s(192), "--k", "4",
+                    "--reward-fn", GOLD, "--max-new-tokens", "48", "--batch-size", "64", "--out", labels]),
+        ("rm", ["train_rm.py", "--model", sft, "--data", pairs, "--out", rm, "--max-steps", s(24), "--batch-size", "8",
+                "--grad-accum", "1", "--lr", "3e-4", "--eval-frac", "0.15", *short]),
     ]
+    ppo = ["--actor", sft, "--data", paths["prompts"], "--max-steps", s(6), "--rollout-batch-size", "32",
+           "--minibatch-size", "8", "--batch-size", "8", "--ppo-epochs", "1", "--max-new-tokens", "48", "--lr", "1e-3",
+           "--lam", "1.0", "--sample-every", "3", "--log-every", "1"]
+    for name in ("ppo_rm", "ppo_gold", "dpo", "kto"):
+        default, sweep = BETAS[name]
+        for beta in (sweep if scale > 1 else [default]):
+            run = name if beta == default else f"{name}_b{beta}"
+            dst = ["--out", os.path.join(out, run)]
+            if name == "ppo_rm":
+                argv = ["train_ppo.py", *ppo, "--rm", rm, "--gold-reward-fn", GOLD, "--kl-coef", str(beta)]
+            elif name == "ppo_gold":
+                argv = ["train_ppo.py", *ppo, "--reward-fn", GOLD, "--kl-coef", str(beta)]
+            else:
+                argv = [f"train_{name}.py", "--model", sft, "--data", pairs if name == "dpo" else kto, "--max-steps",
+                        s(24), "--batch-size", "8", "--grad-accum", "1", "--lr", "5e-4", "--beta", str(beta),
+                        "--eval-frac", "0.1", *short]
+            runs.append((run, argv + dst))
+    return runs
 
 
 def run(argv, log):
     print("\n$ python " + shlex.join(argv), flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
+        f.write("$ python " + shlex.join(argv) + "\n")
+        f.flush()
         code = subprocess.call([sys.executable] + argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    print(f"  exit {code} in {time.perf_counter() - t0:.0f} s (log: {log})", flush=True)
+    seconds = time.perf_counter() - t0
+    print(f"  exit {code} in {seconds:.0f} s (log: {log})", flush=True)
     if code:
         with open(log) as f:
             print("".join(f.readlines()[-15:]))
         sys.exit(code)
+    return seconds
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/demo", help="Folder for every stage's output, logs and the results.")
-    p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"), help="The shared data folder.")
-    p.add_argument("--model", default="smollm2", help="Base model for SFT (default: the embedded SmolLM2-135M).")
-    p.add_argument("--scale", type=float, default=1.0, help="Multiply every stage's steps by this.")
-    p.add_argument("--eval-prompts", type=int, default=32, help="Held-out hh prompts for the final evaluation.")
-    p.add_argument("--overwrite", action="store_true", help="Redo stages whose output exists.")
-    args = p.parse_args(argv)
+def last_metric(folder, key):
+    """The last value of `key` in a run's metrics.jsonl, or None."""
+    value = None
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        for line in f:
+            value = json.loads(line).get(key, value)
+    return value
+
+
+def results_table(out, evaluation, names, times):
+    """Markdown: per model the gold reward, its win rate and gain against SFT, the RM's view, KL, length, EOS."""
+    head = ("| model | gold reward ± se | win rate vs SFT (gold) | gold gain ± se | RM win rate | KL to SFT | "
+            "length | EOS rate | train s |")
+    lines = [head, "|" + "---|" * 9]
+    for name in names:
+        r = evaluation[os.path.join(out, name)]
+        g, rm = r["judges"]["fn"], r["judges"].get("rm")
+        lines.append(f"| {name} | {g['mean']:.3f} ± {g['se']:.3f} | {g['win_rate']:.2f} ± {g['win_se']:.2f} | "
+                     f"{g['gain']:+.3f} ± {g['gain_se']:.3f} | {rm['win_rate']:.2f} | {r['kl']:.2f} | "
+                     f"{r['length']:.1f} | {r['eos_rate']:.2f} | {times.get(name, 0):.0f} |")
+    return "\n".join(lines)
+
+
+def demo(args):
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
-    for name, stage in stages(out, os.path.abspath(args.data), args.scale, args.model):
-        if os.path.exists(os.path.join(out, name, "config.json")) and not args.overwrite:
+    paths = prepare(os.path.abspath(args.data), out, args.heldout)
+    times = {}
+    runs = stages(out, paths, args.scale, args.model)
+    for name, argv in runs:
+        done = os.path.join(out, name, "label.json" if name == "labels" else "config.json")
+        if os.path.exists(done) and not args.overwrite:
             print(f"\n{name}: {out}/{name} is finished; skipping (--overwrite redoes it)")
             continue
-        run(stage + (["--overwrite"] if args.overwrite or os.path.isdir(os.path.join(out, name)) else []),
-            os.path.join(out, f"{name}.log"))
-    # held-out prompts: the tail of hh_harmless.jsonl, beyond the --limit 400 rows the stages trained on
-    with open(os.path.join(os.path.abspath(args.data), "hh_harmless.jsonl")) as f:
-        rows = f.readlines()[-args.eval_prompts:]
-    prompts = os.path.join(out, "heldout_prompts.jsonl")
-    with open(prompts, "w") as f:
-        f.writelines(rows)
-    run(["-m", "nanorlhf.evaluate", "--baseline", os.path.join(out, "sft"), "--rm", os.path.join(out, "rm"),
-         "--model", os.path.join(out, "ppo"), "--model", os.path.join(out, "dpo"), "--model", os.path.join(out, "kto"),
-         "--data", prompts, "--limit", str(args.eval_prompts), "--max-new-tokens", "48",
-         "--out", os.path.join(out, "eval.json")], os.path.join(out, "eval.log"))
-    with open(os.path.join(out, "eval.log")) as f:
-        print("".join(line for line in f if line.startswith("|")))
-    run(["-m", "nanorlhf.plot"] + [os.path.join(out, n) for n in ("sft", "rm", "ppo", "dpo", "kto")],
-        os.path.join(out, "plot.log"))
-    print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min; results in {out}")
+        redo = args.overwrite or os.path.isdir(os.path.join(out, name))
+        times[name] = run(argv + (["--overwrite"] if redo else []), os.path.join(out, f"{name}.log"))
+    models = [name for name, _ in runs if name not in ("sft", "labels", "rm")]
+    eval_json = os.path.join(out, "eval.json")
+    times["eval"] = run(["-m", "nanorlhf.evaluate", "--baseline", os.path.join(out, "sft"),
+                         *[a for m in models for a in ("--model", os.path.join(out, m))],
+                         "--reward-fn", GOLD, "--rm", os.path.join(out, "rm"), "--data", paths["heldout"],
+                         "--limit", str(args.heldout), "--max-new-tokens", "48", "--batch-size", "64",
+                         "--out", eval_json], os.path.join(out, "eval.log"))
+    with open(eval_json) as f:
+        evaluation = json.load(f)
+    from .plot import frontier, plot
+    base = evaluation[os.path.join(out, "sft")]["judges"]["fn"]
+    points = [{"method": "SFT", "label": "", "kl": 0.0, "mean": base["mean"], "se": base["se"]}]
+    for name in models:
+        r = evaluation[os.path.join(out, name)]
+        method, _, beta = name.partition("_b")
+        points.append({"method": method, "label": f"β={beta}" if beta else "", "kl": r["kl"],
+                       "mean": r["judges"]["fn"]["mean"], "se": r["judges"]["fn"]["se"]})
+    frontier(points, os.path.join(out, "frontier.png"))
+    for name in ("sft", "rm", *models):
+        plot(os.path.join(out, name))
+    minutes = (time.perf_counter() - t0) / 60
+    rm_accuracy = last_metric(os.path.join(out, "rm"), "final_eval_accuracy")
+    label = json.load(open(os.path.join(out, "labels", "label.json")))["summary"]
+    report = (f"# nanorlhf demo: {args.heldout} held-out prompts, gold = {GOLD}\n\n"
+              f"{results_table(out, evaluation, models, times)}\n\n"
+              f"SFT: gold {base['mean']:.3f} ± {base['se']:.3f}, EOS rate "
+              f"{evaluation[os.path.join(out, 'sft')]['eos_rate']:.2f}. Labels: {label['pairs']} pairs (mean gold "
+              f"margin {label['mean_margin']:.2f}), {label['desirable']} desirable / {label['undesirable']} "
+              f"undesirable KTO examples from {label['responses']} samples. Reward model: held-out pairwise accuracy "
+              f"{'n/a' if rm_accuracy is None else f'{rm_accuracy:.2f}'}.\n\nWhole demo: {minutes:.1f} min (scale {args.scale}); stage seconds: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(report)
+    print("\n" + report + f"\nresults in {out}: results.md, frontier.png, eval.json, <stage>/metrics.png")
 
 
 if __name__ == "__main__":
-    main()
+    main(demo, Args)

@@ -1,33 +1,38 @@
-"""Compare trained models with a baseline on held-out prompts, judged by a reward model.
+"""Compare trained models with a baseline on held-out prompts, judged by a reward function and/or a reward model.
 
-    python -m nanorlhf.evaluate --model out/ppo --model out/dpo --baseline out/sft --rm out/rm \\
-        --data ../shared/data/hh_harmless.jsonl --limit 64
+    python -m nanorlhf.evaluate --model out/ppo --model out/dpo --baseline out/sft \
+        --reward-fn nanorlhf.gold:sentiment --rm out/rm --data heldout.jsonl --limit 64
 
-For the baseline and each model, on the same prompts and seed: the mean RM score (normalised with the
-statistics train_rm.py stored), KL to the baseline on the model's own samples, mean response length,
-distinct-1/2 (Li et al. 2016) and EOS rate; and the model's **win rate** against the baseline's response
-to the same prompt, judged by the RM (ties count half), the A/B test of Stiennon et al. 2020.
-Writes JSON (--out) and prints a markdown table.
+For the baseline and each model, on the same prompts and seed: each judge's mean score ± standard error
+(an RM's normalised with the statistics train_rm.py stored), the **win rate** against the baseline's
+response to the same prompt (ties count half; the A/B test of Stiennon et al. 2020) and the mean paired
+gain over it ± standard error; then KL to the baseline on the model's own samples, mean response length,
+distinct-1/2 (Li et al. 2016) and EOS rate. The first judge (--reward-fn if given, else --rm) fills the
+`score` and `win_rate` fields. Writes JSON (--out) and prints a markdown table.
 """
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 
 from . import model as M
 from .cli import UserError, arg, main
-from .data import load_examples, render_prompt
+from .data import load_prompts, render_prompt
 from .preference import summed_logprobs
+from .rewards import Rewarder
 
 
 @dataclass
 class Args:
     model: list[str] = arg([], "A model to evaluate (HF folder, e.g. out/ppo).")
     baseline: str = arg("", "The model to compare against, usually the SFT output.")
+    reward_fn: str | None = arg(None, "A judge given as Python 'module:function' f(prompts, responses) -> floats, e.g. "
+                                "the gold reward nanorlhf.gold:sentiment.")
     rm: str = arg("", "Reward model folder (train_rm.py output) that judges the responses.")
     data: str = arg("", "Prompts: any format that carries prompts (.json/.jsonl).")
     format: str | None = arg(None, "Force the data format.")
-    limit: int = arg(64, "Number of prompts (the first N).", gt=0)
+    limit: int = arg(64, "Number of prompts (the first N that fit --max-length).", gt=0)
     max_length: int = arg(256, "Skip prompts longer than this many tokens.", gt=0)
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
     temperature: float = arg(0.7, "Sampling temperature (the KL estimate uses logprobs at this temperature).", gt=0)
@@ -37,23 +42,18 @@ class Args:
     out: str | None = arg(None, "Write the results as JSON here.")
 
 
+JUDGES = {"fn": "reward", "rm": "RM"}  # Rewarder part -> column name
+
+
+def mean_se(x):
+    """(mean, standard error) of a 1-D tensor."""
+    return x.mean().item(), (x.std().item() / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
 def distinct(texts, n):
     """Unique word n-grams / all word n-grams over every response (Li et al. 2016)."""
     grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / max(len(grams), 1)
-
-
-@torch.no_grad()
-def respond(model, tokenizer, queries, args):
-    """(responses as lists of ids, ended flags) for each prompt, sampled in batches from a fixed seed."""
-    torch.manual_seed(args.seed)
-    responses, ended = [], []
-    for i in range(0, len(queries), args.batch_size):
-        out, lengths, done = M.generate(model, tokenizer, queries[i:i + args.batch_size], args.max_new_tokens,
-                                        args.temperature)
-        responses += [r[:n].tolist() for r, n in zip(out.cpu(), lengths.cpu())]
-        ended += done.tolist()
-    return responses, ended
 
 
 @torch.no_grad()
@@ -64,43 +64,51 @@ def sequence_logprobs(model, queries, responses, temperature, batch_size):
                       for i in range(0, len(rows), batch_size)])
 
 
+def judge_stats(scores, base):
+    """Mean ± se of a judge's scores (N,), and win rate (ties half) and paired gain ± se against the baseline's."""
+    mean, se = mean_se(scores)
+    wins = (scores > base).float() + 0.5 * (scores == base).float()
+    gain, gain_se = mean_se(scores - base)
+    win, win_se = mean_se(wins)
+    return {"mean": mean, "se": se, "win_rate": win, "win_se": win_se, "gain": gain, "gain_se": gain_se}
+
+
 def evaluate(args):
-    if not (args.model and args.baseline and args.rm and args.data):
-        raise UserError("--model (one or more), --baseline, --rm and --data are all required")
-    rm, rm_tok = M.load_reward_model(args.rm, device=args.device)
+    if not (args.model and args.baseline and args.data and (args.rm or args.reward_fn)):
+        raise UserError("--model (one or more), --baseline, --data and a judge (--reward-fn and/or --rm) are required")
     base, tokenizer = M.load_model(args.baseline, device=args.device, flag="--baseline")
-    prompts = [ex.prompt for ex in load_examples(args.data, "prompts", args.format)]
-    queries = [(m, q) for m in prompts if len(q := render_prompt(tokenizer, m)) <= args.max_length][:args.limit]
-    if not queries:
-        raise UserError(f"{args.data}: no prompt fits --max-length {args.max_length}")
-    messages, queries = [m for m, _ in queries], [q for _, q in queries]
+    rewarder = Rewarder(tokenizer, [args.rm] if args.rm else [], reward_fn=args.reward_fn, device=args.device)
+    prompts = load_prompts(args.data, tokenizer, args.max_length, args.format, args.limit)
+    messages = [m for m, _ in prompts]
 
-    def judge(responses, ended, tok):
-        texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
-        seqs = [render_prompt(rm_tok, m) + rm_tok(t, add_special_tokens=False).input_ids +
-                ([rm_tok.eos_token_id] if e else []) for m, t, e in zip(messages, texts, ended)]
-        return M.score_sequences(rm, seqs, rm_tok.pad_token_id, args.batch_size), texts
+    def run(model, tok):
+        """Samples of `model` on every prompt from the fixed seed, and their judged scores."""
+        queries = [q for _, q in prompts] if tok is tokenizer else [render_prompt(tok, m) for m in messages]
+        torch.manual_seed(args.seed)
+        responses, ended = M.generate_all(model, tok, queries, args.max_new_tokens, args.temperature, args.batch_size)
+        _, parts, texts = rewarder(messages, queries, responses, ended, args.batch_size, tokenizer=tok)
+        return queries, responses, ended, parts, texts
 
-    def summary(responses, ended, scores, texts):
-        return {"score": scores.mean().item(), "length": sum(map(len, responses)) / len(responses),
-                "distinct_1": distinct(texts, 1), "distinct_2": distinct(texts, 2), "eos_rate": sum(ended) / len(ended),
+    def summary(responses, ended, texts, parts, base_parts):
+        judges = {j: judge_stats(parts[j], base_parts[j]) for j in parts}
+        first = judges.get("fn", judges.get("rm"))
+        return {"score": first["mean"], "win_rate": first["win_rate"], "judges": judges,
+                "length": sum(map(len, responses)) / len(responses), "distinct_1": distinct(texts, 1),
+                "distinct_2": distinct(texts, 2), "eos_rate": sum(ended) / len(ended),
                 "example": {"prompt": messages[0][-1]["content"], "response": texts[0]}}
 
-    base_responses, base_ended = respond(base, tokenizer, queries, args)
-    base_scores, base_texts = judge(base_responses, base_ended, tokenizer)
-    results = {args.baseline: summary(base_responses, base_ended, base_scores, base_texts) | {"win_rate": 0.5, "kl": 0.0}}
+    base_queries, base_responses, base_ended, base_parts, base_texts = run(base, tokenizer)
+    results = {args.baseline: summary(base_responses, base_ended, base_texts, base_parts, base_parts) | {"kl": 0.0}}
     for name in args.model:
         model, tok = M.load_model(name, device=args.device)
-        responses, ended = respond(model, tok, queries, args)
-        scores, texts = judge(responses, ended, tok)
-        wins = (scores > base_scores).float() + 0.5 * (scores == base_scores).float()
+        queries, responses, ended, parts, texts = run(model, tok)
         kl = None
         if tok.get_vocab() == tokenizer.get_vocab():  # a token-level KL needs one vocabulary
             log_ratio = (sequence_logprobs(model, queries, responses, args.temperature, args.batch_size)
                          - sequence_logprobs(base, queries, responses, args.temperature, args.batch_size))
             kl = log_ratio.mean().item()
-        results[name] = summary(responses, ended, scores, texts) | {"win_rate": wins.mean().item(), "kl": kl}
-    results["settings"] = asdict(args) | {"prompts": len(queries)}
+        results[name] = summary(responses, ended, texts, parts, base_parts) | {"kl": kl}
+    results["settings"] = asdict(args) | {"prompts": len(prompts)}
     print(table(results, [args.baseline] + args.model))
     if args.out:
         with open(args.out, "w") as f:
@@ -110,13 +118,22 @@ def evaluate(args):
 
 
 def table(results, names):
-    head = "| model | RM score | win rate vs baseline | KL to baseline | length | distinct-1 | distinct-2 | EOS rate |"
-    lines = [head, "|" + "---|" * 8]
+    """Markdown: per judge mean ± se, win rate and paired gain vs the baseline; then KL, length, diversity, EOS."""
+    judges = list(results[names[0]]["judges"])
+    head = ["model"] + [f"{JUDGES[j]} {c}" for j in judges for c in ("score ± se", "win rate vs baseline",
+                                                                    "gain ± se")]
+    head += ["KL to baseline", "length", "distinct-1", "distinct-2", "EOS rate"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
         r = results[n]
-        kl = "n/a" if r["kl"] is None else f"{r['kl']:.2f}"
-        lines.append(f"| {n} | {r['score']:.3f} | {r['win_rate']:.2f} | {kl} | {r['length']:.1f} | "
-                     f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['eos_rate']:.2f} |")
+        cells = [n]
+        for j in judges:
+            s = r["judges"][j]
+            cells += [f"{s['mean']:.3f} ± {s['se']:.3f}", f"{s['win_rate']:.2f}",
+                      f"{s['gain']:+.3f} ± {s['gain_se']:.3f}"]
+        cells += ["n/a" if r["kl"] is None else f"{r['kl']:.2f}", f"{r['length']:.1f}", f"{r['distinct_1']:.3f}",
+                  f"{r['distinct_2']:.3f}", f"{r['eos_rate']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -64,6 +64,32 @@ def plot(run, keys=None, out=None):
     return out
 
 
+def frontier(points, out, title="gold reward against KL to the SFT model"):
+    """A reward-KL frontier PNG (Rafailov et al. 2023, Fig. 2): one marker per model at (KL to the baseline,
+    mean gold reward ± standard error), one colour and line per method, in order of KL. `points` is a list of
+    dicts with method, label, kl, mean and se. Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in dict.fromkeys(p["method"] for p in points):
+        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
+        ax.errorbar([p["kl"] for p in mine], [p["mean"] for p in mine], yerr=[p["se"] for p in mine], marker="o",
+                    capsize=3, linewidth=1, label=method)
+        for p in mine:
+            if p.get("label"):
+                ax.annotate(p["label"], (p["kl"], p["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("KL(π ‖ π_SFT) per response, nats")
+    ax.set_ylabel("gold reward (mean ± s.e.)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="Run folders (each holds metrics.jsonl).")

@@ -1,17 +1,78 @@
-"""The demo's stage commands are valid for the scripts they call, and chain outputs to inputs."""
+"""The demo: its stage commands parse with the scripts they call and chain outputs to inputs, its data split
+keeps held-out prompts out of every stage, and a tiny-budget run goes end to end."""
 import importlib
+import json
+import os
+
+import pytest
+from conftest import ROOT
 
 from nanorlhf import cli, demo
 
 
-def test_every_demo_stage_parses_with_its_script():
-    stages = dict(demo.stages("/o", "/d", 0.5, "smollm2"))
-    assert list(stages) == ["sft", "rm", "ppo", "dpo", "kto"]
-    for name, argv in stages.items():
-        script = importlib.import_module(argv[0].removesuffix(".py"))
-        args = cli.parse(script.Args, argv[1:])  # an unknown flag or a bad value exits here
-        assert args.out == f"/o/{name}" and args.max_steps >= 1
-    assert cli.parse(importlib.import_module("train_ppo").Args, stages["ppo"][1:]).rm == ["/o/rm"]
-    for name in ("rm", "ppo", "dpo", "kto"):  # every later stage starts from the SFT output
-        argv = stages[name]
-        assert argv[argv.index("--actor" if name == "ppo" else "--model") + 1] == "/o/sft"
+def test_every_demo_stage_parses_with_its_script(tmp_path):
+    paths = demo.prepare(os.path.join(ROOT, "data"), str(tmp_path), heldout=64)
+    for scale, runs in ((1.0, 4), (4.0, 12)):  # above scale 1, every method at three β
+        stages = demo.stages("/o", paths, scale, "smollm2")
+        assert len(stages) == runs + 3
+        for name, argv in stages:
+            module = argv[1] if argv[0] == "-m" else argv[0].removesuffix(".py")
+            args = cli.parse(importlib.import_module(module).Args, argv[2:] if argv[0] == "-m" else argv[1:])
+            assert args.out == f"/o/{name}"
+            if name != "labels":
+                assert args.max_steps >= 1
+            if name not in ("sft",):  # every later stage starts from the SFT output
+                assert getattr(args, "model") == "/o/sft", name
+    stages = dict(demo.stages("/o", paths, 1.0, "smollm2"))
+    assert list(stages) == ["sft", "labels", "rm", "ppo_rm", "ppo_gold", "dpo", "kto"]
+    ppo_rm = cli.parse(importlib.import_module("train_ppo").Args, stages["ppo_rm"][1:])
+    assert ppo_rm.rm == ["/o/rm"] and ppo_rm.reward_fn is None and ppo_rm.gold_reward_fn == demo.GOLD
+    ppo_gold = cli.parse(importlib.import_module("train_ppo").Args, stages["ppo_gold"][1:])
+    assert ppo_gold.rm == [] and ppo_gold.reward_fn == demo.GOLD
+
+
+def test_held_out_prompts_reach_no_stage(tmp_path):
+    paths = demo.prepare(os.path.join(ROOT, "data"), str(tmp_path), heldout=64)
+    held = {json.loads(line)["prompt"] for line in open(paths["heldout"])}
+    train = {json.loads(line)["prompt"] for line in open(paths["prompts"])}
+    sft = json.load(open(paths["sft"]))
+    sft_prompts = {r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "") for r in sft}
+    assert len(held) == 64 and not held & train and not held & sft_prompts
+    assert all(len(r["output"].split()) <= 40 for r in sft)  # concise answers that end in time
+
+
+def test_concise_keeps_whole_first_sentences():
+    text = "One two three. Four five six seven. " + "word " * 50
+    assert demo.concise(text, max_words=8) == "One two three. Four five six seven."
+    assert demo.concise("word " * 50, max_words=5) == "word word word word word"
+
+
+@pytest.fixture(scope="module")
+def moody_dir(tokenizer, tmp_path_factory):
+    """A tiny random Llama that mostly says a few words of clear sentiment, and EOS: its samples differ in gold
+    reward and often end, so the labeller finds pairs (a random model never ends and says nothing of feeling)."""
+    import torch
+    from conftest import tiny_llama
+    model = tiny_llama(len(tokenizer), seed=3)
+    words = [" good", " bad", " love", " hate", " happy", " sad", " great", " awful"]
+    ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in words] + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[ids] *= 15
+    path = tmp_path_factory.mktemp("moody")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_demo_smoke_on_a_tiny_model(moody_dir, tmp_path):
+    """Every stage, the evaluation, the table and the frontier, at tiny budgets on a tiny model."""
+    pytest.importorskip("vaderSentiment")
+    out = tmp_path / "demo"
+    demo.demo(demo.Args(out=str(out), model=moody_dir, scale=0.05, heldout=16))
+    report = (out / "results.md").read_text()
+    for name in ("ppo_rm", "ppo_gold", "dpo", "kto"):
+        assert f"| {name} |" in report
+    assert (out / "frontier.png").stat().st_size > 0
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["settings"]["prompts"] == 16
+

@@ -26,4 +26,4 @@ def test_evaluate_against_itself_and_another_model(tiny_dir, tiny_rm_dir, tokeni
     row = results[other]
     assert 0.0 <= row["win_rate"] <= 1.0 and row["kl"] is not None and row["length"] <= 5
     assert json.loads(out.read_text())[other]["score"] == row["score"]
-    assert "| model | RM score | win rate vs baseline |" in capsys.readouterr().out
+    assert "| model | RM score ± se | RM win rate vs baseline | RM gain ± se |" in capsys.readouterr().out

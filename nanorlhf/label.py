@@ -1,0 +1,142 @@
+"""Preference data from any judge: sample k responses per prompt from a model, score each with a reward
+function and/or reward models, and write preference pairs and KTO-labelled examples.
+
+    python -m nanorlhf.label --model out/sft --data prompts.jsonl --reward-fn nanorlhf.gold:sentiment \\
+        --k 4 --out out/labels
+
+This is how the DPO paper built its controlled-sentiment data (Rafailov et al. 2023 §6.1): pairs of the
+SFT model's own samples, ranked by a known reward. Any `module:function` judges (a verifier, a classifier),
+as can trained reward models (`--rm`, repeatable, weighted). --out gets three files our loader reads:
+
+    samples.jsonl  every prompt's k responses with their scores and EOS flags ("ranked" format)
+    pairs.jsonl    {prompt, chosen, rejected, margin}: best against worst of each prompt's responses
+                   (--pairs all: every pair), margin = the score difference, kept when >= --min-margin
+    kto.jsonl      {prompt, completion, label}: desirable when the score is above its prompt's median
+                   (or above --kto-threshold), undesirable when below; ties with the median are left out
+
+Responses that hit --max-new-tokens without EOS are left out of pairs and KTO examples (--keep-unfinished
+keeps them): the loader appends EOS to every completion, which would teach the model to stop mid-sentence.
+"""
+import json
+import os
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import model as M
+from .cli import UserError, arg, main
+from .data import load_prompts
+from .rewards import Rewarder
+
+
+@dataclass
+class Args:
+    model: str = arg("", "The model that samples the responses, usually the SFT output (HF folder, .gguf, 'smollm2').")
+    data: str = arg("", "Prompts: any data that carries prompts (.json/.jsonl); each distinct prompt once.")
+    format: str | None = arg(None, "Force the data format.")
+    limit: int | None = arg(None, "Use only the first N prompts (that fit --max-length).", gt=0)
+    k: int = arg(4, "Responses sampled per prompt. More gives cleaner best-worst pairs (a larger expected margin).",
+                 ge=2)
+    reward_fn: str | None = arg(None, "The judge as a Python 'module:function' called f(prompts, responses) on lists "
+                                "of strings, returning floats, e.g. nanorlhf.gold:sentiment.")
+    rm: list[str] = arg([], "A reward model folder (train_rm.py output) that judges too.")
+    rm_weight: list[float] = arg([], "Weight of each --rm in the score, in order (default 1 each).")
+    pairs: str = arg("best-worst", "Which pairs of a prompt's responses to write.", choices=["best-worst", "all"])
+    min_margin: float = arg(0.0, "Write only pairs whose score difference is at least this (ties are never written).",
+                            ge=0)
+    kto_threshold: float | None = arg(None, "Label a response desirable when its score is above this; default: "
+                                      "above its prompt's median.")
+    keep_unfinished: bool = arg(False, "Also pair and label responses that never emitted EOS.")
+    max_length: int = arg(256, "Skip prompts longer than this many tokens.", gt=0)
+    max_new_tokens: int = arg(64, "Response length limit.", gt=0)
+    temperature: float = arg(0.7, "Sampling temperature.", gt=0)
+    batch_size: int = arg(16, "Responses generated (and scored) per batch.", gt=0)
+    seed: int = arg(0, "Sampling seed.")
+    device: str = arg("auto", "cuda, cpu or auto.")
+    out: str = arg("", "Output folder for samples.jsonl, pairs.jsonl and kto.jsonl.")
+    overwrite: bool = arg(False, "Replace those files when --out already holds them.")
+
+
+def pairs_of(responses, scores, usable, mode, min_margin):
+    """[(chosen index, rejected index, margin)] of one prompt's responses, best first for best-worst.
+
+    Only `usable` responses take part; a pair needs margin > 0 and >= min_margin."""
+    idx = sorted((i for i in range(len(responses)) if usable[i]), key=lambda i: -scores[i])
+    if mode == "best-worst":
+        candidates = [(idx[0], idx[-1])] if len(idx) >= 2 else []
+    else:
+        candidates = [(a, b) for n, a in enumerate(idx) for b in idx[n + 1:]]
+    return [(a, b, scores[a] - scores[b]) for a, b in candidates if scores[a] - scores[b] > 0
+            and scores[a] - scores[b] >= min_margin]
+
+
+def kto_labels(scores, usable, threshold=None):
+    """[(index, desirable)]: above the threshold (default the median of the usable scores) is desirable, below is
+    undesirable; a score equal to the median says nothing about the response and is left out."""
+    kept = [i for i in range(len(scores)) if usable[i]]
+    if not kept:
+        return []
+    cut = statistics.median(scores[i] for i in kept) if threshold is None else threshold
+    return [(i, scores[i] > cut) for i in kept if scores[i] != cut or threshold is not None]
+
+
+def label(args):
+    if not (args.model and args.data and args.out):
+        raise UserError("--model, --data and --out are required")
+    names = ("samples.jsonl", "pairs.jsonl", "kto.jsonl")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; expected a folder")
+    if any(os.path.exists(os.path.join(args.out, n)) for n in names) and not args.overwrite:
+        raise UserError(f"--out {args.out} already holds labelled data; pass --overwrite to replace it")
+    model, tokenizer = M.load_model(args.model, device=args.device)
+    model.eval()
+    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, device=args.device)
+    prompts = load_prompts(args.data, tokenizer, args.max_length, args.format, args.limit)
+    messages = [m for m, _ in prompts for _ in range(args.k)]  # each prompt k times, side by side
+    queries = [q for _, q in prompts for _ in range(args.k)]
+    torch.manual_seed(args.seed)
+    responses, ended = M.generate_all(model, tokenizer, queries, args.max_new_tokens, args.temperature,
+                                      args.batch_size, desc=f"sampling {args.k} x {len(prompts)}")
+    scores, texts = [], []
+    for i in range(0, len(responses), args.batch_size):
+        sl = slice(i, i + args.batch_size)
+        s, _, t = rewarder(messages[sl], queries[sl], responses[sl], ended[sl], args.batch_size)
+        scores += s.tolist()
+        texts += t
+    os.makedirs(args.out, exist_ok=True)
+    counts = {"pairs": 0, "desirable": 0, "undesirable": 0}
+    margins = []
+    with (open(os.path.join(args.out, "samples.jsonl"), "w") as f_samples,
+          open(os.path.join(args.out, "pairs.jsonl"), "w") as f_pairs,
+          open(os.path.join(args.out, "kto.jsonl"), "w") as f_kto):
+        for p, (prompt, _) in enumerate(prompts):
+            sl = slice(p * args.k, (p + 1) * args.k)
+            r, s, e = texts[sl], scores[sl], ended[sl]
+            order = sorted(range(args.k), key=lambda i: -s[i])
+            rank = [order.index(i) for i in range(args.k)]
+            record = {"prompt": prompt, "responses": r, "rank": rank, "scores": s, "ended": e}
+            f_samples.write(json.dumps(record) + "\n")
+            usable = [x or args.keep_unfinished for x in e]
+            for a, b, margin in pairs_of(r, s, usable, args.pairs, args.min_margin):
+                f_pairs.write(json.dumps({"prompt": prompt, "chosen": r[a], "rejected": r[b], "margin": margin}) + "\n")
+                counts["pairs"] += 1
+                margins.append(margin)
+            for i, desirable in kto_labels(s, usable, args.kto_threshold):
+                f_kto.write(json.dumps({"prompt": prompt, "completion": r[i], "label": desirable}) + "\n")
+                counts["desirable" if desirable else "undesirable"] += 1
+    summary = {"prompts": len(prompts), "responses": len(texts), "mean_score": sum(scores) / len(scores),
+               "eos_rate": sum(ended) / len(ended), **counts,
+               "mean_margin": sum(margins) / len(margins) if margins else 0.0}
+    with open(os.path.join(args.out, "label.json"), "w") as f:
+        json.dump({"args": asdict(args), "summary": summary}, f, indent=2)
+    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    if not counts["pairs"]:
+        print(f"warning: no pair was written (EOS rate {summary['eos_rate']:.0%}, --min-margin {args.min_margin}): "
+              "raise --max-new-tokens or --k, or lower --min-margin", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    main(label, Args)

@@ -1,0 +1,85 @@
+"""The labeller (preference data from a judge), the gold reward, and evaluation by a reward function."""
+import json
+
+import pytest
+
+from nanorlhf import evaluate as E
+from nanorlhf import gold
+from nanorlhf import label as L
+from nanorlhf.data import load_examples
+
+
+def test_pairs_of_hand_computed():
+    responses, scores = ["a", "b", "c", "d"], [0.5, -0.2, 0.9, 0.5]
+    usable = [True, True, True, False]
+    # best-worst: c (0.9) against b (-0.2); d is unusable
+    assert L.pairs_of(responses, scores, usable, "best-worst", 0.0) == [(2, 1, pytest.approx(1.1))]
+    # all pairs of the usable ones, better first, with their margins; the 0.7 floor drops c > a (0.4)
+    assert L.pairs_of(responses, scores, usable, "all", 0.7) == [(2, 1, pytest.approx(1.1)), (0, 1, pytest.approx(0.7))]
+    assert L.pairs_of(responses, [0.3, 0.3, 0.3, 0.3], usable, "all", 0.0) == []  # ties are never pairs
+    assert L.pairs_of(responses, scores, [True, False, False, False], "best-worst", 0.0) == []
+
+
+def test_kto_labels_hand_computed():
+    scores = [0.1, 0.5, 0.3, 0.9, -1.0]
+    # median of the usable four (0.1, 0.5, 0.3, 0.9) is 0.4: 0.5 and 0.9 desirable, 0.1 and 0.3 not
+    assert L.kto_labels(scores, [True, True, True, True, False]) == [(0, False), (1, True), (2, False), (3, True)]
+    # an odd count: the median response itself is left out
+    assert L.kto_labels([0.1, 0.5, 0.3], [True] * 3) == [(0, False), (1, True)]
+    assert L.kto_labels(scores, [True] * 5, threshold=0.2) == [(0, False), (1, True), (2, True), (3, True), (4, False)]
+
+
+def test_gold_sentiment_orders_hand_picked_sentences():
+    pytest.importorskip("vaderSentiment")
+    positive, neutral, negative = gold.sentiment(
+        ["q"] * 3, ["What a wonderful, happy day; I love it!", "The train leaves at nine.",
+                    "This is a terrible, sad failure and I hate it."])
+    assert positive > 0.5 and neutral == 0.0 and negative < -0.5
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    """`lengthy:reward`: the response's length in characters / 10, a judge with many distinct scores."""
+    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    return "lengthy:reward"
+
+
+def test_labeller_writes_pairs_and_kto_examples_our_loader_reads(tiny_dir, tmp_path, reward_module):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(5)))
+    out = tmp_path / "labels"
+    args = L.Args(model=tiny_dir, data=str(prompts), k=4, reward_fn=reward_module, pairs="all", keep_unfinished=True,
+                  max_new_tokens=6, batch_size=8, out=str(out))
+    summary = L.label(args)
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert len(samples) == 5 and all(len(s["responses"]) == 4 for s in samples)
+    score_of = {(json.dumps(s["prompt"]), r): v for s in samples for r, v in zip(s["responses"], s["scores"])}
+    for s in samples:  # the judge's own scores, ranked best first
+        assert s["scores"] == pytest.approx([len(r) / 10 for r in s["responses"]])
+        assert sorted(range(4), key=lambda i: s["rank"][i]) == sorted(range(4), key=lambda i: -s["scores"][i])
+    pairs = [json.loads(line) for line in open(out / "pairs.jsonl")]
+    assert pairs and len(pairs) == summary["pairs"]
+    for p in pairs:
+        chosen, rejected = score_of[json.dumps(p["prompt"]), p["chosen"]], score_of[json.dumps(p["prompt"]), p["rejected"]]
+        assert chosen > rejected and p["margin"] == pytest.approx(chosen - rejected)
+    kto = [json.loads(line) for line in open(out / "kto.jsonl")]
+    assert {k["label"] for k in kto} == {True, False}
+    # what train_rm / train_dpo (pairs) and train_kto (unpaired) read
+    assert len(load_examples(str(out / "pairs.jsonl"), "pairs")) == len(pairs)
+    assert len(load_examples(str(out / "kto.jsonl"), "unpaired")) == len(kto)
+    assert len(load_examples(str(out / "samples.jsonl"), "pairs")) > 0  # ranked lists: all their ordered pairs
+    with pytest.raises(L.UserError, match="already holds labelled data"):
+        L.label(args)
+
+
+def test_evaluate_by_reward_fn_against_itself_is_a_tie(tiny_dir, tmp_path, reward_module):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(6)))
+    results = E.evaluate(E.Args(model=[tiny_dir], baseline=tiny_dir, reward_fn=reward_module, data=str(prompts),
+                                limit=6, max_new_tokens=5, batch_size=3))
+    row = results[tiny_dir]
+    judged = row["judges"]["fn"]
+    # same seed, same samples: every comparison is a tie, the gain 0, the KL 0
+    assert judged["win_rate"] == 0.5 and judged["gain"] == 0.0 and row["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert row["score"] == judged["mean"] and judged["se"] > 0
