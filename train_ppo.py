@@ -12,9 +12,7 @@ adapter disabled) and the critic (adapter `value` + a linear value head). Each i
 
     python train_ppo.py --actor out/sft --rm out/rm --data ../shared/data/hh_harmless.jsonl --out out/ppo
 """
-import importlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,11 +22,13 @@ from torch import nn
 
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
-from nanorlhf.data import load_examples, render_prompt
-from nanorlhf.kernels import kl_penalty
+from nanorlhf.data import load_prompts
 from nanorlhf.lora import add_lora, use_adapter
 from nanorlhf.loop import Loop, TrainArgs, check_out, load_policy
-from nanorlhf.rollout import KLController, RolloutBuffer, gae, masked, masked_mean, masked_var, whiten
+from nanorlhf.rewards import Rewarder, call_reward_fn, load_reward_fn
+from nanorlhf.rollout import (KLController, RolloutBuffer, batch_inputs, gae, join, kl_penalty, masked, masked_mean,
+                              masked_var, micro_batches, response_logprobs, response_slice, sample, shape_rewards,
+                              whiten)
 
 
 @dataclass
@@ -40,6 +40,9 @@ class Args(TrainArgs):
     reward_fn: str | None = arg(None, "Python reward 'module:function' called as f(prompts, responses) on lists of "
                                 "strings (the last user message, the decoded response), returning floats; added to "
                                 "the RM scores. For verifiable rewards.")
+    gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `gold` beside the score PPO "
+                                     "optimises, never optimised: with a known true reward it shows when the policy "
+                                     "starts to exploit the RM (Gao et al. 2023).")
     critic_from_rm: bool = arg(False, "Start the critic from the first --rm (its weights and head) instead of a "
                                "zero value head on the actor's base. Costs a second base in memory.")
     max_steps: int | None = arg(None, "PPO iterations; default: --epochs over the prompts.", gt=0)
@@ -68,8 +71,10 @@ class Args(TrainArgs):
     vf_coef: float = arg(0.1, "Value loss coefficient.", ge=0)
     entropy_coef: float = arg(0.0, "Entropy bonus coefficient (the seeds suggest 0.01).", ge=0)
     early_stop_kl: float | None = arg(None, "Stop an iteration's PPO epochs once mean approx-KL exceeds this.", gt=0)
-    missing_eos: str = arg("replace", "A response without EOS within --max-new-tokens: replace its score with "
-                           "--missing-eos-value, subtract --missing-eos-penalty from it, or leave it.",
+    missing_eos: str = arg("none", "A response without EOS within --max-new-tokens: replace its score with "
+                           "--missing-eos-value, subtract --missing-eos-penalty from it, or leave it (TRL's default). "
+                           "A penalty helps only when most responses end in time (N+: summaries within 53 tokens); "
+                           "otherwise PPO optimises the penalty, not the reward (a warning says so).",
                            choices=["replace", "subtract", "none"])
     missing_eos_value: float = arg(-1.0, "The score of a response without EOS under --missing-eos replace (N+ "
                                    "replaces with -1 on normalised scores).")
@@ -97,17 +102,6 @@ def ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, ma
     return pg_loss, vf_loss, stats
 
 
-def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
-    """Per-token reward -β·KL plus the score on the last real token (REFERENCE §1.1).
-
-    scores (B,); logprobs, ref_logprobs, mask (B, R). Returns rewards (B, R), 0 on padding.
-    """
-    rewards = -kl_coef * masked(kl_penalty(logprobs, ref_logprobs, estimator), mask)
-    last = (mask.sum(1) - 1).clamp(min=0).long()  # (B,) index of the last real token
-    rewards[torch.arange(len(scores)), last] += scores
-    return rewards
-
-
 def missing_eos_scores(scores, ended, args):
     """Scores (B,) with responses that never emitted EOS (ended False) penalised (REFERENCE §1.3):
     replaced by --missing-eos-value, or lowered by --missing-eos-penalty (>= 0), or left as they are."""
@@ -118,116 +112,25 @@ def missing_eos_scores(scores, ended, args):
     return scores.clone()
 
 
-def join(queries, query_mask, responses, mask):
-    """Left-padded queries (B, P) + right-padded responses (B, R) -> model inputs whose targets at
-    positions P-1 .. P+R-2 are the response tokens, so outputs[:, P-1:-1] line up with responses."""
-    P = queries.shape[1]
-    input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
-    targets = torch.full_like(input_ids, -100)
-    targets[:, P - 1:-1] = responses.masked_fill(mask == 0, -100)
-    return input_ids, attention_mask, targets
-
-
-def policy_logprobs(model, batch, temperature, return_entropy=False):
-    """(B, R) logprobs (and entropy) of the responses under the `policy` adapter at the sampling temperature."""
-    P = batch["queries"].shape[1]
-    input_ids, attention_mask, targets = join(batch["queries"], batch["query_mask"], batch["responses"], batch["mask"])
-    with use_adapter(model, "policy"):
-        out = M.logprobs(model, input_ids, attention_mask, targets, temperature, return_entropy)
-    return tuple(t[:, P - 1:-1] for t in out) if return_entropy else out[:, P - 1:-1]
-
-
 def critic_values(critic, value_head, batch):
     """(B, R) values V(s_t) of the states before each response token, from the `value` adapter + head."""
-    P = batch["queries"].shape[1]
-    input_ids, attention_mask, _ = join(batch["queries"], batch["query_mask"], batch["responses"], batch["mask"])
+    input_ids, attention_mask, _ = batch_inputs(batch)
     with use_adapter(critic, "value"):
-        hidden = M.hidden_states(critic, input_ids, attention_mask)[:, P - 1:-1]  # (B, R, H)
+        hidden = response_slice(M.hidden_states(critic, input_ids, attention_mask), batch)  # (B, R, H)
     return value_head(hidden.float()).squeeze(-1)
-
-
-class Rewarder:
-    """The composite score: Σ w_i · normalised RM_i(prompt, response) + reward_fn(prompt, response)."""
-
-    def __init__(self, args, tokenizer):
-        self.rms, self.tokenizer = [], tokenizer
-        weights = args.rm_weight or [1.0] * len(args.rm)
-        if len(weights) != len(args.rm):
-            raise UserError(f"--rm-weight: got {len(weights)} weights for {len(args.rm)} --rm models")
-        for path, w in zip(args.rm, weights):
-            rm, rm_tok = M.load_reward_model(path, device=args.device, dtype=args.dtype,
-                                             load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
-            same = rm_tok.get_vocab() == tokenizer.get_vocab() and rm_tok.chat_template == tokenizer.chat_template
-            self.rms.append((rm, rm_tok, same, w))
-        self.fn = None
-        if args.reward_fn:
-            module, _, name = args.reward_fn.partition(":")
-            try:
-                sys.path.insert(0, os.getcwd())
-                self.fn = getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError) as e:
-                raise UserError(f"--reward-fn {args.reward_fn}: cannot import it ({e}); expected module:function")
-        if not self.rms and self.fn is None:
-            raise UserError("give a reward: --rm FOLDER (repeatable) and/or --reward-fn module:function")
-
-    @torch.no_grad()
-    def __call__(self, messages, queries, responses, lengths, ended, batch_size):
-        """scores (B,) for prompts (message lists / unpadded id lists) and right-padded responses (B, R)."""
-        texts = [self.tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses, lengths)]
-        scores = torch.zeros(len(texts))
-        for rm, rm_tok, same, weight in self.rms:
-            if same:  # score exactly the sampled ids
-                seqs = [q + r[:n].tolist() for q, r, n in zip(queries, responses, lengths)]
-            else:  # another tokenizer: re-encode the conversation as text
-                seqs = [render_prompt(rm_tok, m) + rm_tok(t, add_special_tokens=False).input_ids +
-                        ([rm_tok.eos_token_id] if e else []) for m, t, e in zip(messages, texts, ended)]
-            scores += weight * M.score_sequences(rm, seqs, rm_tok.pad_token_id, batch_size)
-        if self.fn is not None:
-            scores += torch.tensor(self.fn([m[-1]["content"] for m in messages], texts), dtype=torch.float)
-        return scores, texts
-
-
-@torch.no_grad()
-def sample(model, tokenizer, queries_list, args):
-    """Responses to token-id prompts from the policy, cut after the first EOS (REFERENCE §1.3).
-
-    Returns data {queries (B, P) left-padded, query_mask, responses (B, R) right-padded, mask}, lengths, ended.
-    """
-    device = next(model.parameters()).device
-    with use_adapter(model, "policy"):
-        responses, lengths, ended = M.generate(model, tokenizer, queries_list, args.max_new_tokens,
-                                               args.temperature, args.top_p)
-    P, R = max(map(len, queries_list)), responses.shape[1]
-    queries = torch.full((len(queries_list), P), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    query_mask = torch.zeros_like(queries)
-    for b, q in enumerate(queries_list):
-        queries[b, P - len(q):], query_mask[b, P - len(q):] = torch.tensor(q), 1
-    mask = (torch.arange(R, device=device)[None] < lengths[:, None]).long()  # (B, R) real response tokens
-    return {"queries": queries, "query_mask": query_mask, "responses": responses, "mask": mask}, lengths, ended
 
 
 @torch.no_grad()
 def score_tokens(model, critic, value_head, data, args):
-    """Old logprobs and entropy (policy), reference logprobs (adapters off), values (critic): each (B, R),
-    all at the sampling temperature so the KL and the PPO ratio compare like with like (REFERENCE §1.5)."""
-    P, bs = data["queries"].shape[1], args.batch_size
-    chunks = [{k: v[i:i + bs] for k, v in data.items()} for i in range(0, len(data["queries"]), bs)]
-    logprobs, entropy = (torch.cat(t) for t in zip(*[policy_logprobs(model, c, args.temperature, True)
-                                                    for c in chunks]))
-    ref_logprobs = torch.cat([M.reference_logprobs(model, None, *join(**c), args.temperature)[:, P - 1:-1]
-                              for c in chunks])
-    values = torch.cat([critic_values(critic, value_head, c) for c in chunks])
-    return logprobs, entropy, ref_logprobs, values
-
-
-def load_prompts(args, tokenizer):
-    examples = load_examples(args.data, "prompts", args.format, args.limit)
-    prompts = [(ex.prompt, ids) for ex in examples if len(ids := render_prompt(tokenizer, ex.prompt)) <= args.max_length]
-    print(f"prompts {args.data}: kept {len(prompts)}, skipped {len(examples) - len(prompts)} (longer than "
-          f"--max-length {args.max_length})")
-    if not prompts:
-        raise UserError(f"all {len(examples)} prompts in {args.data} are longer than --max-length {args.max_length}")
-    return prompts
+    """Old logprobs and entropy (policy), reference logprobs (adapters off), values (critic): each (B, R), 0 on
+    padding, all at the sampling temperature so the KL and the PPO ratio compare like with like (REFERENCE §1.5)."""
+    out = [torch.zeros_like(data["mask"], dtype=torch.float) for _ in range(4)]
+    for idx, c in micro_batches(data, args.batch_size):
+        logprobs, entropy = response_logprobs(model, c, args.temperature, "policy", return_entropy=True)
+        ref_logprobs = response_logprobs(model, c, args.temperature, adapter=None)
+        for t, x in zip(out, (logprobs, entropy, ref_logprobs, critic_values(critic, value_head, c))):
+            t[idx, :x.shape[1]] = x
+    return tuple(out)
 
 
 def train(args):
@@ -243,10 +146,12 @@ def train(args):
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
     device = next(model.parameters()).device
-    rewarder = Rewarder(args, tokenizer)
+    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, device=args.device, dtype=args.dtype,
+                        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+    gold_fn = load_reward_fn(args.gold_reward_fn, "--gold-reward-fn") if args.gold_reward_fn else None
     critic = model
     if args.critic_from_rm:  # N+ and TRL start the critic from the reward model (REFERENCE §1.7)
-        if not rewarder.rms[0][2]:  # the critic reads the actor's token ids
+        if not rewarder.same_tokenizer(0):  # the critic reads the actor's token ids
             raise UserError(f"--critic-from-rm: --rm {args.rm[0]} has another tokenizer or chat template than the "
                             "actor, so it cannot read the actor's tokens; drop --critic-from-rm")
         critic = load_policy(args, name=args.rm[0], flag="--rm", kind="reward", adapter="value")[0]
@@ -264,31 +169,40 @@ def train(args):
         nn.init.zeros_(value_head.bias)
     for m in (model, critic):  # LoRA's dropout too: with any dropout the ratio is not 1 at the first update
         M.disable_dropout(m)
-    prompts = load_prompts(args, tokenizer)
+    prompts = load_prompts(args.data, tokenizer, args.max_length, args.format, args.limit)
     kl_ctl = KLController(args.kl_coef, args.target_kl, args.kl_horizon)
     iterations = args.max_steps or math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)
     updates = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
     modules = {"model": model, "value_head": value_head} | ({"critic": critic} if critic is not model else {})
     # Policy and critic are clipped apart: the critic's large early gradients must not set the policy's step.
-    clip_groups = {"policy": [p for n, p in model.named_parameters() if ".policy." in n],
-                   "critic": [p for n, p in critic.named_parameters() if ".value." in n] + list(value_head.parameters())}
+    critic_params = [p for n, p in critic.named_parameters() if ".value." in n] + list(value_head.parameters())
+    clip_groups = {"policy": [p for n, p in model.named_parameters() if ".policy." in n], "critic": critic_params}
     loop = Loop(args, modules, len(prompts), stateful={"kl": kl_ctl}, total_steps=iterations, updates_per_step=updates,
                 clip_groups=clip_groups)
-    bs = args.batch_size
+    bs, warned_eos = args.batch_size, False
 
     for step in loop:
         # 1. rollout: sample, then old/reference logprobs and values at the sampling temperature
         t0 = time.perf_counter()
         batch_prompts = [prompts[i] for i in loop.stream.take(args.rollout_batch_size)]
         messages, queries_list = [m for m, _ in batch_prompts], [q for _, q in batch_prompts]
-        data, lengths, ended = sample(model, tokenizer, queries_list, args)
+        data, lengths, ended = sample(model, tokenizer, queries_list, args.max_new_tokens, args.temperature,
+                                      args.top_p)
         t1 = time.perf_counter()
         logprobs, entropy, ref_logprobs, values = score_tokens(model, critic, value_head, data, args)
         mask = data["mask"]
 
         # 2. score + KL: RM scores (normalised), missing-EOS penalty, per-token KL penalty
-        scores_raw, texts = rewarder(messages, queries_list, data["responses"].cpu(), lengths.cpu(), ended.cpu(), bs)
+        response_ids = [r[:n].tolist() for r, n in zip(data["responses"].cpu(), lengths.cpu())]
+        scores_raw, parts, texts = rewarder(messages, queries_list, response_ids, ended.cpu(), bs)
         scores = missing_eos_scores(scores_raw, ended.cpu(), args)
+        if args.missing_eos != "none" and ended.float().mean() < 0.5 and not warned_eos:
+            warned_eos = True
+            loop.bar.write(f"warning: only {ended.float().mean():.0%} of responses ended with EOS within "
+                           f"--max-new-tokens {args.max_new_tokens}, so --missing-eos {args.missing_eos} sets most "
+                           "scores; raise --max-new-tokens or pass --missing-eos none")
+        if gold_fn:  # logged, never optimised
+            gold = call_reward_fn(gold_fn, [m[-1]["content"] for m in messages], texts, "--gold-reward-fn")
         rewards = shape_rewards(scores.to(mask.device), logprobs, ref_logprobs, mask, kl_ctl.value, args.kl_estimator)
         t2 = time.perf_counter()
 
@@ -301,20 +215,19 @@ def train(args):
                                advantages=advantages, returns=returns)
 
         # 4. PPO epochs: minibatches of --minibatch-size, micro-batches of --batch-size
-        stats, n_micro = {}, args.minibatch_size // bs
+        stats = {}
         for epoch in range(args.ppo_epochs):
             epoch_kl = []
             for mb in buffer.minibatches(args.minibatch_size):
-                for i in range(0, args.minibatch_size, bs):
-                    micro = {k: v[i:i + bs] for k, v in mb.items()}
-                    new_logprobs, new_entropy = policy_logprobs(model, micro, args.temperature, True)
+                for _, micro in micro_batches(mb, bs):
+                    new_logprobs, new_entropy = response_logprobs(model, micro, args.temperature, "policy", True)
                     new_values = critic_values(critic, value_head, micro)
                     pg_loss, vf_loss, s = ppo_loss(new_logprobs, micro["logprobs"], new_values, micro["values"],
                                                    micro["advantages"], micro["returns"], micro["mask"],
                                                    args.cliprange, args.cliprange_value)
                     ent = masked_mean(new_entropy, micro["mask"])
                     loss = pg_loss + args.vf_coef * vf_loss - args.entropy_coef * ent
-                    (loss / n_micro).backward()
+                    (loss * micro["mask"].sum() / mb["mask"].sum()).backward()  # the token mean over the minibatch
                     s |= {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "loss": loss.detach()}
                     for k, v in s.items():
                         stats.setdefault(k, []).append(float(v))
@@ -331,6 +244,7 @@ def train(args):
         residual_var = masked_var(returns - values, mask)
         metrics = {k: sum(v) / len(v) for k, v in stats.items()} | {
             "score": scores.mean(), "score_raw": scores_raw.mean(), "kl": kl_per_seq, "kl_coef": kl_ctl.value,
+            **{f"score/{k}": v.mean() for k, v in parts.items()}, **({"gold": gold.mean()} if gold_fn else {}),
             "entropy": masked_mean(entropy, mask), "response_length": lengths.float().mean(),
             "eos_frac": ended.float().mean(), "explained_variance": 1 - residual_var / masked_var(returns, mask),
             "ppo_epochs_run": epoch + 1, "tokens": int(mask.sum()),

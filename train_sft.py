@@ -75,8 +75,8 @@ def train(args):
     print(f"saved the merged model to {args.out} and the LoRA adapter to {args.out}/adapter")
     prompts = [row[0] for row in (eval_rows or train_rows)[:args.samples]]
     if prompts:
-        responses, lengths, _ = M.generate(model, tokenizer, prompts, args.max_new_tokens, temperature=0)
-        for prompt, response, n in zip(prompts, responses, lengths):
+        out = M.generate(model, tokenizer, prompts, args.max_new_tokens, temperature=0)
+        for prompt, response, n in zip(prompts, out["responses"], out["lengths"]):
             print(f"\n--- prompt\n{tokenizer.decode(prompt)}\n--- response\n{tokenizer.decode(response[:n])}")
 
 

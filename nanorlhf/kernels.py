@@ -181,19 +181,3 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None,
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), 1.0 / temperature,
         chunk, mode, return_entropy and mode == "frozen", compiled)
     return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
-
-
-def kl_penalty(logprobs, ref_logprobs, kind="k1"):
-    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman, "Approximating KL").
-
-    With log r = logprobs - ref_logprobs: k1 = log r (unbiased, can be negative),
-    k2 = 0.5 * (log r)^2 (biased, low variance), k3 = (ref/pi - 1) - log(ref/pi) (unbiased, >= 0).
-    """
-    log_r = logprobs - ref_logprobs
-    if kind == "k1":
-        return log_r
-    if kind == "k2":
-        return 0.5 * log_r**2
-    if kind == "k3":
-        return torch.expm1(-log_r) + log_r  # ratio = ref/pi = exp(-log r)
-    raise ValueError(f"kind must be k1, k2 or k3, got {kind!r}")

@@ -201,7 +201,8 @@ class Loop:
     """Owns everything about a run but the algorithm. `modules` are checkpointed by their trainable
     parameters; `stateful` objects (e.g. a KL controller) by their state_dict."""
 
-    def __init__(self, args, modules, n_examples, stateful=None, total_steps=None, updates_per_step=1, clip_groups=None):
+    def __init__(self, args, modules, n_examples, stateful=None, total_steps=None, updates_per_step=1,
+                 clip_groups=None):
         """clip_groups: {name: parameters} clipped to --max-grad-norm each on its own (PPO: policy and critic, so
         the critic's large early gradients do not shrink the policy's step); default one group of every parameter."""
         self.args, self.modules, self.stateful = args, modules, dict(stateful or {})

@@ -290,22 +290,22 @@ def save_model(model, tokenizer, out, adapter="default"):
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0):
     """Sample a response for each token-id prompt with the KV cache; temperature 0 = greedy.
 
-    Returns responses (B, R) cut after their first EOS and right-padded, their lengths (B,), and
-    whether each one ended with EOS. Sampling uses the plain softmax at `temperature` (top-k off),
-    so the logprobs PPO computes at that temperature are those of the sampling policy.
+    Returns a dict: queries (B, P) the prompts left-padded (every prompt ends where its response starts) and
+    query_mask; responses (B, R) cut after their first EOS and right-padded, with mask (B, R) 1 on their tokens,
+    lengths (B,), and ended (B,) whether each one emitted EOS. Sampling uses the plain softmax at `temperature`
+    (top-k off), so logprobs computed at that temperature are those of the sampling policy.
     """
     device = next(model.parameters()).device
     P = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), P), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for b, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        input_ids[b, P - len(p):] = torch.tensor(p)
-        attention_mask[b, P - len(p):] = 1
+    queries = torch.full((len(prompts), P), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    query_mask = torch.zeros_like(queries)
+    for b, p in enumerate(prompts):
+        queries[b, P - len(p):], query_mask[b, P - len(p):] = torch.tensor(p), 1
     was_training = model.training
     model.eval()  # gradient checkpointing disables the KV cache in train mode
     sample = temperature > 0
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+    out = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=max_new_tokens,
+                         do_sample=sample, temperature=temperature if sample else None,
                          top_p=top_p if sample else None, top_k=0 if sample else None, use_cache=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     model.train(was_training)
@@ -313,5 +313,19 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
     is_eos = responses == tokenizer.eos_token_id
     ended = is_eos.any(-1)
     lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, responses.shape[1])  # keep the first EOS itself
-    keep = torch.arange(responses.shape[1], device=responses.device)[None] < lengths[:, None]
-    return responses.masked_fill(~keep, tokenizer.pad_token_id), lengths, ended
+    mask = (torch.arange(responses.shape[1], device=device)[None] < lengths[:, None]).long()
+    return {"queries": queries, "query_mask": query_mask, "responses": responses.masked_fill(mask == 0,
+            tokenizer.pad_token_id), "mask": mask, "lengths": lengths, "ended": ended}
+
+
+@torch.no_grad()
+def generate_all(model, tokenizer, prompts, max_new_tokens, temperature=1.0, batch_size=8, desc=None):
+    """`generate` over many token-id prompts, `batch_size` at a time, with a progress bar when `desc` is given.
+    Returns each response's token ids (cut after its first EOS) and whether it ended with EOS."""
+    from tqdm.auto import tqdm
+    responses, ended = [], []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, dynamic_ncols=True):
+        out = generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens, temperature)
+        responses += [r[:n].tolist() for r, n in zip(out["responses"].cpu(), out["lengths"].cpu())]
+        ended += out["ended"].tolist()
+    return responses, ended

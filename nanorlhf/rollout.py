@@ -1,12 +1,55 @@
-"""PPO's data between rollout and update: the buffer, GAE, masked whitening and the KL controller.
+"""RL on sampled responses, shared by PPO and the critic-free stage: sampling, the response-slice logprobs,
+masked statistics, GAE, the KL controller, the rollout buffer and its micro-batches.
 
-Every (B, R) tensor is aligned with the response tokens; `mask` is 1 on real response tokens
-(up to and including the first EOS) and 0 on padding. Padding must be inert: each function
-ignores what padded positions hold (REFERENCE §1.2).
+A rollout batch is a dict: queries (B, P) left-padded with query_mask, and responses (B, R) right-padded with
+mask, 1 on real response tokens (up to and including the first EOS) and 0 on padding. Every other (B, R)
+tensor is aligned with the response tokens. Padding must be inert: each function ignores what padded
+positions hold (REFERENCE §1.2).
 """
 from dataclasses import dataclass, fields
 
 import torch
+
+from . import model as M
+from .lora import use_adapter
+
+
+@torch.no_grad()
+def sample(model, tokenizer, queries, max_new_tokens, temperature, top_p=1.0, adapter="policy"):
+    """Responses of adapter `adapter` to token-id prompts, cut after the first EOS (REFERENCE §1.3).
+
+    Returns the rollout batch {queries, query_mask, responses, mask}, lengths (B,) and ended (B,)."""
+    with use_adapter(model, adapter):
+        out = M.generate(model, tokenizer, queries, max_new_tokens, temperature, top_p)
+    return {k: out[k] for k in ("queries", "query_mask", "responses", "mask")}, out["lengths"], out["ended"]
+
+
+def join(queries, query_mask, responses, mask):
+    """Left-padded queries (B, P) + right-padded responses (B, R) -> model inputs whose targets at
+    positions P-1 .. P+R-2 are the response tokens, so outputs[:, P-1:-1] line up with responses."""
+    P = queries.shape[1]
+    input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+    targets = torch.full_like(input_ids, -100)
+    targets[:, P - 1:-1] = responses.masked_fill(mask == 0, -100)
+    return input_ids, attention_mask, targets
+
+
+def batch_inputs(batch):
+    """`join` of a rollout batch (any other keys it holds are ignored)."""
+    return join(batch["queries"], batch["query_mask"], batch["responses"], batch["mask"])
+
+
+def response_slice(x, batch):
+    """The (B, R, ...) part of a (B, P + R, ...) output of `join`'s inputs that lines up with the responses."""
+    return x[:, batch["queries"].shape[1] - 1:-1]
+
+
+def response_logprobs(model, batch, temperature, adapter="policy", return_entropy=False):
+    """(B, R) log π(response tokens) at `temperature` under adapter `adapter` (None: every adapter off, the
+    reference), 0 on padding; with return_entropy also the (B, R) entropy."""
+    with use_adapter(model, adapter):
+        out = M.logprobs(model, *batch_inputs(batch), temperature, return_entropy)
+    return tuple(response_slice(t, batch) for t in out) if return_entropy else response_slice(out, batch)
 
 
 def masked(x, mask):
@@ -54,6 +97,50 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, (advantages + values) * mask
 
 
+def micro_batches(batch, size):
+    """Rows of `batch` in chunks of `size`, rows of similar length together, each chunk cut to its own extents.
+
+    batch: dict of tensors with queries / query_mask (B, P) left-padded and every other tensor (B, R) aligned
+    with right-padded responses (mask 1 on real tokens). Padding is compute for nothing, and a chunk's rows
+    need only its own longest prompt and response. Yields (row indices (b,), chunk of (b, P') and (b, R')).
+    """
+    lengths = batch["query_mask"].sum(1) + batch["mask"].sum(1)  # (B,)
+    order = torch.argsort(lengths, stable=True)
+    for i in range(0, len(order), size):
+        idx = order[i:i + size]
+        chunk = {k: v[idx] for k, v in batch.items()}
+        start = chunk["query_mask"].shape[1] - int(chunk["query_mask"].any(0).sum())  # all-padding columns on the left
+        R = int(chunk["mask"].sum(1).max())
+        yield idx, {k: v[:, start:] if k in ("queries", "query_mask") else v[:, :R] for k, v in chunk.items()}
+
+
+def kl_penalty(logprobs, ref_logprobs, kind="k1"):
+    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman, "Approximating KL").
+
+    With log r = logprobs - ref_logprobs: k1 = log r (unbiased, can be negative),
+    k2 = 0.5 * (log r)^2 (biased, low variance), k3 = (ref/pi - 1) - log(ref/pi) (unbiased, >= 0).
+    """
+    log_r = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_r
+    if kind == "k2":
+        return 0.5 * log_r**2
+    if kind == "k3":
+        return torch.expm1(-log_r) + log_r  # ratio = ref/pi = exp(-log r)
+    raise ValueError(f"kind must be k1, k2 or k3, got {kind!r}")
+
+
+def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
+    """Per-token reward -β·KL plus the score on the last real token (REFERENCE §1.1).
+
+    scores (B,); logprobs, ref_logprobs, mask (B, R). Returns rewards (B, R), 0 on padding.
+    """
+    rewards = -kl_coef * masked(kl_penalty(logprobs, ref_logprobs, estimator), mask)
+    last = (mask.sum(1) - 1).clamp(min=0).long()  # (B,) index of the last real token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
 class KLController:
     """The KL coefficient β: fixed, or adaptive towards `target` KL (Ziegler et al. 2019, §2.2):
     β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n_steps / horizon)."""
@@ -92,7 +179,13 @@ class RolloutBuffer:
 
     def minibatches(self, size, generator=None):
         """Shuffled minibatches (dicts of tensors); each sample appears exactly once per call."""
-        order = torch.randperm(len(self), generator=generator)
-        for start in range(0, len(self), size):
-            idx = order[start:start + size]
-            yield {f.name: getattr(self, f.name)[idx] for f in fields(self)}
+        return minibatches({f.name: getattr(self, f.name) for f in fields(self)}, size, generator)
+
+
+def minibatches(batch, size, generator=None):
+    """Shuffled minibatches of a dict of (B, ...) tensors; each row appears exactly once per call."""
+    n = len(next(iter(batch.values())))
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, size):
+        idx = order[start:start + size]
+        yield {k: v[idx] for k, v in batch.items()}

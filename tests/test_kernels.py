@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nanorlhf import kernels
-from nanorlhf.kernels import kl_penalty, token_logprobs
+from nanorlhf.kernels import token_logprobs
+from nanorlhf.rollout import kl_penalty
 
 
 def eager_reference(hidden, weight, targets, temperature=1.0, return_entropy=False):

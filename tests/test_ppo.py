@@ -181,7 +181,7 @@ def test_logprob_temperature_is_the_sampling_temperature(actor_dir, tmp_path, mo
 
     monkeypatch.setattr(model, "generate", spy)
     queries = [tok("Hello there", add_special_tokens=False).input_ids, tok("Hi", add_special_tokens=False).input_ids]
-    data, lengths, _ = train_ppo.sample(model, tok, queries, args)
+    data, lengths, _ = train_ppo.sample(model, tok, queries, args.max_new_tokens, args.temperature)
     logprobs, entropy, ref_logprobs, values = train_ppo.score_tokens(model, model, head, data, args)
     assert seen["temperature"] == args.temperature
     P = data["queries"].shape[1]

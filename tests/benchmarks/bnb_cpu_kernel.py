@@ -16,7 +16,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import train_ppo  # noqa: E402
+from nanorlhf.rollout import response_logprobs, sample  # noqa: E402
 from nanorlhf import model as M  # noqa: E402
 from nanorlhf.data import render_prompt  # noqa: E402
 from nanorlhf.lora import add_lora, lora_layers  # noqa: E402
@@ -44,12 +44,12 @@ def prompts(tok, n):
 
 def gradient_after_generation(repack):
     model, tok = load(repack)
-    args = train_ppo.Args(max_new_tokens=16, temperature=0.7, top_p=1.0, batch_size=4)
+    max_new_tokens, temperature = 16, 0.7
     torch.manual_seed(1)
-    data, _, _ = train_ppo.sample(model, tok, prompts(tok, 4), args)
+    data, _, _ = sample(model, tok, prompts(tok, 4), max_new_tokens, temperature)
     with torch.no_grad():
-        old = train_ppo.policy_logprobs(model, data, args.temperature)
-    new = train_ppo.policy_logprobs(model, data, args.temperature)
+        old = response_logprobs(model, data, temperature)
+    new = response_logprobs(model, data, temperature)
     ratio = torch.exp(new.detach() - old)[data["mask"].bool()]
     (-(new * data["mask"]).sum()).backward()
     grad = torch.cat([layer.lora_A["policy"].weight.grad.flatten() for _, layer in lora_layers(model)])

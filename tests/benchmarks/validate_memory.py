@@ -75,7 +75,7 @@ def child(spec):
 
     def recording_generate(model, tokenizer, prompts, *a, **k):
         out = generate(model, tokenizer, prompts, *a, **k)
-        gen.append((len(prompts), max(map(len, prompts)), out[0].shape[1]))
+        gen.append((len(prompts), max(map(len, prompts)), out["responses"].shape[1]))
         return out
 
     def marked_load_policy(*a, **k):

@@ -1,0 +1,166 @@
+"""The critic-free stage: advantages, the loss and its aggregation by hand, no reference pass at β = 0, learning a
+programmatic reward, exact resume, and the script end to end (4-bit, merged output, PEFT adapter)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from test_ppo import WORDS, tiny_actor
+from test_reliability import run_straight_and_resumed
+
+import train_grpo
+from nanorlhf import rollout
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])  # two groups of k = 4
+    # rloo: each minus the mean of the other three: 1 - 11/3, 2 - 10/3, 3 - 9/3, 6 - 2; a tied group gets 0
+    torch.testing.assert_close(train_grpo.group_advantages(rewards, 4, "rloo"),
+                               torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0]))
+    # grpo: (r - 3) / std(1, 2, 3, 6) where the unbiased std is sqrt(14/3)
+    std = math.sqrt(14 / 3)
+    torch.testing.assert_close(train_grpo.group_advantages(rewards, 4, "grpo", "group"),
+                               torch.tensor([-2 / std, -1 / std, 0.0, 3 / std, 0.0, 0.0, 0.0, 0.0]), atol=1e-4, rtol=1e-4)
+    # scale none (Dr. GRPO): centred only; scale batch: by the std of all eight rewards
+    torch.testing.assert_close(train_grpo.group_advantages(rewards, 4, "grpo", "none"),
+                               torch.tensor([-2.0, -1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(train_grpo.group_advantages(rewards, 4, "grpo", "batch"),
+                               torch.tensor([-2.0, -1.0, 0.0, 3.0, 0, 0, 0, 0]) / (rewards.std() + 1e-4))
+    assert train_grpo.group_advantages(torch.full((6,), 0.7), 3, "grpo").eq(0).all()  # equal rewards: no signal
+
+
+def test_reinforce_pp_hand_computed():
+    scores = torch.tensor([1.0, -1.0])
+    logprobs, ref = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, 0.0, 0.0]]), torch.tensor([[-1.5, -2.0, -2.0], [-2.0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # rewards (β = 0.1, k1): row 0: -0.05, 0, -0.1 + 1; row 1: -0.1 - 1. Returns to the end: 0.85, 0.9, 0.9; -1.1
+    returns = torch.tensor([0.85, 0.9, 0.9, -1.1])
+    expected = (returns - returns.mean()) / returns.std()
+    out = train_grpo.reinforce_pp_advantages(scores, logprobs, ref, mask, 0.1)
+    torch.testing.assert_close(out[mask.bool()], expected, atol=1e-5, rtol=1e-5)
+    assert out[~mask.bool()].eq(0).all()
+
+
+def test_grpo_loss_hand_computed_forward_and_backward():
+    # ratios 1.5 (A = +1, clipped at 1 + ε_high = 1.3), 1.1 (A = +1, inside), 0.5 (A = -1, clipped at 0.8), padding
+    logprobs = torch.log(torch.tensor([[1.5, 1.1, 0.5, 9.0]])).requires_grad_()
+    old = torch.zeros(1, 4)
+    advantages = torch.tensor([[1.0, 1.0, -1.0, 4.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    per_token, stats = train_grpo.grpo_loss(logprobs, old, advantages, mask, 0.2, 0.3)
+    torch.testing.assert_close(per_token, torch.tensor([[-1.3, -1.1, 0.8, 0.0]]))
+    assert stats["clipfrac/high"].item() == pytest.approx(1 / 3) and stats["clipfrac/low"].item() == pytest.approx(1 / 3)
+    per_token.sum().backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, -1.1, 0.0, 0.0]]))  # d(-ratio·A)/dlogp = -ratio·A
+    # β·k3 with ref = logprobs - 0.5 on token 0: k3 = e^-0.5 - 1 + 0.5
+    logprobs = torch.zeros(1, 1, requires_grad=True)
+    per_token, stats = train_grpo.grpo_loss(logprobs, torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), 0.2, 0.2,
+                                            ref_logprobs=torch.full((1, 1), -0.5), beta=0.1)
+    k3 = math.exp(-0.5) - 1 + 0.5
+    assert per_token.item() == pytest.approx(0.1 * k3) and stats["kl"].item() == pytest.approx(k3)
+    per_token.sum().backward()
+    assert logprobs.grad.item() == pytest.approx(0.1 * (1 - math.exp(-0.5)))  # d k3 / d logp = 1 - ref/π
+
+
+@pytest.mark.parametrize("loss_type, expected", [
+    ("grpo", (1.0 + 2.0 + 6.0) / 3),        # mean over responses of each one's token mean: 3/3, 2/1, 18/3
+    ("dr_grpo", (3.0 + 2.0 + 18.0) / (3 * 4)),  # token sum / (responses × max_new_tokens = 4)
+    ("dapo", (3.0 + 2.0 + 18.0) / 7),          # token sum / tokens
+])
+def test_loss_aggregation_hand_computed_and_split_invariant(loss_type, expected):
+    per_token = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, 0.0], [6.0, 6.0, 6.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 1]])
+    whole = train_grpo.aggregate(per_token * mask, mask, loss_type, 3, 7, 4)
+    assert whole.item() == pytest.approx(expected)
+    # micro-batches of 2 + 1 responses sum to the same loss: gradient accumulation equals one big minibatch
+    parts = [train_grpo.aggregate((per_token * mask)[s], mask[s], loss_type, 3, 7, 4) for s in (slice(0, 2), slice(2, 3))]
+    assert sum(p.item() for p in parts) == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def actor_dir(tokenizer, tmp_path_factory):
+    return tiny_actor(tokenizer, tmp_path_factory.mktemp("actor"))
+
+
+def make_args(tmp_path, actor, **kw):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something {i}."}) + "\n" for i in range(32)))
+    defaults = dict(model=actor, data=str(prompts), out=str(tmp_path / "grpo"), rollout_batch_size=4,
+                    num_generations=4, max_new_tokens=6, temperature=1.0, lr=3e-3, lora_r=8, lora_alpha=16,
+                    max_steps=2, sample_every=0, log_every=100)
+    return train_grpo.Args(**(defaults | kw))
+
+
+@pytest.fixture
+def moon_reward(tmp_path, monkeypatch):
+    (tmp_path / "moon_reward.py").write_text(
+        "def moon(prompts, responses):\n    return [float(r.count(' moon')) for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    return "moon_reward:moon"
+
+
+def test_beta_zero_runs_no_reference_pass(actor_dir, tmp_path, moon_reward, monkeypatch):
+    calls = {}
+    real = rollout.response_logprobs
+
+    def counting(model, batch, temperature, adapter="policy", return_entropy=False):
+        calls[adapter] = calls.get(adapter, 0) + 1
+        return real(model, batch, temperature, adapter, return_entropy)
+    monkeypatch.setattr(train_grpo, "response_logprobs", counting)
+    train_grpo.train(make_args(tmp_path, actor_dir, reward_fn=moon_reward, out=str(tmp_path / "b0")))
+    assert calls.get(None, 0) == 0 and calls["policy"] > 0
+    calls.clear()
+    train_grpo.train(make_args(tmp_path, actor_dir, reward_fn=moon_reward, out=str(tmp_path / "b1"), beta=0.1))
+    assert calls[None] > 0  # with β > 0 the reference runs (adapters off)
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_grpo_learns_a_programmatic_reward(actor_dir, tmp_path, moon_reward, advantage):
+    args = make_args(tmp_path, actor_dir, reward_fn=moon_reward, max_steps=30, advantage=advantage,
+                     rollout_batch_size=4, num_generations=4, out=str(tmp_path / advantage))
+    train_grpo.train(args)
+    with open(os.path.join(args.out, "metrics.jsonl")) as f:
+        reward = [json.loads(line)["reward"] for line in f]
+    first, last = sum(reward[:3]) / 3, sum(reward[-5:]) / 5
+    assert last > first + 1.0 and last > 2 * first, reward
+
+
+def test_grpo_resume_gives_identical_losses(tiny_dir, tmp_path, monkeypatch):
+    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(12)))
+
+    def make(out):  # two minibatches and two epochs: old logprobs, clipping and the stream all resume
+        return train_grpo.Args(model=tiny_dir, data=str(prompts), out=out, max_steps=4, rollout_batch_size=2,
+                               num_generations=3, minibatch_size=3, batch_size=3, ppo_epochs=2, max_new_tokens=4,
+                               lr=1e-3, reward_fn="lengthy:reward", sample_every=0, log_every=100, beta=0.05)
+
+    straight, resumed = run_straight_and_resumed(monkeypatch, train_grpo, make, tmp_path)
+    assert [s for s, _ in straight] == [1, 2, 3, 4] and straight == resumed
+
+
+def test_grpo_script_4bit_writes_a_merged_model_and_adapter(actor_dir, tiny_rm_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n" for w in WORDS))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train_grpo.py", "--actor", actor_dir, "--rm", tiny_rm_dir, "--data", str(prompts),
+           "--out", str(out), "--max-steps", "2", "--rollout-batch-size", "2", "--num-generations", "2",
+           "--max-new-tokens", "4", "--sample-every", "1", "--load-in-4bit", "--beta", "0.1", "--ppo-epochs", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--- prompt" in r.stdout
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [row["step"] for row in rows] == [1, 2]
+    for key in ("reward", "reward/rm", "kl", "clipfrac/low", "clipfrac/high", "entropy", "loss", "grad_norm",
+                "response_length", "eos_frac", "frac_groups_tied", "tokens_per_s", "peak_mem_gb"):
+        assert all(math.isfinite(row[key]) for row in rows), key
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 49152
+    base = AutoModelForCausalLM.from_pretrained(actor_dir)
+    peft.PeftModel.from_pretrained(base, out / "adapter")

@@ -1,0 +1,249 @@
+"""Critic-free RL: GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024) on verifiable or model rewards.
+
+No critic, so no value adapter, value head or value passes: each prompt is sampled k times
+(--num-generations) and a response's advantage is its reward measured against the rest of its group,
+
+    grpo         A_i = (r_i - mean_group r) / std      std of the group, of the batch, or 1 (--scale-rewards
+                                                        none: Dr. GRPO, Liu et al. 2025)
+    rloo         A_i = r_i - mean of the other k-1      the leave-one-out baseline
+    reinforce++  per-token rewards -β·KL plus the score at the end, summed to the end of the response and
+                 whitened over the batch (Hu 2025)
+
+and every token of a response gets its response's advantage. The loss is PPO's clipped ratio over
+--ppo-epochs passes (μ in the GRPO paper; one pass over one minibatch gives ratio 1, plain REINFORCE),
+with DAPO's asymmetric clip (--cliprange-high) and overlong filtering (Yu et al. 2025), plus β·KL(π‖π_ref)
+with the k3 estimator in the loss (GRPO eq. 3). With --beta 0 (the default, as TRL) no reference pass runs.
+One frozen base serves the policy (LoRA adapter `policy`) and the reference (adapters off). Each iteration:
+
+    1. rollout     --rollout-batch-size prompts, --num-generations responses each
+    2. score       the reward (each part logged) and, if β > 0, reference logprobs
+    3. advantages  group baselines, computed once for every group before any minibatch
+    4. update      clipped ratio over --ppo-epochs, aggregated by --loss-type
+    5. log + save
+
+    python train_grpo.py --model out/sft --data data/arithmetic.jsonl --reward-fn nanorlhf.arithmetic:reward \\
+        --out out/grpo
+"""
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanorlhf import model as M
+from nanorlhf.cli import UserError, arg, main
+from nanorlhf.data import load_prompts
+from nanorlhf.loop import Loop, TrainArgs, check_out, load_policy
+from nanorlhf.rewards import Rewarder, call_reward_fn, load_reward_fn
+from nanorlhf.rollout import (gae, kl_penalty, masked, masked_mean, micro_batches, minibatches, response_logprobs,
+                              sample, shape_rewards, whiten)
+
+
+@dataclass
+class Args(TrainArgs):
+    model: str = arg(M.DEFAULT_MODEL, "The policy to start from: an SFT output or any causal LM.", alias="--actor")
+    rm: list[str] = arg([], "Reward model folder (train_rm.py --out). Give it several times for a weighted sum.")
+    rm_weight: list[float] = arg([], "Weight of each --rm in the reward, in order (default 1 each).")
+    reward_fn: str | None = arg(None, "Python reward 'module:function' called as f(prompts, responses) on lists of "
+                                "strings, returning floats; added to the RM scores. E.g. nanorlhf.arithmetic:reward.")
+    gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `gold`, never optimised.")
+    max_steps: int | None = arg(None, "Iterations (sample, score, update); default: --epochs over the prompts.", gt=0)
+    num_generations: int = arg(4, "k, responses sampled per prompt: the group each response is measured against.",
+                               ge=2)
+    rollout_batch_size: int = arg(8, "Prompts per iteration (each gives --num-generations responses).", gt=0)
+    minibatch_size: int | None = arg(None, "Responses per optimizer step; default all of an iteration's "
+                                     "(--rollout-batch-size × --num-generations).", gt=0)
+    batch_size: int | None = arg(None, "Responses per forward pass; default min(8, --minibatch-size).", gt=0)
+    grad_accum: int = arg(1, "Unused: accumulation is --minibatch-size / --batch-size.", gt=0)
+    ppo_epochs: int = arg(1, "μ, passes over each iteration's responses. 1 with one minibatch is on-policy "
+                          "REINFORCE with a group baseline (and skips the old-logprob pass).", gt=0)
+    lr: float = arg(1e-5, "Peak learning rate (LoRA; TRL's 1e-6 is for full fine-tuning).", gt=0)
+    lora_dropout: float = arg(0.0, "Accepted for shared commands, but every dropout is off here: with dropout the "
+                              "ratio is not 1 before the first update.", ge=0)
+    max_length: int = arg(256, "Max prompt tokens; longer prompts are skipped.", gt=0)
+    max_new_tokens: int = arg(64, "Response length limit.", gt=0)
+    temperature: float = arg(0.7, "Sampling temperature, used in every logprob pass too (REFERENCE §1.5).", gt=0)
+    top_p: float = arg(1.0, "Nucleus sampling; < 1 makes logprobs differ from the sampling distribution.", gt=0)
+    advantage: str = arg("grpo", "grpo: group mean and std; rloo: leave-one-out mean; reinforce++: batch-"
+                         "whitened returns with the KL in the reward.", choices=["grpo", "rloo", "reinforce++"])
+    scale_rewards: str = arg("group", "What grpo divides by: the group's reward std, the batch's, or nothing "
+                             "(none: Dr. GRPO, no per-prompt difficulty bias).", choices=["group", "batch", "none"])
+    loss_type: str = arg("grpo", "Loss aggregation over tokens, as TRL: grpo = mean over responses of each one's "
+                         "token mean (GRPO eq. 3); dr_grpo = token sum / (responses × --max-new-tokens); dapo = "
+                         "token mean over the minibatch.", choices=["grpo", "dr_grpo", "dapo"])
+    cliprange: float = arg(0.2, "ε, the ratio clip (below 1, and above unless --cliprange-high).", gt=0)
+    cliprange_high: float | None = arg(None, "DAPO's upper clip ε_high (e.g. 0.28): room for unlikely tokens to "
+                                       "grow; default --cliprange.", gt=0)
+    mask_truncated: bool = arg(False, "DAPO's overlong filtering: responses that hit --max-new-tokens without EOS "
+                               "count in the group's baseline but not in the loss.")
+    beta: float = arg(0.0, "β, the KL(π‖π_ref) coefficient: k3 in the loss (grpo, rloo) or k1 in the reward "
+                      "(reinforce++). 0 runs no reference pass at all.", ge=0)
+    sample_every: int = arg(10, "Print a prompt -> response -> reward table every N iterations (0 = never).", ge=0)
+
+
+def group_advantages(rewards, k, kind="grpo", scale="group", eps=1e-4):
+    """Advantages (N,) of N = G·k rewards, the k responses of each prompt side by side.
+
+    grpo: (r - group mean) / std, std of the group (Shao et al. 2024 §4.1.2), of the batch, or none (Dr. GRPO);
+    rloo: r - mean of the other k-1 = k/(k-1) · (r - group mean) (Ahmadian et al. 2024, eq. 7).
+    A group of equal rewards gets 0 everywhere: it says nothing about which response was better.
+    """
+    r = rewards.view(-1, k)                      # (G, k)
+    centred = r - r.mean(1, keepdim=True)        # (G, k)
+    if kind == "rloo":
+        return (centred * k / (k - 1)).view(-1)
+    if scale == "group":
+        centred = centred / (r.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    return centred.view(-1)
+
+
+def reinforce_pp_advantages(scores, logprobs, ref_logprobs, mask, beta):
+    """REINFORCE++ (Hu 2025): per-token rewards -β·KL (k1) plus the score on the last token, their sum to the end
+    of the response (γ = 1), whitened over every response token of the batch. All (B, R) but scores (B,)."""
+    rewards = shape_rewards(scores, logprobs, ref_logprobs, mask, beta, "k1")
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)  # V = 0: advantages = returns
+    return whiten(returns, mask)
+
+
+def grpo_loss(logprobs, old_logprobs, advantages, mask, cliprange, cliprange_high, ref_logprobs=None, beta=0.0):
+    """Per-token loss (B, R), 0 on padding: -min(ratio·A, clip(ratio, 1-ε, 1+ε_high)·A) + β·k3(π, π_ref).
+
+    logprobs, old_logprobs, ref_logprobs, mask: (B, R); advantages (B, R), each response's on its tokens.
+    Returns (per_token, stats) with the clip fractions below and above and the mean k3 KL.
+    """
+    log_ratio = masked(logprobs - old_logprobs, mask)  # padding: ratio 1, never exp(garbage)
+    ratio = torch.exp(log_ratio)
+    clipped = ratio.clamp(1 - cliprange, 1 + cliprange_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    stats = {"clipfrac/low": masked_mean(((ratio < 1 - cliprange) & (advantages < 0)).float(), mask).detach(),
+             "clipfrac/high": masked_mean(((ratio > 1 + cliprange_high) & (advantages > 0)).float(), mask).detach()}
+    if beta:
+        kl = kl_penalty(logprobs, ref_logprobs, "k3")
+        per_token = per_token + beta * kl
+        stats["kl"] = masked_mean(kl, mask).detach()
+    return masked(per_token, mask), stats
+
+
+def aggregate(per_token, mask, loss_type, n_responses, n_tokens, max_new_tokens):
+    """This micro-batch's share of its minibatch's loss: summed over the micro-batches it gives, as TRL,
+    grpo:    mean over responses of each response's token mean (GRPO eq. 3)
+    dr_grpo: token sum / (responses × max_new_tokens), a constant normaliser (Liu et al. 2025)
+    dapo:    token sum / tokens of the minibatch (Yu et al. 2025)
+    per_token, mask: (b, R); n_responses, n_tokens: counts over the whole minibatch."""
+    if loss_type == "grpo":
+        return (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_responses
+    if loss_type == "dr_grpo":
+        return per_token.sum() / (n_responses * max_new_tokens)
+    if loss_type == "dapo":
+        return per_token.sum() / max(n_tokens, 1)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def train(args):
+    if not args.lora_r:
+        raise UserError("--lora-r 0: the reference is the base with adapters off; this stage needs LoRA")
+    n = args.rollout_batch_size * args.num_generations
+    args.minibatch_size = args.minibatch_size or n
+    args.batch_size = args.batch_size or min(8, args.minibatch_size)
+    if args.minibatch_size % args.batch_size or n % args.minibatch_size:
+        raise UserError(f"--rollout-batch-size × --num-generations ({n}) must be a multiple of --minibatch-size "
+                        f"({args.minibatch_size}), and that of --batch-size ({args.batch_size})")
+    check_out(args)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
+    M.disable_dropout(model)  # LoRA's too: with dropout the ratio is not 1 before the first update
+    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, device=args.device, dtype=args.dtype,
+                        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+    gold_fn = load_reward_fn(args.gold_reward_fn, "--gold-reward-fn") if args.gold_reward_fn else None
+    prompts = load_prompts(args.data, tokenizer, args.max_length, args.format, args.limit)
+    iterations = args.max_steps or math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)
+    updates = args.ppo_epochs * (n // args.minibatch_size)
+    loop = Loop(args, {"model": model}, len(prompts), total_steps=iterations, updates_per_step=updates)
+    eps_high = args.cliprange_high or args.cliprange
+    # One update on fresh samples: the old logprobs are the new ones, detached (ratio 1), so skip their pass;
+    # REINFORCE++ needs them for the KL in its reward.
+    need_old = updates > 1 or (args.advantage == "reinforce++" and args.beta > 0)
+    need_ref = args.beta > 0
+
+    for step in loop:
+        # 1. rollout: each prompt k times, side by side, so rows g·k .. g·k+k-1 are group g
+        t0 = time.perf_counter()
+        picked = [prompts[i] for i in loop.stream.take(args.rollout_batch_size)]
+        messages = [m for m, _ in picked for _ in range(args.num_generations)]
+        queries = [q for _, q in picked for _ in range(args.num_generations)]
+        data, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature, args.top_p)
+        mask = data["mask"]
+        t1 = time.perf_counter()
+
+        # 2. score: the reward (one scalar per response) and the logprobs the update compares against
+        response_ids = [r[:k].tolist() for r, k in zip(data["responses"].cpu(), lengths.cpu())]
+        scores, parts, texts = rewarder(messages, queries, response_ids, ended.cpu(), args.batch_size)
+        with torch.no_grad():
+            for key, needed, adapter in (("logprobs", need_old, "policy"), ("ref_logprobs", need_ref, None)):
+                if needed:
+                    data[key] = torch.zeros_like(mask, dtype=torch.float)
+                    for idx, c in micro_batches({k: data[k] for k in ("queries", "query_mask", "responses", "mask")},
+                                                args.batch_size):
+                        data[key][idx, :c["mask"].shape[1]] = response_logprobs(model, c, args.temperature, adapter)
+        t2 = time.perf_counter()
+
+        # 3. advantages: per response (N,), then on each of its tokens (N, R)
+        scores = scores.to(mask.device)
+        if args.advantage == "reinforce++":
+            ref = data.get("ref_logprobs", torch.zeros_like(mask, dtype=torch.float))
+            old = data.get("logprobs", ref)  # with β = 0 the KL term is 0 whatever these hold
+            data["advantages"] = reinforce_pp_advantages(scores, old, ref, mask, args.beta)
+        else:
+            advantages = group_advantages(scores, args.num_generations, args.advantage, args.scale_rewards)
+            data["advantages"] = masked(advantages[:, None].expand_as(mask), mask)
+        if args.mask_truncated:  # overlong filtering: truncated responses leave the loss
+            data["loss_mask"] = mask * ended[:, None].to(mask.dtype)
+        else:
+            data["loss_mask"] = mask
+
+        # 4. update: minibatches of --minibatch-size responses, micro-batches of --batch-size
+        stats = {}
+        for _ in range(args.ppo_epochs):
+            for mb in minibatches(data, args.minibatch_size):
+                n_tokens, mb_loss = int(mb["loss_mask"].sum()), 0.0
+                for _, micro in micro_batches(mb, args.batch_size):
+                    logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
+                    old = micro["logprobs"] if need_old else logprobs.detach()
+                    per_token, s = grpo_loss(logprobs, old, micro["advantages"], micro["loss_mask"], args.cliprange,
+                                             eps_high, micro.get("ref_logprobs"),
+                                             args.beta if args.advantage != "reinforce++" else 0.0)
+                    loss = aggregate(per_token, micro["loss_mask"], args.loss_type, len(mb["mask"]), n_tokens,
+                                     args.max_new_tokens)
+                    loss.backward()
+                    mb_loss += loss.item()
+                    s["entropy"] = masked_mean(entropy, micro["mask"]).detach()
+                    for k, v in s.items():
+                        stats.setdefault(k, []).append(float(v))
+                for k, v in ({"loss": mb_loss} | loop.optimizer_step()).items():
+                    stats.setdefault(k, []).append(v)
+        t3 = time.perf_counter()
+
+        # 5. log + save
+        groups = scores.view(-1, args.num_generations)
+        metrics = {k: sum(v) / len(v) for k, v in stats.items()} | {
+            "reward": scores.mean(), "reward_std": scores.std(), **{f"reward/{k}": v.mean() for k, v in parts.items()},
+            "frac_groups_tied": (groups.std(1) == 0).float().mean(), "response_length": lengths.float().mean(),
+            "eos_frac": ended.float().mean(), "tokens": int(mask.sum()),
+            "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2}
+        if gold_fn:  # logged, never optimised
+            metrics["gold"] = call_reward_fn(gold_fn, [m[-1]["content"] for m in messages], texts,
+                                             "--gold-reward-fn").mean()
+        if args.sample_every and step % args.sample_every == 0:
+            for m, text, sc in list(zip(messages, texts, scores.tolist()))[:args.num_generations]:
+                loop.bar.write(f"--- prompt: {m[-1]['content'][:200]!r}\n    response: {text[:300]!r}\n    "
+                               f"reward: {sc:.3f}")
+        loop.end_step(metrics)
+
+    M.save_model(model, tokenizer, args.out, adapter="policy")
+    print(f"saved the merged policy to {args.out} and its LoRA adapter to {args.out}/adapter")
+
+
+if __name__ == "__main__":
+    main(train, Args)
