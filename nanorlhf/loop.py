@@ -73,6 +73,9 @@ class TrainArgs:
     eval_every: int = arg(0, "Evaluate every N steps (0 = only before and after training).", ge=0)
     log_every: int = arg(1, "Print a human-readable line every N steps (metrics.jsonl gets every step).", gt=0)
     max_bad_steps: int = arg(5, "Stop after this many NaN/inf steps in a row.", gt=0)
+    report_to: str = arg("none", "Also send every metric to TensorBoard (event files in <out>/runs) or Weights & "
+                         "Biases (project nanorlhf, run named after --out); needs that extra installed.",
+                         choices=["none", "tensorboard", "wandb"])
 
 
 def check_out(args):
@@ -133,6 +136,33 @@ def load_data(args, kind, tokenizer):
     print(f"train data {args.data}: {stats}")
     eval_rows = tokenize(held_out, tokenizer, args.max_length, args.eval_data or args.data)[0] if held_out else []
     return train_rows, eval_rows
+
+
+def reporter(args, step):
+    """A function that sends a metrics dict to --report-to, or None. The package is imported only when asked."""
+    if args.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--report-to tensorboard needs tensorboard: pip install -e '.[tensorboard]'") from None
+        # purge_step: a resumed run drops the events its previous life logged after the checkpoint
+        writer = SummaryWriter(os.path.join(args.out, "runs"), purge_step=step + 1 if step else None)
+
+        def send(metrics):
+            for k, v in metrics.items():
+                if k != "step":
+                    writer.add_scalar(k, v, metrics["step"])
+            writer.flush()
+        return send
+    if args.report_to == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--report-to wandb needs wandb: pip install -e '.[wandb]'") from None
+        run = wandb.init(project="nanorlhf", name=os.path.basename(os.path.normpath(args.out)), config=asdict(args),
+                         dir=args.out, resume="allow")
+        return lambda metrics: run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+    return None
 
 
 def rng_state():
@@ -222,6 +252,7 @@ class Loop:
             with open(os.path.join(args.out, "args.json"), "w") as f:
                 json.dump(asdict(args), f, indent=2)
         self.old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.report = reporter(args, self.step)
         self.bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, file=sys.stdout)
         self.t_step = time.perf_counter()
 
@@ -279,6 +310,8 @@ class Loop:
     def log(self, metrics):
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        if self.report:
+            self.report(metrics)
         self.bar.update(metrics["step"] - self.bar.n)
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "score", "kl", "lr")})
         if metrics["step"] % self.args.log_every == 0 or metrics["step"] == self.total_steps:

@@ -118,3 +118,44 @@ def test_clip_groups_are_clipped_apart(tmp_path):
     torch.testing.assert_close(seen["policy"], torch.tensor([[0.3, 0.4]]))
     torch.testing.assert_close(seen["critic"], torch.tensor([[0.6, 0.8]]))
     assert metrics["grad_norm/policy"] == pytest.approx(0.5) and metrics["grad_norm/critic"] == pytest.approx(50.0)
+
+
+def run_steps(args, n=3):
+    layer = torch.nn.Linear(3, 1)
+    loop = Loop(args, {"layer": layer}, n_examples=4)
+    for step in loop:
+        layer(torch.ones(2, 3)).sum().backward()
+        loop.end_step({"loss": float(step), **loop.optimizer_step()})
+        if step == n:
+            break
+    return loop
+
+
+def test_report_to_tensorboard_gets_every_metric(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = args_for(tmp_path, report_to="tensorboard")
+    run_steps(args)
+    events = EventAccumulator(os.path.join(args.out, "runs"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert {"grad_norm", "lr", "step_time"} <= set(events.Tags()["scalars"])
+
+
+def test_report_to_wandb_logs_through_its_api(tmp_path, monkeypatch):
+    import sys
+    import types
+    logged, inits = [], []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: inits.append(kw) or types.SimpleNamespace(log=lambda d, step: logged.append((step, d)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = args_for(tmp_path, report_to="wandb")
+    run_steps(args)
+    assert inits[0]["project"] == "nanorlhf" and inits[0]["name"] == "run" and inits[0]["config"]["lr"] == 0.1
+    assert [(s, d["loss"]) for s, d in logged] == [(1, 1.0), (2, 2.0), (3, 3.0)] and "step" not in logged[0][1]
+
+
+def test_report_to_without_the_package_is_a_one_line_error(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(UserError, match="--report-to wandb needs wandb"):
+        run_steps(args_for(tmp_path, report_to="wandb"))
