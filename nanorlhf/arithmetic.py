@@ -1,0 +1,92 @@
+"""A small verifiable task: arithmetic word problems with an exact-match reward on the final number.
+
+    python -m nanorlhf.arithmetic --n 500 --seed 0 --out data/arithmetic.jsonl         # the training prompts
+    python -m nanorlhf.arithmetic --n 200 --seed 1 --exclude data/arithmetic.jsonl --out data/arithmetic_test.jsonl
+    python train_grpo.py --model smollm2 --data data/arithmetic.jsonl --reward-fn nanorlhf.arithmetic:reward ...
+
+Each problem is one of four templates (add, take away, multiply, share equally) over small numbers. The reward
+needs no answer key: `reward` reads the two numbers and the operation back from the problem's own wording and
+compares the last number in the response with the result (1.0 right, 0.0 wrong or missing).
+"""
+import argparse
+import json
+import random
+import re
+
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena"]
+THINGS = ["apples", "books", "marbles", "pencils", "stickers", "cookies", "coins", "shells", "cards", "stamps"]
+ASK = " Give the answer as a number."
+# (template, operation); {a} is always the first number in the text and {b} the second
+TEMPLATES = [
+    ("{name} has {a} {things}. {name} gets {b} more {things}. How many {things} does {name} have now?", "+"),
+    ("{name} had {a} {things} and gave away {b} of them. How many {things} are left?", "-"),
+    ("There are {a} boxes with {b} {things} in each box. How many {things} are there in all?", "*"),
+    ("{name} shares {a} {things} equally among {b} friends. How many {things} does each friend get?", "/"),
+]
+OPERATIONS = {"gets": "+", "gave away": "-", "boxes with": "*", "equally among": "/"}  # the wording that says which
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def make(n, seed=0, exclude=()):
+    """n distinct problems as {"prompt": text} records, none of them in `exclude`; results are whole numbers."""
+    rng, out, seen = random.Random(seed), [], set(exclude)
+    while len(out) < n:
+        template, op = rng.choice(TEMPLATES)
+        if op == "+":
+            a, b = rng.randint(2, 50), rng.randint(2, 50)
+        elif op == "-":
+            a = rng.randint(5, 60)
+            b = rng.randint(1, a - 1)
+        elif op == "*":
+            a, b = rng.randint(2, 10), rng.randint(2, 10)
+        else:
+            b = rng.randint(2, 9)
+            a = b * rng.randint(2, 11)
+        text = template.format(name=rng.choice(NAMES), things=rng.choice(THINGS), a=a, b=b) + ASK
+        if text not in seen:
+            seen.add(text)
+            out.append({"prompt": text})
+    return out
+
+
+def answer(problem):
+    """The result a problem asks for, from its own words, or None for text that is not one of ours."""
+    op = next((o for phrase, o in OPERATIONS.items() if phrase in problem), None)
+    numbers = [int(x) for x in NUMBER.findall(problem)]
+    if op is None or len(numbers) < 2:
+        return None
+    a, b = numbers[:2]
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+
+
+def final_number(response):
+    """The last number in the response, or None."""
+    numbers = NUMBER.findall(response.replace(",", ""))
+    return float(numbers[-1]) if numbers else None
+
+
+def reward(prompts, responses):
+    """1.0 where the response's last number is the problem's result, else 0.0 (a reward function for
+    --reward-fn: prompts are the problems, responses the decoded answers)."""
+    out = []
+    for p, r in zip(prompts, responses):
+        want, got = answer(p), final_number(r)
+        out.append(float(want is not None and got is not None and got == want))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=500, help="Number of problems.")
+    p.add_argument("--seed", type=int, default=0, help="Random seed (another seed gives another set).")
+    p.add_argument("--exclude", help="A file of problems to leave out (e.g. the training set, for a held-out set).")
+    p.add_argument("--out", required=True, help="JSON-lines file to write ({\"prompt\": ...} per line).")
+    args = p.parse_args(argv)
+    exclude = [json.loads(line)["prompt"] for line in open(args.exclude)] if args.exclude else []
+    with open(args.out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in make(args.n, args.seed, exclude))
+    print(f"wrote {args.n} problems to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
