@@ -2,6 +2,7 @@
 
     python -m nanorlhf.memory --model 8b --stage dpo --load-in-4bit --gradient-checkpointing --batch-size 2
     python -m nanorlhf.memory --model 8b --load-in-4bit --gradient-checkpointing --all-stages
+    python -m nanorlhf.memory --model 1.5b --stage grpo --rollout-batch-size 8 --num-generations 8 --max-length 256
 
 REFERENCE §4 writes M ≈ W + 16·P_lora + A_ckpt + A_layer + A_logits + KV. Each term here counts what our
 code and transformers' Llama layer really keep (checked tensor by tensor in tests/benchmarks/validate_memory.py):
@@ -36,7 +37,8 @@ PRESETS = {  # Llama-style configs; "7b" is Qwen2.5-7B, like 0.5b and 1.5b (Mist
     "8b": _L | dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                     intermediate_size=14336, vocab_size=128256),  # Llama-3-8B
 }
-STAGES = ("sft", "rm", "dpo", "kto", "ppo")
+STAGES = ("sft", "rm", "dpo", "kto", "ppo", "grpo")
+RL = ("ppo", "grpo")  # sample from the policy: prompt + response lengths, reward models, a KV cache
 
 
 def load_config(model):
@@ -141,15 +143,17 @@ class Breakdown(dict):
 
 
 def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, batch_size=4, max_length=512,
-             max_new_tokens=64, rollout_batch_size=16, gradient_checkpointing=False, optim="adamw", dtype="bf16",
-             device="cuda", reward_models=1, critic_from_rm=False, precompute_ref=False, padded=True):
+             max_new_tokens=64, rollout_batch_size=16, num_generations=4, gradient_checkpointing=False,
+             optim="adamw", dtype="bf16", device="cuda", reward_models=1, critic_from_rm=False, precompute_ref=False,
+             padded=True):
     """Peak memory of `stage` as a Breakdown (component -> bytes, plus "total"). Lengths as the scripts take them:
-    --max-length bounds prompt+response, except for PPO where it bounds the prompt (+ --max-new-tokens)."""
+    --max-length bounds prompt+response, except for PPO and GRPO where it bounds the prompt (+ --max-new-tokens).
+    GRPO is PPO without the critic (no value adapter, head or passes), sampling num_generations per prompt."""
     H, L, qd, kvd, I, V, nh = _dims(cfg)
     s, bits = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype], 4 if load_in_4bit else 8 if load_in_8bit else 16
     lora = lora_r or False
-    if not lora and (bits < 16 or stage == "ppo"):
-        raise cli.UserError("--lora-r 0 (full fine-tuning) needs a 16-bit base and is not offered by PPO")
+    if not lora and (bits < 16 or stage in RL):  # RL's reference is the base with adapters off
+        raise cli.UserError("--lora-r 0 (full fine-tuning) needs a 16-bit base and is not offered by PPO or GRPO")
     b, n = Breakdown(), {}
     b["weights"] = weight_bytes(cfg, s, bits, lm_head=stage != "rm")  # a reward model has a score head instead
     n["weights"] = f"{'nf4 %.3f B/param' % NF4 if bits == 4 else 'int8' if bits == 8 else dtype} linears" + (
@@ -164,20 +168,21 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
     ref_copy = not lora and (stage == "kto" or stage == "dpo" and not precompute_ref)
     b["reference"] = b["weights"] if ref_copy else 0
     n["reference"] = "frozen copy (full fine-tuning)" if ref_copy else "none: adapters disabled (or precomputed)"
-    if stage == "ppo":
+    if stage in RL:
         rm = weight_bytes(cfg, s, bits, lm_head=False)  # reward models like the policy, frozen, no lm_head
         b["reward_model"], n["reward_model"] = reward_models * rm, f"{reward_models} × frozen, same size/bits"
+    if stage == "ppo":
         b["critic"] = rm if critic_from_rm else 0
         n["critic"] = "2nd base from --rm (--critic-from-rm)" if critic_from_rm else "value adapter on policy base"
 
     # A step's moments; the peak is the largest. Each forward with grad sees N tokens (RM and DPO stack the
     # chosen and rejected rows); what it saves lives until backward, temporaries only at their moment.
-    T = max_length + (max_new_tokens if stage == "ppo" else 0)
+    T = max_length + (max_new_tokens if stage in RL else 0)
     N = batch_size * T * (2 if stage in ("rm", "dpo") else 1)
     dense = I * H * s if bits < 16 else 0  # bnb dequantises one linear's weight per matmul
     saved = activation_bytes(cfg, s, N, T, lora, bits, padded, gradient_checkpointing)
     recompute = N * layer_saved(cfg, s, T, lora, bits, padded) if gradient_checkpointing else 0
-    entropy, kernel = stage == "ppo", stage != "rm"  # PPO asks for entropy: one more row gradient and tile
+    entropy, kernel = stage in RL, stage != "rm"  # RL asks for entropy: one more row gradient and tile
     rows = N * (F32 * H * (1 + entropy) if lora else s * H + 8) * kernel
     bwd = N * work_bytes(cfg, s, lora, True) + dense + recompute
     if not lora and kernel:  # a trainable lm_head: backward recomputes tiles and holds an fp32 weight grad
@@ -187,6 +192,8 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
     if stage == "kto" or stage == "dpo" and not precompute_ref:  # KTO's z0 pairs run the reference anyway
         moments["reference forward (no grad)"] = (saved, N * work_bytes(cfg, s, False, False) + dense
                                                   + kernel_bytes(cfg, N, s, 1))
+    # RL's no-grad passes (PPO's scoring, GRPO's reference and old logprobs) end before the update and save
+    # nothing: less than a forward with grad, so no moment of their own.
     if stage == "ppo":  # the critic's forward adds its activations and value-head input to the policy's
         moments["critic forward + backward"] = (2 * saved + N * F32 * H, bwd)
     b.peak = max(moments, key=lambda k: sum(moments[k]))
@@ -196,11 +203,12 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
     n["row_grads"] = ("kernel's (N, H) fp32 dlogp/dh" + (" + dentropy/dh" if entropy else "")) if kernel else "-"
     n["transient"] = f"at {b.peak}"
     peak = b["activations"] + rows + b["transient"]
-    if stage == "ppo":  # generation: the KV cache of every prompt, after a no-grad prefill of the prompts
-        kv = lambda t: kv_cache_bytes(cfg, s, rollout_batch_size * t)
-        prefill = rollout_batch_size * max_length * (work_bytes(cfg, s, lora, False) + s * max_length * padded)
-        b["kv_cache"] = max(kv(T), kv(max_length) + prefill + dense) + 3 * rollout_batch_size * V * F32
-        n["kv_cache"] = f"generation, {rollout_batch_size} × {T} tokens: " + (
+    if stage in RL:  # generation: the KV cache of every sequence, after a no-grad prefill of the prompts
+        seqs = rollout_batch_size * (num_generations if stage == "grpo" else 1)  # GRPO repeats each prompt k times
+        kv = lambda t: kv_cache_bytes(cfg, s, seqs * t)
+        prefill = seqs * max_length * (work_bytes(cfg, s, lora, False) + s * max_length * padded)
+        b["kv_cache"] = max(kv(T), kv(max_length) + prefill + dense) + 3 * seqs * V * F32
+        n["kv_cache"] = f"generation, {seqs} × {T} tokens: " + (
             "the peak" if b["kv_cache"] > peak else "not at the peak (KV is freed before training)")
         if b["kv_cache"] > peak:
             peak, b.peak = b["kv_cache"], "generation"
@@ -213,14 +221,15 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
 
 def suggest(cfg, stage, gpu_gb, **kw):
     """The first settings that fit, trying in turn: gradient checkpointing (it frees the most, for ~30% more
-    time), the largest --batch-size, shorter sequences, and for PPO fewer prompts per rollout (the KV cache)."""
+    time), the largest --batch-size, shorter sequences, and for PPO and GRPO fewer prompts per rollout (the KV
+    cache)."""
     bs, length, rollout = kw.get("batch_size", 4), kw.get("max_length", 512), kw.get("rollout_batch_size", 16)
     for t in (length, length // 2, length // 4):
         for b in range(bs, 0, -1):
-            for r in (rollout, rollout // 2, rollout // 4, 1) if stage == "ppo" else [rollout]:
+            for r in (rollout, rollout // 2, rollout // 4, 1) if stage in RL else [rollout]:
                 k = dict(gradient_checkpointing=True, batch_size=b, max_length=t, rollout_batch_size=r)
                 if t and r and estimate(cfg, stage, **(kw | k))["total"] <= gpu_gb * GiB:
-                    return k if stage == "ppo" else {x: v for x, v in k.items() if x != "rollout_batch_size"}
+                    return k if stage in RL else {x: v for x, v in k.items() if x != "rollout_batch_size"}
     return None
 
 
@@ -248,16 +257,18 @@ class Args:
     load_in_8bit: bool = cli.arg(False, "int8 base.")
     lora_r: int = cli.arg(16, "LoRA rank; 0 = full fine-tuning.", ge=0)
     batch_size: int = cli.arg(4, "Sequences per forward (DPO and RM run 2× as many rows: chosen + rejected).", gt=0)
-    max_length: int = cli.arg(512, "Tokens per sequence (PPO: per prompt, plus --max-new-tokens).", gt=0)
-    max_new_tokens: int = cli.arg(64, "PPO response length.", gt=0)
-    rollout_batch_size: int = cli.arg(16, "PPO prompts generated at once (KV cache).", gt=0)
+    max_length: int = cli.arg(512, "Tokens per sequence (PPO, GRPO: per prompt, plus --max-new-tokens).", gt=0)
+    max_new_tokens: int = cli.arg(64, "PPO, GRPO response length.", gt=0)
+    rollout_batch_size: int = cli.arg(16, "PPO, GRPO prompts generated at once (KV cache).", gt=0)
+    num_generations: int = cli.arg(4, "GRPO responses per prompt, all generated at once (KV cache).", ge=2)
     gradient_checkpointing: bool = cli.arg(False, "Keep only each layer's input; recompute one layer in backward.")
     optim: str = cli.arg("adamw", "AdamW state: 8 B/param, or 2 with adamw8bit.", choices=["adamw", "adamw8bit"])
     dtype: str = cli.arg("bf16", "Compute dtype (fp32 to compare with a CPU run).", choices=["bf16", "fp16", "fp32"])
     device: str = cli.arg("cuda", "cuda adds the CUDA context and allocator slack; cpu counts tensors only.",
                           choices=["cuda", "cpu"])
     gpu_gb: float = cli.arg(24.0, "GPU memory in GiB.", gt=0)
-    reward_models: int = cli.arg(1, "PPO: frozen reward models (same architecture and bits as --model).", ge=0)
+    reward_models: int = cli.arg(1, "PPO, GRPO: frozen reward models (same architecture and bits as --model); "
+                                 "0 for a Python reward.", ge=0)
     critic_from_rm: bool = cli.arg(False, "PPO: the critic is a second base loaded from the reward model.")
     precompute_ref: bool = cli.arg(False, "DPO/KTO --precompute-ref.")
     padding: bool = cli.arg(True, "Batches hold padding (the usual case; --no-padding for equal-length rows).")

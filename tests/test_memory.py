@@ -16,9 +16,11 @@ GiB = 2**30
 # H 8, 2 layers, 2 heads of 4 (q 8), 1 kv head (k, v 4), MLP 16, vocab 32, untied: small enough to count by hand.
 SMALL = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
              vocab_size=32, tie_word_embeddings=False)
-# Settings under which every stage of Llama-3-8B, nf4 base + LoRA r=16, fits a 24 GiB card (our recommendation).
+# Settings under which every stage of Llama-3-8B, nf4 base + LoRA r=16, fits a 24 GiB card (our recommendation);
+# GRPO generates 8 prompts × 4, the same 32 sequences as PPO.
 FITS_8B = dict(load_in_4bit=True, lora_r=16, gradient_checkpointing=True, batch_size=4, max_length=1024,
                max_new_tokens=256, rollout_batch_size=32)
+GRPO_8B = dict(rollout_batch_size=8, num_generations=4)
 
 
 def test_weight_bytes_by_hand():
@@ -82,7 +84,7 @@ def test_saved_activations_match_autograd(dtype):
 
 @pytest.mark.parametrize("stage", memory.STAGES)
 def test_8b_nf4_lora_fits_24gb_at_recommended_settings(stage):
-    b = memory.estimate(memory.load_config("8b"), stage, **FITS_8B)
+    b = memory.estimate(memory.load_config("8b"), stage, **FITS_8B | (GRPO_8B if stage == "grpo" else {}))
     assert 6 * GiB < b["total"] <= 24 * GiB, b  # above Unsloth's 6 GB floor for the 4-bit weights alone
     assert b["reference"] == 0  # LoRA: the reference is the same model with adapters disabled
 
@@ -107,11 +109,39 @@ def test_cli_prints_every_stage(capsys, tmp_path):
                  "--max-length", "1024", "--max-new-tokens", "256", "--rollout-batch-size", "32", "--all-stages"])
     out = capsys.readouterr().out
     assert out.count("fits in 24 GiB: yes") == 5 and "kv_cache" in out and "weights" in out
+    # all but GRPO, whose 32 prompts × 4 generations are 128 sequences in the KV cache: 8 prompts fit (GRPO_8B)
+    assert "generation, 128 × 1280 tokens" in out and "--rollout-batch-size 8 (" in out
     memory.main(["--model", "8b", "--stage", "dpo", "--batch-size", "16", "--max-length", "4096"])
     assert "fits in 24 GiB: no" in capsys.readouterr().out
     (tmp_path / "config.json").write_text(json.dumps(SMALL))
     memory.main(["--model", str(tmp_path), "--stage", "ppo", "--dtype", "fp32", "--device", "cpu"])
     assert "fits in 24 GiB: yes" in capsys.readouterr().out
+
+
+def test_grpo_is_ppo_without_the_critic(capsys):
+    """One adapter and no value head, no critic line or pass, and a KV cache of rollout × num_generations rows."""
+    cfg = memory.load_config("8b")
+    H, kw = cfg["hidden_size"], dict(load_in_4bit=True, gradient_checkpointing=True, batch_size=4, max_length=1024,
+                                     max_new_tokens=256)
+    ppo = memory.estimate(cfg, "ppo", rollout_batch_size=32, **kw)
+    grpo = memory.estimate(cfg, "grpo", rollout_batch_size=8, num_generations=4, **kw)
+    # LoRA line: PPO's two adapters + value head (H + 1), 16 B each (fp32 weight, grad, 2 Adam moments)
+    assert grpo["lora"] == (ppo["lora"] - 16 * (H + 1)) / 2 == 16 * memory.lora_params(cfg, 16)
+    assert "critic" in ppo and "critic" not in grpo and grpo["reward_model"] == ppo["reward_model"]
+    # PPO's update peaks in the critic's forward: twice the saved activations + the value head's (N, H) fp32 input
+    N = 4 * (1024 + 256)
+    assert ppo.notes["transient"] == "at critic forward + backward" and "critic" not in grpo.notes["transient"]
+    assert ppo["activations"] == 2 * grpo["activations"] + N * 4 * H
+    assert grpo["kv_cache"] == ppo["kv_cache"]  # 8 prompts × 4 generations = PPO's 32 prompts
+    more = memory.estimate(cfg, "grpo", rollout_batch_size=8, num_generations=8, **kw)  # twice the generations
+    assert more["kv_cache"] == memory.estimate(cfg, "ppo", rollout_batch_size=64, **kw)["kv_cache"]
+    assert memory.estimate(cfg, "grpo", reward_models=0, **kw)["reward_model"] == 0  # a Python reward
+    with pytest.raises(UserError, match="full fine-tuning"):
+        memory.estimate(cfg, "grpo", lora_r=0)
+    memory.main(["--model", "tiny", "--stage", "grpo", "--rollout-batch-size", "4", "--num-generations", "8",
+                 "--max-length", "100", "--max-new-tokens", "28"])
+    out = capsys.readouterr().out
+    assert "generation, 32 × 128 tokens" in out and "critic" not in out and "fits in 24 GiB: yes" in out
 
 
 def test_bad_model_is_a_user_error(tmp_path):

@@ -47,7 +47,7 @@ def write_data(d, stage, n, length):
         rows = [{"prompt": f"Write note {i}.", "chosen": long(i), "rejected": last(i, long)} for i in range(n)]
     elif stage == "kto":
         rows = [{"prompt": f"Write note {i}.", "completion": last(i, long), "label": i % 2 == 0} for i in range(n)]
-    else:  # PPO prompts of different lengths: left padding
+    else:  # PPO and GRPO prompts of different lengths: left padding
         rows = [{"prompt": f"Write a very long story about {text(2 + 3 * i, i)}."} for i in range(n)]
     path = os.path.join(d, f"{stage}.jsonl")
     with open(path, "w") as f:
@@ -138,6 +138,10 @@ def run_one(work, dirs, name, stage, ckpt):
         args.update(rm=[rm], rollout_batch_size=4, minibatch_size=4, batch_size=2, ppo_epochs=1, max_length=64,
                     max_new_tokens=64, sample_every=0)
         n = 4
+    if stage == "grpo":  # 2 prompts × 2 generations = 4 sequences as PPO; β > 0 runs the reference pass too
+        args.update(rm=[rm], rollout_batch_size=2, num_generations=2, minibatch_size=4, batch_size=2, ppo_epochs=1,
+                    max_length=64, max_new_tokens=64, beta=0.04, sample_every=0)
+        n = 2
     if stage == "sft":
         args["samples"] = 0
     args["data"] = write_data(work, stage, n, SETTINGS[name]["max_length"])
@@ -156,9 +160,10 @@ def planned(name, stage, ckpt, args, res):
     cfg = memory.load_config(os.path.join(args["model"], "config.json"))
     B, T = max(res["shapes"], key=lambda s: s[0] * s[1])
     kw = dict(dtype="fp32", device="cpu", lora_r=16, gradient_checkpointing=ckpt, padded=True)
-    if stage == "ppo":
+    if stage in ("ppo", "grpo"):  # n rows generated at once: GRPO's prompts, each repeated k times
         n, P, R = res["gen"][0]
-        kw.update(batch_size=B, max_length=P, max_new_tokens=R, rollout_batch_size=n)
+        k = args.get("num_generations", 1)
+        kw.update(batch_size=B, max_length=P, max_new_tokens=R, rollout_batch_size=n // k, num_generations=k)
     else:
         kw.update(batch_size=B // 2 if stage in ("rm", "dpo") else B, max_length=T)
     return memory.estimate(cfg, stage, **kw), f"{B}×{T}"
@@ -167,7 +172,7 @@ def planned(name, stage, ckpt, args, res):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
-    p.add_argument("--stages", nargs="+", default=["sft", "rm", "dpo", "kto", "ppo"])
+    p.add_argument("--stages", nargs="+", default=["sft", "rm", "dpo", "kto", "ppo", "grpo"])
     p.add_argument("--ckpt", choices=["off", "on", "both"], default="both", help="gradient checkpointing")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
