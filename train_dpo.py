@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
@@ -104,7 +105,8 @@ def evaluate(model, rows, ref_logprobs, args, pad_id):
         _, sums = dpo_step(model, None, rows[i:i + args.batch_size], ref_logprobs[:, i:i + args.batch_size], args,
                            pad_id)
         totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
-    return {f"eval_{k}": v / len(rows) for k, v in totals.items()}
+    n = dist.all_sum(len(rows))  # under torchrun `rows` is this rank's share of the held-out pairs
+    return {f"eval_{k}": dist.all_sum(v) / n for k, v in totals.items()}
 
 
 def train(args):
@@ -134,7 +136,7 @@ def train(args):
 
     for step in loop:
         batches = loop.batches()
-        n_pairs = sum(map(len, batches))  # the loss is the mean over the step's pairs, however accumulated
+        n_pairs = dist.all_sum(sum(map(len, batches)))  # the loss is the mean over the step's pairs, on all ranks
         totals, tokens = {}, 0
         for idx in batches:
             rows = [train_rows[i] for i in idx]
@@ -143,7 +145,7 @@ def train(args):
             (losses.sum() / n_pairs).backward()
             totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
             tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r, _ in rows)
-        metrics = {k: v / n_pairs for k, v in totals.items()} | {"tokens": tokens}
+        metrics = {k: dist.all_sum(v) / n_pairs for k, v in totals.items()} | {"tokens": tokens}
         metrics |= loop.optimizer_step()
         if eval_rows and args.eval_every and step % args.eval_every == 0:
             metrics |= evaluate(model, eval_rows, ref_eval, args, pad_id)

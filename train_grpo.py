@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
@@ -94,8 +95,10 @@ def group_advantages(rewards, k, kind="grpo", scale="group", eps=1e-4):
         return (centred * k / (k - 1)).view(-1)
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + eps)
-    elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+    elif scale == "batch":  # under torchrun, the std of every rank's rewards
+        n = dist.all_sum(len(rewards))
+        mean = dist.all_sum(rewards.sum()) / n
+        centred = centred / ((dist.all_sum(((rewards - mean) ** 2).sum()) / (n - 1)).sqrt() + eps)
     return centred.view(-1)
 
 
@@ -170,7 +173,7 @@ def train(args):
     for step in loop:
         # 1. rollout: each prompt k times, side by side, so rows g·k .. g·k+k-1 are group g
         t0 = time.perf_counter()
-        picked = [prompts[i] for i in loop.stream.take(args.rollout_batch_size)]
+        picked = [prompts[i] for i in loop.take(args.rollout_batch_size)]  # this rank's; a group never spans ranks
         messages = [m for m, _ in picked for _ in range(args.num_generations)]
         queries = [q for _, q in picked for _ in range(args.num_generations)]
         data, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature, args.top_p)
@@ -207,21 +210,22 @@ def train(args):
         stats = {}
         for _ in range(args.ppo_epochs):
             for mb in minibatches(data, args.minibatch_size):
-                n_tokens, mb_loss = int(mb["loss_mask"].sum()), 0.0
+                # normalisers over every rank's minibatch: summed gradients are one process's
+                n_responses, n_tokens, mb_loss = dist.all_sum(len(mb["mask"])), dist.all_sum(mb["loss_mask"].sum()), 0.0
                 for _, micro in micro_batches(mb, args.batch_size):
                     logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
                     old = micro["logprobs"] if need_old else logprobs.detach()
                     per_token, s = grpo_loss(logprobs, old, micro["advantages"], micro["loss_mask"], args.cliprange,
                                              eps_high, micro.get("ref_logprobs"),
                                              args.beta if args.advantage != "reinforce++" else 0.0)
-                    loss = aggregate(per_token, micro["loss_mask"], args.loss_type, len(mb["mask"]), n_tokens,
+                    loss = aggregate(per_token, micro["loss_mask"], args.loss_type, n_responses, n_tokens,
                                      args.max_new_tokens)
                     loss.backward()
                     mb_loss += loss.item()
                     s["entropy"] = masked_mean(entropy, micro["mask"]).detach()
                     for k, v in s.items():
                         stats.setdefault(k, []).append(float(v))
-                for k, v in ({"loss": mb_loss} | loop.optimizer_step()).items():
+                for k, v in ({"loss": dist.all_sum(mb_loss)} | loop.optimizer_step()).items():
                     stats.setdefault(k, []).append(v)
         t3 = time.perf_counter()
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import arg, main
 from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
@@ -70,12 +71,11 @@ def mismatched(rows, max_length):
 
 @torch.no_grad()
 def estimate_kl(model, ref_model, seqs, pad_id, batch_size, ref_logprobs=None):
-    """z₀ = max(0, mean of log π - log π_ref over mismatched pairs), or None when there are none.
+    """z₀ = max(0, mean of log π - log π_ref over mismatched pairs), or None when there are none. Under torchrun
+    `seqs` are this rank's pairs and the mean is over every rank's.
 
     ref_logprobs: (n,) the reference's on `seqs` if precomputed, else None to run it now.
     """
-    if not seqs:
-        return None
     total = 0.0
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
@@ -85,7 +85,8 @@ def estimate_kl(model, ref_model, seqs, pad_id, batch_size, ref_logprobs=None):
         else:
             ref_chunk = ref_logprobs[i:i + batch_size].to(logprobs.device)
         total += (logprobs - ref_chunk).sum().item()
-    return max(0.0, total / len(seqs))
+    n = dist.all_sum(len(seqs))
+    return max(0.0, dist.all_sum(total) / n) if n else None
 
 
 class ReferencePoint:
@@ -129,7 +130,8 @@ def kto_step(model, ref_model, rows, ref_logprobs, kl, args, pad_id):
 
 def means(sums, n):
     """Mean loss over all n examples; mean rewards over the desirable / undesirable ones, left out when
-    the batch has none of that kind (so the logs never hold a 0/0 NaN)."""
+    the batch has none of that kind (so the logs never hold a 0/0 NaN). Sums and n are over every rank."""
+    sums, n = {k: dist.all_sum(v) for k, v in sums.items()}, dist.all_sum(n)
     out = {"loss": sums["loss"] / n}
     for kind in ("chosen", "rejected"):
         if sums[f"n/{kind}"]:
@@ -190,6 +192,7 @@ def train(args):
     for step in loop:
         batches = loop.batches()
         step_rows = [train_rows[i] for idx in batches for i in idx]
+        n_step = dist.all_sum(len(step_rows))
         # z₀ first, from the whole step and without grad: every micro-batch then shares one reference point.
         kl = z0.update(estimate_kl(model, ref_model, mismatched(step_rows, args.max_length), pad_id, args.batch_size))
         totals = {}
@@ -197,7 +200,7 @@ def train(args):
             rows = [train_rows[i] for i in idx]
             losses, sums = kto_step(model, ref_model, rows, ref_train[idx] if ref_train is not None else None, kl,
                                     args, pad_id)
-            (losses.sum() / len(step_rows)).backward()  # the mean over the step's examples
+            (losses.sum() / n_step).backward()  # the mean over the step's examples (on every rank)
             totals = add(totals, sums)
         metrics = means(totals, len(step_rows)) | {"kl": kl, "kl_fallbacks": z0.fallbacks}
         metrics["tokens"] = sum(len(p) + len(c) for p, c, _ in step_rows)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
@@ -184,7 +185,7 @@ def train(args):
     for step in loop:
         # 1. rollout: sample, then old/reference logprobs and values at the sampling temperature
         t0 = time.perf_counter()
-        batch_prompts = [prompts[i] for i in loop.stream.take(args.rollout_batch_size)]
+        batch_prompts = [prompts[i] for i in loop.take(args.rollout_batch_size)]  # this rank's share
         messages, queries_list = [m for m, _ in batch_prompts], [q for _, q in batch_prompts]
         data, lengths, ended = sample(model, tokenizer, queries_list, args.max_new_tokens, args.temperature,
                                       args.top_p)
@@ -219,6 +220,7 @@ def train(args):
         for epoch in range(args.ppo_epochs):
             epoch_kl = []
             for mb in buffer.minibatches(args.minibatch_size):
+                n_tokens = dist.all_sum(mb["mask"].sum())  # every rank's minibatch: one process's, split
                 for _, micro in micro_batches(mb, bs):
                     new_logprobs, new_entropy = response_logprobs(model, micro, args.temperature, "policy", True)
                     new_values = critic_values(critic, value_head, micro)
@@ -227,20 +229,21 @@ def train(args):
                                                    args.cliprange, args.cliprange_value)
                     ent = masked_mean(new_entropy, micro["mask"])
                     loss = pg_loss + args.vf_coef * vf_loss - args.entropy_coef * ent
-                    (loss * micro["mask"].sum() / mb["mask"].sum()).backward()  # the token mean over the minibatch
+                    (loss * micro["mask"].sum() / n_tokens).backward()  # the token mean over the minibatch
                     s |= {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "loss": loss.detach()}
                     for k, v in s.items():
                         stats.setdefault(k, []).append(float(v))
                     epoch_kl.append(float(s["approx_kl"]))
                 for k, v in loop.optimizer_step().items():
                     stats.setdefault(k, []).append(v)
-            if args.early_stop_kl and sum(epoch_kl) / len(epoch_kl) > args.early_stop_kl:
-                break
+            if args.early_stop_kl and dist.all_sum(sum(epoch_kl)) / dist.all_sum(len(epoch_kl)) > args.early_stop_kl:
+                break  # every rank sees the same mean, so all stop together
         t3 = time.perf_counter()
 
         # 5. log + save
-        kl_per_seq = masked(kl_penalty(logprobs, ref_logprobs, "k1"), mask).sum(1).mean().item()
-        kl_ctl.update(kl_per_seq, args.rollout_batch_size)
+        kl_per_seq = dist.all_sum(masked(kl_penalty(logprobs, ref_logprobs, "k1"), mask).sum(1).mean().item())
+        kl_per_seq /= dist.world()  # every rank's mean over an equal share: the global mean
+        kl_ctl.update(kl_per_seq, args.rollout_batch_size * dist.world())
         residual_var = masked_var(returns - values, mask)
         metrics = {k: sum(v) / len(v) for k, v in stats.items()} | {
             "score": scores.mean(), "score_raw": scores_raw.mean(), "kl": kl_per_seq, "kl_coef": kl_ctl.value,

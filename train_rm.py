@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import collate, load_examples, tokenize
@@ -86,14 +87,16 @@ def pair_rewards(model, rows, pad_id, device):
 
 @torch.no_grad()
 def evaluate(model, rows, pad_id, batch_size, device, loss_type="sigmoid", ranking_margin=1.0):
-    """Mean loss and pairwise accuracy (the share of pairs with r_c > r_r) over `rows`."""
+    """Mean loss and pairwise accuracy (the share of pairs with r_c > r_r) over `rows`: this rank's share of the
+    held-out pairs, totals summed over ranks."""
+    n = dist.all_sum(len(rows))
     rows = sorted(rows, key=lambda r: len(r[0]) + max(len(r[1]), len(r[2])))  # similar lengths: less padding
     total, correct = 0.0, 0
     for i in range(0, len(rows), batch_size):
         chosen, rejected, margin, _ = pair_rewards(model, rows[i:i + batch_size], pad_id, device)
         total += reward_loss(chosen, rejected, margin, loss_type, ranking_margin).sum().item()
         correct += (chosen > rejected).sum().item()
-    return {"eval_loss": total / len(rows), "eval_accuracy": correct / len(rows)}
+    return {"eval_loss": dist.all_sum(total) / n, "eval_accuracy": dist.all_sum(correct) / n}
 
 
 def norm_sequences(args, tokenizer, train_rows):
@@ -147,14 +150,15 @@ def train(args):
         chosen, rejected, metrics = [], [], {"loss": 0.0, "tokens": 0}
         for idx in loop.batches():
             c, r, margin, tokens = pair_rewards(model, [train_rows[i] for i in idx], pad_id, device)
-            # Micro-batches are equal-sized, so the mean over each / grad_accum is the mean over the step.
-            loss = reward_loss(c, r, margin, args.loss, args.ranking_margin).mean() / args.grad_accum
+            # Micro-batches are equal-sized, so the mean over each / (grad_accum × ranks) is the mean over the step.
+            loss = reward_loss(c, r, margin, args.loss, args.ranking_margin).mean() / (args.grad_accum * dist.world())
             loss.backward()
             metrics["loss"] += loss.item()
             metrics["tokens"] += tokens
             chosen.append(c.detach())
             rejected.append(r.detach())
         c, r = torch.cat(chosen), torch.cat(rejected)
+        metrics["loss"] = dist.all_sum(metrics["loss"])
         metrics |= {"accuracy": (c > r).float().mean(), "rewards/chosen": c.mean(), "rewards/rejected": r.mean(),
                     "rewards/margin": (c - r).mean()}
         metrics |= loop.optimizer_step()

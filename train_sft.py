@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import arg, main
 from nanorlhf.data import collate
@@ -33,14 +34,14 @@ def sft_loss(logprobs, targets, n_tokens):
 
 @torch.no_grad()
 def evaluate(model, rows, pad_id, batch_size, device):
-    """Mean completion-token NLL over `rows`."""
+    """Mean completion-token NLL over `rows` (under torchrun this rank's share; totals are summed over ranks)."""
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
         logprobs = M.logprobs(model, batch["input_ids"], batch["attention_mask"], batch["targets"])  # (B, T)
         total += -logprobs.sum().item()
         count += (batch["targets"] != -100).sum().item()
-    return total / max(count, 1)
+    return dist.all_sum(total) / max(dist.all_sum(count), 1)
 
 
 def train(args):
@@ -55,7 +56,7 @@ def train(args):
 
     for step in loop:
         batches = [collate([train_rows[i] for i in idx], pad_id) for idx in loop.batches()]
-        n_tokens = sum(int((b["targets"] != -100).sum()) for b in batches)
+        n_tokens = dist.all_sum(sum(int((b["targets"] != -100).sum()) for b in batches))  # the global step's
         metrics = {"loss": 0.0, "tokens": sum(int(b["attention_mask"].sum()) for b in batches)}
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -63,6 +64,7 @@ def train(args):
             loss = sft_loss(logprobs, batch["targets"], n_tokens)
             loss.backward()
             metrics["loss"] += loss.item()
+        metrics["loss"] = dist.all_sum(metrics["loss"])  # each rank's loss is its share of the global one
         metrics |= loop.optimizer_step()
         if eval_rows and args.eval_every and step % args.eval_every == 0:
             metrics["eval_loss"] = evaluate(model, eval_rows, pad_id, args.batch_size, device)
@@ -74,7 +76,7 @@ def train(args):
     M.save_model(model, tokenizer, args.out)
     print(f"saved the merged model to {args.out} and the LoRA adapter to {args.out}/adapter")
     prompts = [row[0] for row in (eval_rows or train_rows)[:args.samples]]
-    if prompts:
+    if prompts and dist.is_main():
         out = M.generate(model, tokenizer, prompts, args.max_new_tokens, temperature=0)
         for prompt, response, n in zip(prompts, out["responses"], out["lengths"]):
             print(f"\n--- prompt\n{tokenizer.decode(prompt)}\n--- response\n{tokenizer.decode(response[:n])}")

@@ -5,6 +5,7 @@ into argparse (cleanrl's pattern, without tyro) so `--help` documents every flag
 """
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -82,11 +83,19 @@ def parse(cls, argv=None, description=None):
 
 
 def main(train, cls, argv=None):
-    """Entry point of every script: parse, validate, train; bad input exits 2 with one line."""
+    """Entry point of every script: parse, validate, train; bad input exits 2 with one line. Under torchrun every
+    rank runs this; only rank 0 prints (to stdout, and an error's one line)."""
+    from . import dist
     try:
         args = parse(cls, argv, description=sys.modules[train.__module__].__doc__)
         check_bounds(args)
+        dist.init(getattr(args, "device", "auto"))
+        if not dist.is_main():
+            sys.stdout = open(os.devnull, "w")
         return train(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist.is_main():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        dist.close()

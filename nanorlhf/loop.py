@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import dist
 from .cli import UserError, arg
 from .data import FORMATS, load_examples, tokenize
 from .lora import add_lora
@@ -93,9 +94,12 @@ def check_out(args):
                         f"start over")
     if args.resume and not checkpoints(args.out):
         raise UserError(f"--resume: no checkpoint in {args.out} to resume from")
-    if args.overwrite and exists:
-        shutil.rmtree(args.out)
-    os.makedirs(args.out, exist_ok=True)
+    dist.barrier()  # every rank has checked the folder before rank 0 changes it
+    if dist.is_main():
+        if args.overwrite and exists:
+            shutil.rmtree(args.out)
+        os.makedirs(args.out, exist_ok=True)
+    dist.barrier()
 
 
 def checkpoints(out):
@@ -121,7 +125,9 @@ def load_policy(args, name=None, flag="--model", kind="causal", adapter="default
 
 
 def load_data(args, kind, tokenizer):
-    """Tokenised (train, eval) rows: --eval-data, else a seeded --eval-frac slice held out of --data."""
+    """Tokenised (train, eval) rows: --eval-data, else a seeded --eval-frac slice held out of --data. Under torchrun
+    each rank gets every training row (the Loop hands out shares of each batch) and every world-th eval row (each
+    stage's evaluation sums its totals over ranks)."""
     if not args.data:
         raise UserError("--data is required: a .json/.jsonl file or a hub dataset id")
     examples = load_examples(args.data, kind, args.format, args.limit)
@@ -135,7 +141,7 @@ def load_data(args, kind, tokenizer):
     train_rows, stats = tokenize(examples, tokenizer, args.max_length, args.data)
     print(f"train data {args.data}: {stats}")
     eval_rows = tokenize(held_out, tokenizer, args.max_length, args.eval_data or args.data)[0] if held_out else []
-    return train_rows, eval_rows
+    return train_rows, eval_rows[dist.rank()::dist.world()]
 
 
 def reporter(args, step):
@@ -236,8 +242,8 @@ class Loop:
         """clip_groups: {name: parameters} clipped to --max-grad-norm each on its own (PPO: policy and critic, so
         the critic's large early gradients do not shrink the policy's step); default one group of every parameter."""
         self.args, self.modules, self.stateful = args, modules, dict(stateful or {})
-        self.stream = Stream(n_examples, args.seed)
-        per_step = args.batch_size * args.grad_accum
+        self.stream = Stream(n_examples, args.seed)  # the same order on every rank; each takes its own share
+        per_step = args.batch_size * args.grad_accum * dist.world()  # steps count global batches
         self.total_steps = total_steps or args.max_steps or max(1, math.ceil(args.epochs * n_examples / per_step))
         self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         self.clip_groups = clip_groups or {"": self.params}
@@ -248,12 +254,13 @@ class Loop:
         self.metrics_path = os.path.join(args.out, "metrics.jsonl")
         if args.resume:
             self._load(checkpoints(args.out)[-1])
-        else:
+        elif dist.is_main():
             with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(asdict(args), f, indent=2)
+                json.dump(asdict(args) | {"world_size": dist.world()}, f, indent=2)
         self.old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        self.report = reporter(args, self.step)
-        self.bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, file=sys.stdout)
+        self.report = reporter(args, self.step) if dist.is_main() else None
+        self.bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, file=sys.stdout,
+                        disable=not dist.is_main())
         self.t_step = time.perf_counter()
 
     def __iter__(self):
@@ -265,12 +272,17 @@ class Loop:
         for sig, handler in self.old_handlers.items():
             signal.signal(sig, handler)
 
+    def take(self, n):
+        """This rank's n example indices at the stream's position (the stream advances n × world size)."""
+        return dist.shard(self.stream.take(n * dist.world()))
+
     def batches(self):
-        """`--grad-accum` micro-batches of example indices at the stream's position."""
-        return [self.stream.take(self.args.batch_size) for _ in range(self.args.grad_accum)]
+        """`--grad-accum` micro-batches of --batch-size example indices for this rank."""
+        return [self.take(self.args.batch_size) for _ in range(self.args.grad_accum)]
 
     def optimizer_step(self):
         """Clip and step; a NaN/inf gradient (from a NaN loss too) skips the step instead of poisoning weights."""
+        dist.all_sum_grads(self.params)  # each rank's loss was scaled by global counts: the sum is the global gradient
         max_norm = self.args.max_grad_norm or float("inf")
         norms = {name: torch.nn.utils.clip_grad_norm_(params, max_norm) for name, params in self.clip_groups.items()}
         ok = all(bool(torch.isfinite(n)) for n in norms.values())
@@ -292,13 +304,14 @@ class Loop:
         """Count the step, log it everywhere once, checkpoint when due or when a signal asked to stop."""
         self.step += 1
         now = time.perf_counter()
-        metrics = {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
+        metrics = {"step": self.step, **dist.mean_metrics({k: float(v) for k, v in metrics.items()})}
         metrics["step_time"] = now - self.t_step
         if "tokens" in metrics:
             metrics["tokens_per_s"] = metrics.pop("tokens") / metrics["step_time"]
         metrics["peak_mem_gb"] = peak_memory_gb()
         self.t_step = now
         self.log(metrics)
+        self.stop = dist.all_sum(float(self.stop)) > 0  # a signal seen by any rank stops them all at this step
         if (self.args.save_every and self.step % self.args.save_every == 0) or self.stop:
             self.save_checkpoint()
         if self.stop:
@@ -308,6 +321,9 @@ class Loop:
             sys.exit(0)
 
     def log(self, metrics):
+        """One place per step, on rank 0: metrics.jsonl, --report-to, tqdm and a human line every --log-every."""
+        if not dist.is_main():
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.report:
@@ -324,8 +340,10 @@ class Loop:
         self.bar.write(f"signal {signum}: finishing this step, then checkpointing")
 
     def state_dict(self):
+        """Everything a resume needs; `rng` holds every rank's generators (sampling differs per rank)."""
         return {
-            "step": self.step, "skipped": self.skipped, "stream": self.stream.state_dict(), "rng": rng_state(),
+            "step": self.step, "skipped": self.skipped, "stream": self.stream.state_dict(),
+            "rng": dist.gather(rng_state()), "world_size": dist.world(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "modules": {k: {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
                         for k, m in self.modules.items()},
@@ -334,12 +352,18 @@ class Loop:
 
     def save_checkpoint(self):
         """Write to a temporary folder, fsync, rename: a crash mid-save leaves the previous checkpoint intact."""
+        state = self.state_dict()  # every rank takes part (their RNG states); rank 0 alone writes
+        if dist.is_main():
+            self._write_checkpoint(state)
+        dist.barrier()
+
+    def _write_checkpoint(self, state):
         final = os.path.join(self.args.out, f"checkpoint-{self.step}")
         tmp = os.path.join(self.args.out, f".tmp-checkpoint-{self.step}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         with open(os.path.join(tmp, "state.pt"), "wb") as f:
-            torch.save(self.state_dict(), f)
+            torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
@@ -349,6 +373,9 @@ class Loop:
 
     def _load(self, path):
         state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+        if state["world_size"] != dist.world():
+            raise UserError(f"--resume: {path} was written by {state['world_size']} process(es) and this run has "
+                            f"{dist.world()}; resume with the same torchrun --nproc_per_node")
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -357,8 +384,8 @@ class Loop:
             s.load_state_dict(state["stateful"][k])
         self.stream.load_state_dict(state["stream"])
         self.step, self.skipped = state["step"], state["skipped"]
-        set_rng_state(state["rng"])
-        if os.path.exists(self.metrics_path):  # drop lines logged after this checkpoint by the run that died
+        set_rng_state(state["rng"][dist.rank()])
+        if dist.is_main() and os.path.exists(self.metrics_path):  # drop lines logged after this checkpoint
             with open(self.metrics_path) as f:
                 kept = [line for line in f if json.loads(line).get("step", 0) <= self.step]
             with open(self.metrics_path, "w") as f:

@@ -13,6 +13,7 @@ import shutil
 import torch
 from torch import nn
 
+from . import dist
 from .cli import UserError
 from .data import collate
 from .kernels import token_logprobs
@@ -79,8 +80,11 @@ def resolve(name, flag="--model"):
 
 
 def pick_device(device="auto"):
+    """cuda (this rank's GPU under torchrun), cpu, or auto: cuda when available."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
 
 
@@ -270,20 +274,30 @@ def reference_logprobs(model, ref_model, input_ids, attention_mask, targets, tem
 
 
 def save_model(model, tokenizer, out, adapter="default"):
-    """A merged HF folder that AutoModel*.from_pretrained loads, plus `adapter/` in PEFT format."""
-    os.makedirs(out, exist_ok=True)
-    if lora_layers(model):
-        merged = merge(model, adapter)
-        if getattr(model, "generation_config", None) is not None:  # reward models (seq-cls) have none
-            merged.generation_config = model.generation_config
-        merged.save_pretrained(out)
-        # A sequence classifier's head (a reward model's `score`) is trained whole: PEFT's modules_to_save.
-        head = ["score"] if type(model).__name__.endswith("ForSequenceClassification") else []
-        save_adapter(model, os.path.join(out, "adapter"), adapter, base_model=getattr(model, "name_or_path", None),
-                     modules_to_save=head)
-    else:
-        model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    """A merged HF folder that AutoModel*.from_pretrained loads, plus `adapter/` in PEFT format.
+
+    Written into a temporary folder and then moved into `out`, so a crash leaves no half-written model; under
+    torchrun rank 0 writes while the other ranks wait."""
+    if dist.is_main():
+        tmp = os.path.join(out, ".tmp-final")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if lora_layers(model):
+            merged = merge(model, adapter)
+            if getattr(model, "generation_config", None) is not None:  # reward models (seq-cls) have none
+                merged.generation_config = model.generation_config
+            merged.save_pretrained(tmp)
+            # A sequence classifier's head (a reward model's `score`) is trained whole: PEFT's modules_to_save.
+            head = ["score"] if type(model).__name__.endswith("ForSequenceClassification") else []
+            save_adapter(model, os.path.join(tmp, "adapter"), adapter,
+                         base_model=getattr(model, "name_or_path", None), modules_to_save=head)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config.json last: "finished"
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        os.rmdir(tmp)
+    dist.barrier()
 
 
 @torch.no_grad()

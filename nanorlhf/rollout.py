@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from . import dist
 from . import model as M
 from .lora import use_adapter
 
@@ -70,8 +71,11 @@ def masked_var(x, mask):
 
 
 def whiten(x, mask, shift_mean=True, eps=1e-8):
-    """(x - mean) / std over masked positions; shift_mean=False keeps the mean (for rewards). Padding -> 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    """(x - mean) / std over masked positions; shift_mean=False keeps the mean (for rewards). Padding -> 0.
+    Under torchrun the mean and (unbiased) variance are over every rank's batch, as one process would see it."""
+    n = dist.all_sum(mask.sum())
+    mean = dist.all_sum(masked(x, mask).sum()) / n
+    var = dist.all_sum(masked((x - mean) ** 2, mask).sum()) / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -1,0 +1,138 @@
+"""Data parallelism on the CPU with gloo, 2 processes: the math equals one process on the global batch, rank 0
+alone writes, resume is exact under the same world size, bad input is one line from one rank."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+from test_reliability import sft_data, write_json
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _whiten_worker(rank, world, init_file, x, mask, out):
+    """One of two gloo ranks: whiten its half of the batch and store the result."""
+    import torch.distributed as dist
+
+    from nanorlhf.rollout import whiten
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    half = len(x) // world
+    mine = slice(rank * half, (rank + 1) * half)
+    torch.save(whiten(x[mine], mask[mine]), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_whitening_uses_every_ranks_statistics(tmp_path):
+    """PPO's advantage whitening on 2 ranks, each with half the rollouts, equals one process on all of them."""
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(6, 5, generator=g) * 3 + 1, (torch.rand(6, 5, generator=g) > 0.3).long()
+    mask[:, 0] = 1
+    torch.multiprocessing.spawn(_whiten_worker, args=(2, str(tmp_path / "init"), x, mask, str(tmp_path / "w")), nprocs=2)
+    from nanorlhf.rollout import whiten
+    together = torch.cat([torch.load(tmp_path / f"w.{r}") for r in range(2)])
+    torch.testing.assert_close(together, whiten(x, mask), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(torch.load(tmp_path / "w.0"), whiten(x[:3], mask[:3]), atol=1e-3)  # not local stats
+
+
+def run(cmd, cwd=ROOT):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=ROOT)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+
+
+def losses(out, key="loss"):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["step"], r[key]) for r in map(json.loads, f) if key in r]
+
+
+def adapter(out):
+    return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+def assert_same_run(one, two):
+    (s1, l1), (s2, l2) = zip(*losses(one)), zip(*losses(two))
+    assert s1 == s2 == tuple(range(1, len(s1) + 1))
+    assert l1 == pytest.approx(l2, abs=1e-5, rel=1e-5), (l1, l2)
+    a, b = adapter(one), adapter(two)
+    assert a.keys() == b.keys()
+    for k in a:  # summation order differs in the last bits, and Adam's first steps move by ~lr whatever the size
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+def pairs_data(tmp_path):
+    return write_json(tmp_path / "pairs.json", [{"prompt": f"Question {i}?", "chosen": f"Yes {i}.",
+                                                  "rejected": f"No, not {i}."} for i in range(8)])
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_two_ranks_equal_one_process_on_the_global_batch(tiny_dir, tmp_path, stage):
+    """2 ranks × batch 2 (× grad-accum 2) give the per-step losses and the final adapter of 1 process × batch 4."""
+    data = sft_data(tmp_path) if stage == "sft" else pairs_data(tmp_path)
+    common = [f"train_{stage}.py", "--model", tiny_dir, "--data", data, "--max-steps", "3", "--grad-accum", "2",
+              "--lr", "1e-2", "--eval-frac", "0", "--max-length", "48", "--log-every", "100"]
+    common += ["--samples", "0"] if stage == "sft" else []
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r1 = run([sys.executable] + common + ["--out", one, "--batch-size", "4"])
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = run(TORCHRUN + common + ["--out", two, "--batch-size", "2"])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert_same_run(one, two)
+    assert json.load(open(os.path.join(two, "args.json")))["world_size"] == 2
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(two).config.vocab_size == 49152  # rank 0's merged model loads
+
+
+def test_ppo_and_grpo_run_on_two_ranks(tiny_dir, tmp_path):
+    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(8)))
+    common = ["--actor", tiny_dir, "--data", str(prompts), "--max-steps", "2", "--max-new-tokens", "4",
+              "--reward-fn", "lengthy:reward", "--sample-every", "0", "--log-every", "100"]
+    for script, extra in (("train_ppo.py", ["--rollout-batch-size", "2", "--minibatch-size", "2", "--ppo-epochs", "2"]),
+                          ("train_grpo.py", ["--rollout-batch-size", "1", "--num-generations", "2", "--beta", "0.1"])):
+        out = tmp_path / script
+        # run from tmp_path, where the reward module is
+        r = run(TORCHRUN + [os.path.join(ROOT, script)] + common + extra + ["--out", str(out)], cwd=tmp_path)
+        assert r.returncode == 0, (script, r.stderr[-3000:])
+        assert [s for s, _ in losses(out, "step_time")] == [1, 2]  # one line per step: rank 0 alone logs
+        assert (out / "config.json").exists() and (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_resume_on_two_ranks_is_exact_and_refuses_another_world_size(tiny_dir, tmp_path):
+    data = sft_data(tmp_path)
+    cmd = ["train_sft.py", "--model", tiny_dir, "--data", data, "--max-steps", "4", "--batch-size", "2",
+           "--grad-accum", "1", "--lr", "1e-2", "--eval-frac", "0", "--max-length", "48", "--samples", "0",
+           "--save-every", "2", "--keep-checkpoints", "3", "--log-every", "100"]
+    straight = tmp_path / "straight"
+    r = run(TORCHRUN + cmd + ["--out", str(straight)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the same run as if it had died after its step-2 checkpoint: keep that, drop everything after it
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    for f in glob.glob(str(resumed / "*.safetensors")) + [str(resumed / "config.json")]:
+        os.remove(f)
+    r = run([sys.executable] + cmd + ["--out", str(resumed), "--resume"])  # one process: refused, in one line
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --resume:"), r.stderr[-2000:]
+    assert "written by 2 process(es)" in r.stderr and "Traceback" not in r.stderr
+    r = run(TORCHRUN + cmd + ["--out", str(resumed), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(resumed) == losses(straight)
+    assert_same_run(str(straight), str(resumed))
+
+
+def test_bad_input_on_two_ranks_is_one_line_from_one_rank(tiny_dir, tmp_path):
+    logs = tmp_path / "logs"
+    r = run(TORCHRUN[:-2] + ["--nproc_per_node", "2", "--log-dir", str(logs), "--redirects", "3", "train_sft.py",
+                             "--model", tiny_dir, "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")])
+    assert r.returncode != 0
+    rank_logs = glob.glob(str(logs / "**" / "std*.log"), recursive=True)
+    assert len(rank_logs) == 4  # stdout and stderr of each rank
+    text = "".join(open(f).read() for f in rank_logs)
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: data file not found: {tmp_path / 'missing.json'}"] and "Traceback" not in text
