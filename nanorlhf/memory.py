@@ -145,10 +145,11 @@ class Breakdown(dict):
 def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, batch_size=4, max_length=512,
              max_new_tokens=64, rollout_batch_size=16, num_generations=4, gradient_checkpointing=False,
              optim="adamw", dtype="bf16", device="cuda", reward_models=1, critic_from_rm=False, precompute_ref=False,
-             padded=True):
+             padded=True, nproc=1):
     """Peak memory of `stage` as a Breakdown (component -> bytes, plus "total"). Lengths as the scripts take them:
     --max-length bounds prompt+response, except for PPO and GRPO where it bounds the prompt (+ --max-new-tokens).
-    GRPO is PPO without the critic (no value adapter, head or passes), sampling num_generations per prompt."""
+    GRPO is PPO without the critic (no value adapter, head or passes), sampling num_generations per prompt.
+    Per rank under torchrun (nproc > 1): the same, plus the flat fp32 buffer dist.all_sum_grads reduces."""
     H, L, qd, kvd, I, V, nh = _dims(cfg)
     s, bits = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype], 4 if load_in_4bit else 8 if load_in_8bit else 16
     lora = lora_r or False
@@ -165,6 +166,8 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
     else:
         P = b["weights"] / s
         b["lora"], n["lora"] = P * (s + (2 * s if optim == "adamw" else 2)), "full fine-tuning: grads + AdamW"
+    b["allreduce"] = P * F32 if nproc > 1 else 0
+    n["allreduce"] = f"{nproc} ranks: one flat fp32 copy of the trainable grads" if nproc > 1 else "one process"
     ref_copy = not lora and (stage == "kto" or stage == "dpo" and not precompute_ref)
     b["reference"] = b["weights"] if ref_copy else 0
     n["reference"] = "frozen copy (full fine-tuning)" if ref_copy else "none: adapters disabled (or precomputed)"
@@ -212,7 +215,8 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
             "the peak" if b["kv_cache"] > peak else "not at the peak (KV is freed before training)")
         if b["kv_cache"] > peak:
             peak, b.peak = b["kv_cache"], "generation"
-    static = sum(v for k, v in b.items() if k in ("weights", "lora", "reference", "reward_model", "critic"))
+    static = sum(v for k, v in b.items() if k in ("weights", "lora", "allreduce", "reference", "reward_model",
+                                                  "critic"))
     b["overhead"] = CUDA_CONTEXT + ALLOCATOR_SLACK * peak if device == "cuda" else 0
     n["overhead"] = "CUDA context + 10% allocator slack" if device == "cuda" else "none: CPU tensor bytes only"
     b["total"], b.notes = static + peak + b["overhead"], n
@@ -272,6 +276,8 @@ class Args:
     critic_from_rm: bool = cli.arg(False, "PPO: the critic is a second base loaded from the reward model.")
     precompute_ref: bool = cli.arg(False, "DPO/KTO --precompute-ref.")
     padding: bool = cli.arg(True, "Batches hold padding (the usual case; --no-padding for equal-length rows).")
+    nproc: int = cli.arg(1, "Processes under torchrun (--nproc_per_node); the plan is per rank: --batch-size and "
+                         "--rollout-batch-size are per rank, as the scripts take them.", gt=0)
 
 
 def run(args):

@@ -147,3 +147,14 @@ def test_grpo_is_ppo_without_the_critic(capsys):
 def test_bad_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not a preset"):
         memory.load_config(str(tmp_path / "nope"))
+
+
+def test_per_rank_plan_adds_only_the_allreduce_buffer():
+    """Under torchrun each rank holds what one process holds, plus one flat fp32 copy of the trainable grads."""
+    cfg = memory.load_config("8b")
+    for stage in ("sft", "ppo"):
+        one = memory.estimate(cfg, stage, load_in_4bit=True)
+        two = memory.estimate(cfg, stage, load_in_4bit=True, nproc=2)
+        trainable = one["lora"] / 16  # fp32 weight + grad + two Adam moments: 16 B per trainable parameter
+        assert one["allreduce"] == 0 and two["allreduce"] == trainable * 4
+        assert two["total"] - one["total"] == pytest.approx(trainable * 4)
