@@ -1,8 +1,9 @@
-"""Stages vs TRL: one SFT, reward-model and DPO optimizer step of ours next to TRL's SFTTrainer, RewardTrainer and
-DPOTrainer, on the same tiny model, batch and sequence length, on the CPU.
+"""Stages vs TRL: one SFT, reward-model, DPO and GRPO optimizer step of ours next to TRL's SFTTrainer, RewardTrainer,
+DPOTrainer and GRPOTrainer, on the same tiny model, batch and sequence length, on the CPU.
 
-    python tests/benchmarks/bench_trl.py                               # sft, rm, dpo; 3 repeats of 8 timed steps
+    python tests/benchmarks/bench_trl.py                               # sft, rm, dpo, grpo; 3 repeats
     python tests/benchmarks/bench_trl.py --stages dpo --steps 4 --repeats 2 --seq-len 512
+    python tests/benchmarks/bench_trl.py --stages grpo --grpo-steps 16 --repeats 5
 
 Needs the `bench` extra (pip install trl datasets). Not part of the default pytest run (no test_ prefix).
 
@@ -31,6 +32,37 @@ Memory. Peak RSS of the subprocess (ru_maxrss) at the end of the last step, show
 after imports and model load (before LoRA/trainer setup), i.e. what training itself adds. Raw RSS also counts each
 side's imports (TRL pulls in datasets/pyarrow/pandas; ours pulls in inductor at its first step, after the baseline, so
 that is in our Δ). The targets are judged on Δ.
+
+GRPO (--stages grpo): ours is train_grpo.py, TRL's GRPOTrainer. There an optimizer step is a whole iteration, so its
+time includes generation, scoring and the update on both sides (ours: `step_time`; TRL: between on_step_end calls).
+  Per step: --grpo-prompts prompts x --num-generations (k) completions, sampled once by transformers' generate on the
+        CPU (TRL: use_vllm=False), then one optimizer step on all of them (ours: one minibatch, --ppo-epochs 1; TRL:
+        num_iterations 1, per_device_train_batch_size --grpo-micro-batch and gradient_accumulation_steps =
+        steps_per_generation = completions / micro-batch, so one generation feeds exactly one optimizer step). Forward
+        micro-batches of --grpo-micro-batch completions on both sides.
+  Same on both sides, besides the conditions above (model, fp32, LoRA, AdamW, clip): k, --max-new-tokens, temperature,
+        top_p 1, top_k off, β = 0 (TRL's default: neither side runs a reference model), ε = 0.2, loss_type "grpo",
+        scale_rewards "group", --grpo-lr with cosine decay and no warmup, dropout off, seed = repeat index. Prompts are
+        short chat messages ("Question i: ...") and both sides render them with the chat template to the same ids
+        (checked in TRL's subprocess). Each run is --grpo-steps steps: the first --warmup are not timed (compile,
+        first allocations), all of them make the reward curve.
+  The reward. A random model cannot move a usual text reward: its tied embeddings (std 0.02) under the final RMSNorm
+        keep every logit within ~±1.4 of the mean, so at temperature 0.3-1 each of the 49152 tokens has probability
+        ~1/49152 and nothing correlates with the random geometry (a count of its 32 likeliest words stayed flat over
+        16 steps even at lr 1e-2; a length reward could gain ~0.1 character per token at most). But its last hidden
+        state is nearly the same at every position, so it has a favourite token, and at temperature 0.1
+        (--grpo-temperature) that token is ~10% of the samples (default model: 'ross', ~3 per 32-token response; the
+        two sides' generate paths give the same count on the initial model). The reward is the count of that token's
+        text in the response ("count of a frequent token"); the bench picks the token from the initial model (the most
+        likely one at the prompts' ends with >= 2 non-space characters) and writes bench_reward.py to its temp folder:
+        ours gets --reward-fn bench_reward:reward (f(prompts, responses) on strings), TRL
+        reward_funcs=[bench_reward.trl_reward] (the same count on the chat completions' text). With --grpo-lr 3e-5 the
+        mean reward climbs from ~3 to ~15-25 of 32 in 16 steps on both sides, unsaturated, so a slower learner shows.
+  Reward comparison: each side logs the mean reward of every step (ours metrics.jsonl "reward", TRL log_history
+        "reward" with logging_steps=1). Per repeat the mean of the last --grpo-last steps; over repeats their mean and
+        standard error (with one repeat, the standard error of those steps). Ours passes when ours - TRL >= -2 x the
+        standard error of that difference. Completion tokens per step are shown: the work per step is the same only
+        if both sides sample equally long completions (no EOS: always --max-new-tokens).
 """
 import argparse
 import json
@@ -45,7 +77,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT]
 MiB = 2**20
-STAGES = ("sft", "rm", "dpo")
+STAGES = ("sft", "rm", "dpo", "grpo")
+GOALS = {"sft": (1.3, 0.6), "rm": (1.3, 0.6), "dpo": (1.3, 0.6), "grpo": (1.5, 0.7)}  # (x faster, x memory Δ)
+TRL_CLASS = {"sft": "SFTTrainer", "rm": "RewardTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer"}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired wizards quietly mix strong potions near "
          "green hills and distant rivers under a pale autumn sky").split()
@@ -109,6 +143,51 @@ def write_data(work, tok, n, seq_len):
     return paths
 
 
+def write_prompts(work, n):
+    """prompts.jsonl for GRPO: n short, distinct user prompts (one epoch of the run; the reward ignores them)."""
+    path = os.path.join(work, "prompts.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"prompt": f"Question {i}: " + text(6, i)}) + "\n" for i in range(n))
+    return path
+
+
+def frequent_token(model, tok, prompts_path, temperature, n_prompts=8):
+    """(text, probability) of the initial model's favourite token: the most likely one, averaged over the ends of the
+    first prompts at `temperature`, whose text has >= 2 non-space characters (so counting it in text means it).
+    A random model's last hidden state barely depends on the context, so this token is likely everywhere."""
+    import torch
+
+    from nanorlhf.data import render_prompt
+    with open(prompts_path) as f:
+        prompts = [json.loads(line)["prompt"] for line in f][:n_prompts]
+    with torch.no_grad():
+        probs = sum(torch.softmax(model(torch.tensor([render_prompt(tok, [{"role": "user", "content": p}])]))
+                                  .logits[0, -1] / temperature, -1) for p in prompts) / len(prompts)
+    special = set(tok.all_special_ids)
+    for i in probs.argsort(descending=True).tolist():
+        word = tok.decode([i])
+        if i not in special and len(word.strip()) >= 2:
+            return word, float(probs[i])
+    raise RuntimeError("no token with a countable text")
+
+
+def write_reward(work, word):
+    """bench_reward.py in the temp folder: the count of `word` in each response, for ours (f(prompts, responses) on
+    strings) and TRL (reward_funcs get keyword lists; completions of chat prompts are message lists)."""
+    with open(os.path.join(work, "bench_reward.py"), "w") as f:
+        f.write(f'''"""GRPO benchmark reward: occurrences of the initial model's favourite token, {word!r}."""
+WORD = {word!r}
+
+
+def reward(prompts, responses):
+    return [float(r.count(WORD)) for r in responses]
+
+
+def trl_reward(prompts, completions, **kwargs):
+    return reward(prompts, [c[-1]["content"] if isinstance(c, list) else c for c in completions])
+''')
+
+
 # ---------------------------------------------------------------- one run (child)
 
 
@@ -141,20 +220,29 @@ def child_ours(spec):
                 batch_size=spec["batch_size"], grad_accum=1, max_length=spec["seq_len"], lora_r=spec["lora_r"],
                 lora_alpha=spec["lora_alpha"], lora_dropout=0.0, eval_frac=0.0, device="cpu", dtype="float32",
                 optim="adamw", weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, log_every=10**6,
-                seed=0)
+                seed=spec.get("seed", 0))
     if spec["stage"] == "sft":
         args["samples"] = 0
     if spec["stage"] == "rm":
         args["norm_samples"] = 2  # the reward statistics pass after training: kept minimal (not timed)
     if spec["stage"] == "rm" or spec["stage"] == "dpo":
         args["loss"] = "sigmoid"
+    if spec["stage"] == "grpo":  # batch_size: the forward micro-batch; the minibatch is every completion of a step
+        sys.path.insert(0, spec["work"])  # bench_reward.py
+        args |= dict(reward_fn="bench_reward:reward", rollout_batch_size=spec["grpo_prompts"],
+                     num_generations=spec["num_generations"], ppo_epochs=1, max_new_tokens=spec["max_new_tokens"],
+                     temperature=spec["temperature"], top_p=1.0, beta=0.0, advantage="grpo", scale_rewards="group",
+                     loss_type="grpo", cliprange=0.2, lr=spec["lr"], warmup=0, sample_every=0)
     script.train(script.Args(**args))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [m for m in map(json.loads, f) if "step_time" in m]
     assert len(steps) == spec["warmup"] + spec["steps"], len(steps)
     info["times"] = [m["step_time"] for m in steps]
     info["peak_rss"] = steps[-1]["peak_mem_gb"] * 1024  # ru_maxrss at the end of the last step, GiB -> MiB
-    info["tokens_per_step"] = round(steps[-1]["tokens_per_s"] * steps[-1]["step_time"])  # attention-mask sum
+    # attention-mask sum (GRPO: completion tokens, the mean over the run as lengths may change)
+    info["tokens_per_step"] = round(statistics.mean(m["tokens_per_s"] * m["step_time"] for m in steps))
+    if spec["stage"] == "grpo":
+        info["rewards"] = [m["reward"] for m in steps]
     info["threads"] = torch.get_num_threads()
     return info
 
@@ -182,13 +270,17 @@ def child_trl(spec):
     set_pad_token(tok, model)  # the same pad token as ours (unk, not EOS); no batch here is padded anyway
     info = {"baseline_rss": rss_mib(), "attn": model.config._attn_implementation}
 
-    # Exactly the token ids ours trains on (nanorlhf.data: chat template, EOS, truncation to seq_len), pre-tokenised.
-    rows = tokenize(load_examples(spec["data"], "sft" if stage == "sft" else "pairs"), tok, seq_len)[0]
-    if stage == "sft":  # labels -100 on the prompt: TRL's fused head shifts them, so the completion tokens are scored
+    # Exactly the token ids ours trains on (nanorlhf.data: chat template, EOS, truncation to seq_len), pre-tokenised;
+    # GRPO prompts as chat messages (GRPOTrainer applies the template itself; checked to give ours' ids).
+    if stage != "grpo":
+        rows = tokenize(load_examples(spec["data"], "sft" if stage == "sft" else "pairs"), tok, seq_len)[0]
+    if stage == "grpo":
+        data = {"prompt": grpo_prompts(spec["data"], tok)}
+    elif stage == "sft":  # labels -100 on the prompt: TRL's fused head shifts them, so the completion tokens are scored
         data = {"input_ids": [p + c for p, c in rows], "labels": [[-100] * len(p) + c for p, c in rows]}
     elif stage == "rm":
         data = {"chosen_ids": [p + c for p, c, r, m in rows], "rejected_ids": [p + r for p, c, r, m in rows]}
-    else:
+    else:  # dpo
         data = {"prompt_ids": [p for p, c, r, m in rows], "chosen_ids": [c for p, c, r, m in rows],
                 "rejected_ids": [r for p, c, r, m in rows]}
     dataset = Dataset.from_dict(data)
@@ -222,7 +314,7 @@ def child_trl(spec):
     elif stage == "rm":
         trainer = trl.RewardTrainer(model=model, args=trl.RewardConfig(**common), train_dataset=dataset,
                                     processing_class=tok, peft_config=lora, callbacks=[StepTimer()])
-    else:
+    elif stage == "dpo":
         class PreTokenizedDPOTrainer(trl.DPOTrainer):
             """DPOTrainer always tokenises text; ours is already tokenised (data preparation is not timed)."""
 
@@ -232,12 +324,53 @@ def child_trl(spec):
         cfg = trl.DPOConfig(**common, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=False)
         trainer = PreTokenizedDPOTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tok,
                                          peft_config=lora, callbacks=[StepTimer()])
+    else:  # GRPO: the reward module the parent wrote to the temp folder
+        sys.path.insert(0, spec["work"])
+        import bench_reward
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=[bench_reward.trl_reward], args=grpo_config(spec, common),
+                                  train_dataset=dataset, processing_class=tok, peft_config=lora,
+                                  callbacks=[StepTimer()])
     info["trainable"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
     assert len(times) == spec["warmup"] + spec["steps"], len(times)
-    info |= {"times": times, "peak_rss": peak["rss"], "threads": peak["threads"],
-             "tokens_per_step": round(trainer._total_train_tokens / len(times))}  # attention-mask sum
+    info |= {"times": times, "peak_rss": peak["rss"], "threads": peak["threads"]}
+    if stage == "grpo":  # one log per step (logging_steps=1)
+        logs = [h for h in trainer.state.log_history if "reward" in h]
+        assert len(logs) == len(times), (len(logs), len(times))
+        info["rewards"] = [h["reward"] for h in logs]
+        n = spec["grpo_prompts"] * spec["num_generations"]
+        info["tokens_per_step"] = round(statistics.mean(h["completions/mean_length"] * n for h in logs))
+    else:
+        info["tokens_per_step"] = round(trainer._total_train_tokens / len(times))  # attention-mask sum
     return info
+
+
+def grpo_prompts(path, tok):
+    """The prompts of `path` as chat messages for GRPOTrainer, after checking that its chat-template call gives the
+    same ids as ours (nanorlhf.data.render_prompt), so both sides sample from the same contexts."""
+    from nanorlhf.data import render_prompt
+    with open(path) as f:
+        prompts = [[{"role": "user", "content": json.loads(line)["prompt"]}] for line in f]
+    theirs = tok.apply_chat_template(conversation=prompts[:4], add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"]
+    assert [list(t) for t in theirs] == [render_prompt(tok, p) for p in prompts[:4]], "chat template ids differ"
+    return prompts
+
+
+def grpo_config(spec, common):
+    """GRPOConfig matching ours: one generation of every completion per optimizer step, split into micro-batches by
+    gradient accumulation; TRL's GRPO defaults that differ from ours (bf16, gradient checkpointing, lr) overridden."""
+    import trl
+    n = spec["grpo_prompts"] * spec["num_generations"]
+    micro = spec["batch_size"]
+    args = {k: v for k, v in common.items() if k != "max_length"}  # GRPO's lengths: prompt as is, max_completion_length
+    args |= dict(per_device_train_batch_size=micro, gradient_accumulation_steps=n // micro,
+                 steps_per_generation=n // micro, num_iterations=1, num_generations=spec["num_generations"],
+                 max_completion_length=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0, top_k=0,
+                 beta=0.0, epsilon=0.2, loss_type="grpo", scale_rewards="group", learning_rate=spec["lr"],
+                 use_vllm=False, disable_dropout=True, log_completions=False, seed=spec["seed"],
+                 logging_strategy="steps", logging_steps=1)  # the reward of every step, as ours logs it
+    return trl.GRPOConfig(**args)
 
 
 def child(spec):
@@ -269,6 +402,32 @@ def fmt_ratio(x):
     return f"{x:.2f}"
 
 
+def reward_stats(runs, last):
+    """Mean reward of the last `last` steps and its standard error: over repeats (each repeat's mean), or over those
+    steps when there is one repeat; and the curve, each step's reward averaged over repeats."""
+    per_run = [statistics.mean(r["rewards"][-last:]) for r in runs]
+    values = per_run if len(runs) > 1 else runs[0]["rewards"][-last:]
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    curve = [statistics.mean(step) for step in zip(*(r["rewards"] for r in runs))]
+    return statistics.mean(values), se, curve
+
+
+def print_rewards(ours, theirs, last, w):
+    """The reward rows of the GRPO table; True when ours is within 2 standard errors of TRL's or better."""
+    (mo, so, co), (mt, st, ct) = reward_stats(ours, last), reward_stats(theirs, last)
+    diff, se = mo - mt, (so**2 + st**2) ** 0.5  # standard error of the difference of two independent means
+    ok = diff >= -2 * se if se == se else diff >= 0  # NaN (a single step): no error bar, ours must be >= TRL's
+    over = "over repeats" if len(ours) > 1 else "over the steps of 1 repeat"
+    print(f"  {'reward, first step (mean)':<36}{co[0]:>{w}.2f}{ct[0]:>{w}.2f}")
+    print(f"  {f'reward, mean of last {last} steps ± SE':<36}{f'{mo:.2f}±{so:.2f}':>{w}}{f'{mt:.2f}±{st:.2f}':>{w}}"
+          f"{mo / mt if mt else float('nan'):>{w}.2f}   (SE {over})")
+    print(f"  {'  ours - TRL ± SE of the difference':<36}{f'{diff:+.2f}±{se:.2f}':>{w}}   -> "
+          f"{'better' if diff > 0 else 'worse'}; {'within 2 SE or better' if ok else 'more than 2 SE worse'}")
+    for name, curve in (("ours", co), ("TRL", ct)):
+        print(f"  reward curve {name:<4} {' '.join(f'{x:.2f}' for x in curve)}")
+    return ok
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -284,7 +443,19 @@ def main():
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads on both sides (1: on a shared box, OpenMP threads spin against other "
                         "processes and the timings turn to noise; pass the core count on an idle machine)")
-    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of sft,rm,dpo")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    g = p.add_argument_group("grpo", "the GRPO stage (--steps, --batch-size and --seq-len are for sft, rm, dpo)")
+    g.add_argument("--grpo-steps", type=int, default=16,
+                   help="optimizer steps per GRPO run: the first --warmup untimed, all of them in the reward curve")
+    g.add_argument("--grpo-prompts", type=int, default=4, help="prompts per step (ours: --rollout-batch-size)")
+    g.add_argument("--num-generations", type=int, default=4, help="k, completions per prompt")
+    g.add_argument("--grpo-micro-batch", type=int, default=8,
+                   help="completions per forward (ours: --batch-size; TRL: per_device_train_batch_size)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--grpo-temperature", type=float, default=0.1,
+                   help="sampling temperature (low: the random model's favourite token is then frequent)")
+    g.add_argument("--grpo-lr", type=float, default=3e-5, help="peak learning rate, cosine decay, no warmup")
+    g.add_argument("--grpo-last", type=int, default=4, help="the reward compared: mean of the last N steps")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -295,6 +466,11 @@ def main():
         p.error(f"--stages: unknown {bad}; choose from {','.join(STAGES)}")
     if a.seq_len % 2 or a.seq_len < 16:
         p.error("--seq-len must be even and >= 16 (half prompt, half reply)")
+    n_completions = a.grpo_prompts * a.num_generations
+    if "grpo" in stages and (a.grpo_steps <= a.warmup or not 1 <= a.grpo_last <= a.grpo_steps
+                             or n_completions % a.grpo_micro_batch or a.num_generations < 2):
+        p.error("grpo: need --grpo-steps > --warmup, 1 <= --grpo-last <= --grpo-steps, --num-generations >= 2 and "
+                "--grpo-prompts x --num-generations a multiple of --grpo-micro-batch")
 
     import peft
     import torch
@@ -316,17 +492,34 @@ def main():
         n_params = sum(p.numel() for p in model.parameters())
         model.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
+        data = {}
+        if set(stages) - {"grpo"}:
+            n_rows = a.batch_size * (a.warmup + a.steps)  # one epoch: no epoch boundary inside the timed steps
+            data = write_data(work, tok, n_rows, a.seq_len)
+        if "grpo" in stages:
+            data["prompts"] = write_prompts(work, a.grpo_prompts * a.grpo_steps)  # one epoch
+            word, p_word = frequent_token(model, tok, data["prompts"], a.grpo_temperature)
+            write_reward(work, word)
         del model
-        n_rows = a.batch_size * (a.warmup + a.steps)  # one epoch: no epoch boundary inside the timed steps
-        data = write_data(work, tok, n_rows, a.seq_len)
 
         print(f"model: random Llama, vocab {len(tok)} (SmolLM2 tokenizer), hidden {cfg.hidden_size}, "
               f"intermediate {cfg.intermediate_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads "
               f"({cfg.num_key_value_heads} kv), tied embeddings, {n_params / 1e6:.1f}M params, fp32")
-        print(f"run: batch {a.batch_size} ({'pairs for rm/dpo' if set(stages) & {'rm', 'dpo'} else 'examples'}), "
-              f"seq len {a.seq_len} (every sequence; no padding), LoRA r={a.lora_r} alpha={a.lora_alpha:g} on "
-              f"{','.join(t[:-5] for t in TARGETS)}, AdamW, clip 1.0, no grad checkpointing, {a.threads} thread(s); "
-              f"{a.warmup} warmup + {a.steps} timed steps x {a.repeats} repeats per (framework, stage)")
+        lora = f"LoRA r={a.lora_r} alpha={a.lora_alpha:g} on {','.join(t[:-5] for t in TARGETS)}"
+        if set(stages) - {"grpo"}:
+            print(f"run: batch {a.batch_size} ({'pairs for rm/dpo' if set(stages) & {'rm', 'dpo'} else 'examples'}), "
+                  f"seq len {a.seq_len} (every sequence; no padding), {lora}, AdamW, clip 1.0, no grad checkpointing, "
+                  f"{a.threads} thread(s); {a.warmup} warmup + {a.steps} timed steps x {a.repeats} repeats per "
+                  f"(framework, stage)")
+        if "grpo" in stages:
+            print(f"grpo: {a.grpo_prompts} prompts x k={a.num_generations} = {n_completions} completions per optimizer "
+                  f"step (one generation, forward micro-batch {a.grpo_micro_batch}), max {a.max_new_tokens} new tokens, "
+                  f"temperature {a.grpo_temperature:g}, top_p 1, top_k off, beta 0, loss grpo, scale_rewards group, lr "
+                  f"{a.grpo_lr:g} cosine; {lora}, AdamW, clip 1.0, {a.threads} thread(s); {a.warmup} warmup + "
+                  f"{a.grpo_steps - a.warmup} timed steps x {a.repeats} repeats (seed = repeat)")
+            print(f"grpo reward: count of {word!r} in the response (the initial model's favourite token: "
+                  f"p = {p_word:.1%} per token at temperature {a.grpo_temperature:g}, "
+                  f"~{p_word * a.max_new_tokens:.1f} per response)")
         print(f"versions: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
               f"peft {peft.__version__}, python {sys.version.split()[0]}; {os.cpu_count()} CPUs")
         print(f"load average at start: {' '.join(f'{x:.2f}' for x in loads[0])}", flush=True)
@@ -335,16 +528,23 @@ def main():
             for i, stage in enumerate(stages):
                 order = ("ours", "trl") if (rep + i) % 2 == 0 else ("trl", "ours")
                 for fw in order:
-                    spec = dict(framework=fw, stage=stage, model=model_dir, data=data["sft" if stage == "sft" else "pairs"],
-                                work=work, steps=a.steps, warmup=a.warmup, batch_size=a.batch_size, seq_len=a.seq_len,
+                    spec = dict(framework=fw, stage=stage, model=model_dir,
+                                data=data[dict(sft="sft", grpo="prompts").get(stage, "pairs")], work=work,
+                                steps=a.steps, warmup=a.warmup, batch_size=a.batch_size, seq_len=a.seq_len,
                                 lora_r=a.lora_r, lora_alpha=a.lora_alpha, threads=a.threads)
+                    if stage == "grpo":  # a fresh seed per repeat, the same on both sides: the reward curve varies
+                        spec |= dict(steps=a.grpo_steps - a.warmup, batch_size=a.grpo_micro_batch, seed=rep,
+                                     grpo_prompts=a.grpo_prompts, num_generations=a.num_generations,
+                                     max_new_tokens=a.max_new_tokens, temperature=a.grpo_temperature, lr=a.grpo_lr)
                     info = run(spec, a.threads)
                     results[(fw, stage)].append(info)
                     loads.append(os.getloadavg())
                     timed = info["times"][a.warmup:]
-                    print(f"  repeat {rep + 1} {stage:<3} {fw:<4}: median step {statistics.median(timed):.3f} s "
+                    reward = (f"reward {info['rewards'][0]:.2f} -> {statistics.mean(info['rewards'][-a.grpo_last:]):.2f} "
+                              f"(last {a.grpo_last}), " if stage == "grpo" else "")
+                    print(f"  repeat {rep + 1} {stage:<4} {fw:<4}: median step {statistics.median(timed):.3f} s "
                           f"(min {min(timed):.3f}, max {max(timed):.3f}; warmup {', '.join(f'{t:.2f}' for t in info['times'][:a.warmup])} s), "
-                          f"peak RSS {info['peak_rss']:.0f} MiB (Δ {info['peak_rss'] - info['baseline_rss']:.0f}), "
+                          f"peak RSS {info['peak_rss']:.0f} MiB (Δ {info['peak_rss'] - info['baseline_rss']:.0f}), {reward}"
                           f"load {info['load'][0]:.2f}->{info['load'][1]:.2f}, {info['wall']:.0f} s wall", flush=True)
 
     print()
@@ -363,9 +563,9 @@ def main():
                         tokens=runs[0]["tokens_per_step"])
         o, t = summary(ours), summary(theirs)
         rt, rm = o["time"] / t["time"], o["delta"] / t["delta"]
-        ok = rt <= 1 / 1.3 and rm <= 0.6
-        ok_all &= ok
-        print(f"== {stage.upper()}  ({'ours: train_' + stage + '.py' } vs trl.{dict(sft='SFTTrainer', rm='RewardTrainer', dpo='DPOTrainer')[stage]})")
+        speedup, mem = GOALS[stage]
+        ok_speed, ok_mem = rt <= 1 / speedup, rm <= mem
+        print(f"== {stage.upper()}  (ours: train_{stage}.py vs trl.{TRL_CLASS[stage]})")
         w = 12
         print(f"  {'':<36}{'ours':>{w}}{'TRL':>{w}}{'ours/TRL':>{w}}")
         print(f"  {'step time, median (s)':<36}{o['time']:>{w}.3f}{t['time']:>{w}.3f}{rt:>{w}.2f}   "
@@ -376,11 +576,20 @@ def main():
         print(f"  {'peak RSS, raw (MiB)':<36}{o['raw']:>{w}.0f}{t['raw']:>{w}.0f}{o['raw'] / t['raw']:>{w}.2f}")
         print(f"  {'RSS after imports + load (MiB)':<36}{o['base']:>{w}.0f}{t['base']:>{w}.0f}")
         print(f"  {'trainable params':<36}{o['trainable']:>{w},}{t['trainable']:>{w},}")
-        print(f"  {'tokens per step (no padding)':<36}{o['tokens']:>{w},}{t['tokens']:>{w},}")
+        tokens = "completion tokens per step (mean)" if stage == "grpo" else "tokens per step (no padding)"
+        print(f"  {tokens:<36}{o['tokens']:>{w},}{t['tokens']:>{w},}")
         print(f"  {'attention / threads in the step':<36}{o['attn'] + ' / ' + str(o['threads']):>{w}}"
               f"{t['attn'] + ' / ' + str(t['threads']):>{w}}")
-        print(f"  target (>= 1.3x faster, <= 0.6x memory Δ): {'met' if ok else 'NOT met'}"
-              f" (speed {'ok' if rt <= 1 / 1.3 else 'no'}, memory {'ok' if rm <= 0.6 else 'no'})")
+        goal = f">= {speedup:g}x faster, <= {mem:g}x memory Δ"
+        verdict = f"speed {'ok' if ok_speed else 'no'}, memory {'ok' if ok_mem else 'no'}"
+        ok = ok_speed and ok_mem
+        if stage == "grpo":
+            ok_reward = print_rewards(ours, theirs, a.grpo_last, w)
+            goal += ", reward within 2 SE of TRL's or better"
+            verdict += f", reward {'ok' if ok_reward else 'no'}"
+            ok = ok and ok_reward
+        ok_all &= ok
+        print(f"  target ({goal}): {'met' if ok else 'NOT met'} ({verdict})")
     ones = [l[0] for l in loads]
     print(f"\nload average (1 min) over the run: min {min(ones):.2f}, median {statistics.median(ones):.2f}, "
           f"max {max(ones):.2f} on {os.cpu_count()} CPUs; timings are medians of interleaved runs")
