@@ -4,7 +4,9 @@
     python -m nanorlhf.arithmetic --n 200 --seed 1 --exclude data/arithmetic.jsonl --out data/arithmetic_test.jsonl
     python train_grpo.py --model smollm2 --data data/arithmetic.jsonl --reward-fn nanorlhf.arithmetic:reward ...
 
-Each problem is one of four templates (add, take away, multiply, share equally) over small numbers. The reward
+Each problem is one of four templates (add, take away, multiply, share equally) over small numbers, sized so
+that SmolLM2-135M gets about one in five right (a task it already solves sometimes: a group of samples then
+holds both right and wrong answers, which is what a group baseline learns from). The reward
 needs no answer key: `reward` reads the two numbers and the operation back from the problem's own wording and
 compares the last number in the response with the result (1.0 right, 0.0 wrong or missing).
 """
@@ -28,20 +30,21 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def make(n, seed=0, exclude=()):
-    """n distinct problems as {"prompt": text} records, none of them in `exclude`; results are whole numbers."""
+    """n distinct problems as {"prompt": text} records, none of them in `exclude`; results are whole numbers
+    from 1 to 25."""
     rng, out, seen = random.Random(seed), [], set(exclude)
     while len(out) < n:
         template, op = rng.choice(TEMPLATES)
         if op == "+":
-            a, b = rng.randint(2, 50), rng.randint(2, 50)
+            a, b = rng.randint(1, 12), rng.randint(1, 12)
         elif op == "-":
-            a = rng.randint(5, 60)
+            a = rng.randint(3, 20)
             b = rng.randint(1, a - 1)
         elif op == "*":
-            a, b = rng.randint(2, 10), rng.randint(2, 10)
+            a, b = rng.randint(2, 5), rng.randint(2, 5)
         else:
-            b = rng.randint(2, 9)
-            a = b * rng.randint(2, 11)
+            b = rng.randint(2, 5)
+            a = b * rng.randint(1, 5)
         text = template.format(name=rng.choice(NAMES), things=rng.choice(THINGS), a=a, b=b) + ASK
         if text not in seen:
             seen.add(text)
