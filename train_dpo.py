@@ -12,7 +12,7 @@ rejected) and margin on held-out pairs show whether the preference is learnt. Th
 starting model: with LoRA that same model with its adapters disabled, for full fine-tuning a
 frozen copy, and with --precompute-ref neither (its logprobs are computed once, before training).
 
-    python train_dpo.py --model out/sft --data ../shared/data/dpo_en_demo.json --out out/dpo
+    python train_dpo.py --model out/sft --data data/dpo_en_demo.json --out out/dpo
 """
 from dataclasses import dataclass
 
@@ -23,7 +23,7 @@ from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
-from nanorlhf.preference import precompute_reference, summed_logprobs
+from nanorlhf.preference import Reference, summed_logprobs
 
 
 @dataclass
@@ -72,16 +72,11 @@ def pair_seqs(rows):
     return [(p, c) for p, c, _, _ in rows] + [(p, r) for p, _, r, _ in rows]
 
 
-def dpo_step(model, ref_model, rows, ref_logprobs, args, pad_id):
-    """Per-pair losses (B,) of pair rows, and the sum over them of every logged metric.
-
-    ref_logprobs: (2, B) precomputed reference (chosen; rejected), or None to run the reference now.
-    """
+def dpo_step(model, reference, rows, args, pad_id):
+    """Per-pair losses (B,) of pair rows, and the sum over them of every logged metric."""
     seqs = pair_seqs(rows)
     logprobs = summed_logprobs(model, seqs, pad_id).view(2, -1)  # (2, B): chosen and rejected in one forward
-    if ref_logprobs is None:
-        ref_logprobs = summed_logprobs(model, seqs, pad_id, ref_model, reference=True).view(2, -1)  # (2, B)
-    ref_logprobs = ref_logprobs.to(logprobs.device)
+    ref_logprobs = reference(seqs).view(2, -1)                   # (2, B)
     if args.loss == "ipo":  # IPO compares mean token logprobs: Σ_t log π / |y|, for the policy and the reference
         lengths = torch.tensor([len(c) for _, c in seqs], device=logprobs.device).view(2, -1)  # (2, B)
         logprobs, ref_logprobs = logprobs / lengths, ref_logprobs / lengths
@@ -94,16 +89,17 @@ def dpo_step(model, ref_model, rows, ref_logprobs, args, pad_id):
     return losses, {k: v.item() for k, v in sums.items()}
 
 
-@torch.no_grad()
-def evaluate(model, rows, ref_logprobs, args, pad_id):
-    """Mean loss, implicit rewards, accuracy, margin and logprobs over held-out pairs, eval_-prefixed.
+def batched_pairs(rows, batch_size):
+    """pair_seqs of every batch of rows, one after another: the rows of each forward, in order."""
+    return [s for i in range(0, len(rows), batch_size) for s in pair_seqs(rows[i:i + batch_size])]
 
-    ref_logprobs: (2, N) the reference's, computed once before training.
-    """
+
+@torch.no_grad()
+def evaluate(model, reference, rows, args, pad_id):
+    """Mean loss, implicit rewards, accuracy, margin and logprobs over held-out pairs, eval_-prefixed."""
     totals = {}
     for i in range(0, len(rows), args.batch_size):
-        _, sums = dpo_step(model, None, rows[i:i + args.batch_size], ref_logprobs[:, i:i + args.batch_size], args,
-                           pad_id)
+        _, sums = dpo_step(model, reference, rows[i:i + args.batch_size], args, pad_id)
         totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
     n = dist.all_sum(len(rows))  # under torchrun `rows` is this rank's share of the held-out pairs
     return {f"eval_{k}": dist.all_sum(v) / n for k, v in totals.items()}
@@ -119,20 +115,17 @@ def train(args):
     model, tokenizer = load_policy(args)
     pad_id = tokenizer.pad_token_id
     train_rows, eval_rows = load_data(args, "pairs", tokenizer)
-    # The reference is the model as loaded, before any update and before Loop loads a checkpoint: LoRA
-    # disables its adapters, full fine-tuning keeps a frozen copy, and --precompute-ref needs neither.
-    ref_model = None if args.precompute_ref else M.frozen_copy(model)
-
-    def precompute(rows):  # (2, N) reference logprobs (chosen; rejected) in the batches evaluate() uses
-        batches = [pair_seqs(rows[i:i + args.batch_size]) for i in range(0, len(rows), args.batch_size)]
-        return torch.cat([precompute_reference(model, ref_model, b, pad_id, len(b)).view(2, -1) for b in batches], 1)
-    ref_train = precompute(train_rows) if args.precompute_ref else None
-    # The held-out reference is fixed, so every evaluation reuses it. Same batches, same bits: at step 0
-    # policy and reference tie exactly instead of by rounding (which would make accuracy a coin flip).
-    ref_eval = precompute(eval_rows) if eval_rows else None
+    # The reference is the model as loaded, before any update and before Loop loads a checkpoint. The held-out
+    # pairs are scored once, in the batches evaluate() uses: same batches, same bits, so at step 0 policy and
+    # reference tie exactly instead of by rounding (which would make accuracy a coin flip).
+    reference = Reference(model, pad_id, live=not args.precompute_ref)
+    pairs = 2 * args.batch_size  # rows per forward: chosen and rejected
+    if args.precompute_ref:
+        reference.precompute(batched_pairs(train_rows, args.batch_size), pairs)
+    reference.precompute(batched_pairs(eval_rows, args.batch_size), pairs)
     loop = Loop(args, {"model": model}, len(train_rows))
     if eval_rows and not args.resume:
-        loop.log({"step": 0, **evaluate(model, eval_rows, ref_eval, args, pad_id)})
+        loop.log({"step": 0, **evaluate(model, reference, eval_rows, args, pad_id)})
 
     for step in loop:
         batches = loop.batches()
@@ -140,19 +133,18 @@ def train(args):
         totals, tokens = {}, 0
         for idx in batches:
             rows = [train_rows[i] for i in idx]
-            losses, sums = dpo_step(model, ref_model, rows, ref_train[:, idx] if ref_train is not None else None,
-                                    args, pad_id)
+            losses, sums = dpo_step(model, reference, rows, args, pad_id)
             (losses.sum() / n_pairs).backward()
             totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
             tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r, _ in rows)
         metrics = {k: dist.all_sum(v) / n_pairs for k, v in totals.items()} | {"tokens": tokens}
         metrics |= loop.optimizer_step()
         if eval_rows and args.eval_every and step % args.eval_every == 0:
-            metrics |= evaluate(model, eval_rows, ref_eval, args, pad_id)
+            metrics |= evaluate(model, reference, eval_rows, args, pad_id)
         loop.end_step(metrics)
 
     if eval_rows:
-        final = evaluate(model, eval_rows, ref_eval, args, pad_id)
+        final = evaluate(model, reference, eval_rows, args, pad_id)
         loop.log({"step": loop.step, **{f"final_{k}": v for k, v in final.items()}})
     M.save_model(model, tokenizer, args.out)
     adapter = f" and the LoRA adapter to {args.out}/adapter" if args.lora_r else ""

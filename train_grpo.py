@@ -34,14 +34,14 @@ from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
-from nanorlhf.loop import Loop, TrainArgs, check_out, load_policy
+from nanorlhf.loop import Loop, RunArgs, check_out, load_policy
 from nanorlhf.rewards import Rewarder, call_reward_fn, load_reward_fn
 from nanorlhf.rollout import (gae, kl_penalty, masked, masked_mean, micro_batches, minibatches, response_logprobs,
                               sample, shape_rewards, whiten)
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(RunArgs):
     model: str = arg(M.DEFAULT_MODEL, "The policy to start from: an SFT output or any causal LM.", alias="--actor")
     rm: list[str] = arg([], "Reward model folder (train_rm.py --out). Give it several times for a weighted sum.")
     rm_weight: list[float] = arg([], "Weight of each --rm in the reward, in order (default 1 each).")
@@ -55,15 +55,14 @@ class Args(TrainArgs):
     minibatch_size: int | None = arg(None, "Responses per optimizer step; default all of an iteration's "
                                      "(--rollout-batch-size × --num-generations).", gt=0)
     batch_size: int | None = arg(None, "Responses per forward pass; default min(8, --minibatch-size).", gt=0)
-    grad_accum: int = arg(1, "Unused: accumulation is --minibatch-size / --batch-size.", gt=0)
     ppo_epochs: int = arg(1, "μ, passes over each iteration's responses. 1 with one minibatch is on-policy "
                           "REINFORCE with a group baseline (and skips the old-logprob pass).", gt=0)
     lr: float = arg(1e-5, "Peak learning rate (LoRA; TRL's 1e-6 is for full fine-tuning).", gt=0)
-    lora_dropout: float = arg(0.0, "Accepted for shared commands, but every dropout is off here: with dropout the "
-                              "ratio is not 1 before the first update.", ge=0)
-    max_length: int = arg(256, "Max prompt tokens; longer prompts are skipped.", gt=0)
+    max_prompt_length: int = arg(256, "Max prompt tokens; longer prompts are skipped (--max-length: an alias).", gt=0,
+                                 alias="--max-length")
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
-    temperature: float = arg(0.7, "Sampling temperature, used in every logprob pass too (REFERENCE §1.5).", gt=0)
+    temperature: float = arg(0.7, "Sampling temperature, used in every logprob pass too, so the ratio and KL compare "
+                             "the distributions sampled from.", gt=0)
     top_p: float = arg(1.0, "Nucleus sampling; < 1 makes logprobs differ from the sampling distribution.", gt=0)
     advantage: str = arg("grpo", "grpo: group mean and std; rloo: leave-one-out mean; reinforce++: batch-"
                          "whitened returns with the KL in the reward.", choices=["grpo", "rloo", "reinforce++"])
@@ -160,7 +159,8 @@ def train(args):
     rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, device=args.device, dtype=args.dtype,
                         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
     gold_fn = load_reward_fn(args.gold_reward_fn, "--gold-reward-fn") if args.gold_reward_fn else None
-    prompts = load_prompts(args.data, tokenizer, args.max_length, args.format, args.limit)
+    prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
+                           flag="--max-prompt-length")
     iterations = args.max_steps or math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)
     updates = args.ppo_epochs * (n // args.minibatch_size)
     loop = Loop(args, {"model": model}, len(prompts), total_steps=iterations, updates_per_step=updates)

@@ -14,7 +14,7 @@ answer is. It is clamped at 0 and detached. It uses the step's whole batch (--ba
 the set of mismatched completions is the set of matched ones (TRL PR#1402). Pairs data is split
 into desirable (chosen) and undesirable (rejected) examples.
 
-    python train_kto.py --model out/sft --data ../shared/data/kto_en_demo.json --out out/kto
+    python train_kto.py --model out/sft --data data/kto_en_demo.json --out out/kto
 """
 import sys
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import arg, main
 from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
-from nanorlhf.preference import precompute_reference, summed_logprobs
+from nanorlhf.preference import Reference, summed_logprobs
 
 
 @dataclass
@@ -70,21 +70,13 @@ def mismatched(rows, max_length):
 
 
 @torch.no_grad()
-def estimate_kl(model, ref_model, seqs, pad_id, batch_size, ref_logprobs=None):
+def estimate_kl(model, reference, seqs, pad_id, batch_size):
     """z₀ = max(0, mean of log π - log π_ref over mismatched pairs), or None when there are none. Under torchrun
-    `seqs` are this rank's pairs and the mean is over every rank's.
-
-    ref_logprobs: (n,) the reference's on `seqs` if precomputed, else None to run it now.
-    """
+    `seqs` are this rank's pairs and the mean is over every rank's."""
     total = 0.0
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
-        logprobs = summed_logprobs(model, chunk, pad_id)  # (b,)
-        if ref_logprobs is None:
-            ref_chunk = summed_logprobs(model, chunk, pad_id, ref_model, reference=True)  # (b,)
-        else:
-            ref_chunk = ref_logprobs[i:i + batch_size].to(logprobs.device)
-        total += (logprobs - ref_chunk).sum().item()
+        total += (summed_logprobs(model, chunk, pad_id) - reference(chunk)).sum().item()  # (b,) log-ratios
     n = dist.all_sum(len(seqs))
     return max(0.0, dist.all_sum(total) / n) if n else None
 
@@ -111,18 +103,13 @@ class ReferencePoint:
         self.kl, self.fallbacks = state["kl"], state["fallbacks"]
 
 
-def kto_step(model, ref_model, rows, ref_logprobs, kl, args, pad_id):
-    """Per-example losses (B,) of unpaired rows, and sums and counts of the logged metrics.
-
-    ref_logprobs: (B,) precomputed reference, or None to run the reference now; kl: z₀.
-    """
+def kto_step(model, reference, rows, kl, args, pad_id):
+    """Per-example losses (B,) of unpaired rows, and sums and counts of the logged metrics; kl: z₀."""
     seqs = [(p, c) for p, c, _ in rows]
     logprobs = summed_logprobs(model, seqs, pad_id)  # (B,)
-    if ref_logprobs is None:
-        ref_logprobs = summed_logprobs(model, seqs, pad_id, ref_model, reference=True)  # (B,)
     labels = torch.tensor([label for _, _, label in rows], device=logprobs.device)  # (B,) bool
-    losses, rewards = kto_loss(logprobs, ref_logprobs.to(logprobs.device), labels, kl, args.beta,
-                               args.desirable_weight, args.undesirable_weight)
+    losses, rewards = kto_loss(logprobs, reference(seqs), labels, kl, args.beta, args.desirable_weight,
+                               args.undesirable_weight)
     sums = {"loss": losses.detach().sum(), "rewards/chosen": rewards[labels].sum(), "n/chosen": labels.sum(),
             "rewards/rejected": rewards[~labels].sum(), "n/rejected": (~labels).sum()}
     return losses, {k: v.item() for k, v in sums.items()}
@@ -144,17 +131,13 @@ def add(totals, sums):
 
 
 @torch.no_grad()
-def evaluate(model, rows, ref_logprobs, kl_ref_logprobs, z0, args, pad_id):
-    """Loss and rewards over held-out examples, with z₀ from the whole held-out set's mismatched pairs.
-
-    ref_logprobs (N,), kl_ref_logprobs (n,): the reference's on those examples and pairs, computed once.
-    """
-    kl = estimate_kl(model, None, mismatched(rows, args.max_length), pad_id, args.batch_size, kl_ref_logprobs)
+def evaluate(model, reference, rows, z0, args, pad_id):
+    """Loss and rewards over held-out examples, with z₀ from the whole held-out set's mismatched pairs."""
+    kl = estimate_kl(model, reference, mismatched(rows, args.max_length), pad_id, args.batch_size)
     kl = z0.kl if kl is None else kl
     totals = {}
     for i in range(0, len(rows), args.batch_size):
-        ref = ref_logprobs[i:i + args.batch_size]
-        totals = add(totals, kto_step(model, None, rows[i:i + args.batch_size], ref, kl, args, pad_id)[1])
+        totals = add(totals, kto_step(model, reference, rows[i:i + args.batch_size], kl, args, pad_id)[1])
     return {f"eval_{k}": v for k, v in (means(totals, len(rows)) | {"kl": kl}).items()}
 
 
@@ -174,43 +157,40 @@ def train(args):
         print(f"warning: {args.data}: all {len(train_rows)} training examples are {have}, none {missing}: KTO can "
               f"only move {have} log-ratios past z₀. Check the labels if that is not what you meant.",
               file=sys.stderr)
-    # The reference is the model as loaded, before any update and before Loop loads a checkpoint. The z₀
-    # pairs are new every step, so their reference needs the frozen copy even with --precompute-ref.
-    ref_model = M.frozen_copy(model)
-
-    def precompute(seqs):  # (N,) reference logprobs
-        return precompute_reference(model, ref_model, seqs, pad_id, args.batch_size) if seqs else None
-    ref_train = precompute([(p, c) for p, c, _ in train_rows]) if args.precompute_ref else None
-    # Held-out examples and their mismatched pairs are fixed, so every evaluation reuses their reference.
-    ref_eval = precompute([(p, c) for p, c, _ in eval_rows])
-    ref_eval_kl = precompute(mismatched(eval_rows, args.max_length))
+    # The reference is the model as loaded, before any update and before Loop loads a checkpoint. The z₀ pairs are
+    # new every step, so the reference stays live (a frozen copy for full fine-tuning) even with --precompute-ref.
+    # Held-out examples and their mismatched pairs are fixed: scored once, in the batches evaluate() uses.
+    reference = Reference(model, pad_id)
+    if args.precompute_ref:
+        reference.precompute([(p, c) for p, c, _ in train_rows], args.batch_size)
+    reference.precompute([(p, c) for p, c, _ in eval_rows], args.batch_size)
+    reference.precompute(mismatched(eval_rows, args.max_length), args.batch_size)
     z0 = ReferencePoint()
     loop = Loop(args, {"model": model}, len(train_rows), stateful={"z0": z0})
     if eval_rows and not args.resume:
-        loop.log({"step": 0, **evaluate(model, eval_rows, ref_eval, ref_eval_kl, z0, args, pad_id)})
+        loop.log({"step": 0, **evaluate(model, reference, eval_rows, z0, args, pad_id)})
 
     for step in loop:
         batches = loop.batches()
         step_rows = [train_rows[i] for idx in batches for i in idx]
         n_step = dist.all_sum(len(step_rows))
         # z₀ first, from the whole step and without grad: every micro-batch then shares one reference point.
-        kl = z0.update(estimate_kl(model, ref_model, mismatched(step_rows, args.max_length), pad_id, args.batch_size))
+        kl = z0.update(estimate_kl(model, reference, mismatched(step_rows, args.max_length), pad_id, args.batch_size))
         totals = {}
         for idx in batches:
             rows = [train_rows[i] for i in idx]
-            losses, sums = kto_step(model, ref_model, rows, ref_train[idx] if ref_train is not None else None, kl,
-                                    args, pad_id)
+            losses, sums = kto_step(model, reference, rows, kl, args, pad_id)
             (losses.sum() / n_step).backward()  # the mean over the step's examples (on every rank)
             totals = add(totals, sums)
         metrics = means(totals, len(step_rows)) | {"kl": kl, "kl_fallbacks": z0.fallbacks}
         metrics["tokens"] = sum(len(p) + len(c) for p, c, _ in step_rows)
         metrics |= loop.optimizer_step()
         if eval_rows and args.eval_every and step % args.eval_every == 0:
-            metrics |= evaluate(model, eval_rows, ref_eval, ref_eval_kl, z0, args, pad_id)
+            metrics |= evaluate(model, reference, eval_rows, z0, args, pad_id)
         loop.end_step(metrics)
 
     if eval_rows:
-        final = evaluate(model, eval_rows, ref_eval, ref_eval_kl, z0, args, pad_id)
+        final = evaluate(model, reference, eval_rows, z0, args, pad_id)
         loop.log({"step": loop.step, **{f"final_{k}": v for k, v in final.items()}})
     M.save_model(model, tokenizer, args.out)
     adapter = f" and the LoRA adapter to {args.out}/adapter" if args.lora_r else ""

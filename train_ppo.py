@@ -1,21 +1,23 @@
 """PPO from a reward model (Ziegler et al. 2019; Ouyang et al. 2022), with the implementation
-details of the N+ reproduction (Huang et al. 2024, arXiv 2403.17031) and REFERENCE §1.
+details of the N+ reproduction (Huang et al. 2024, arXiv 2403.17031; docs/ppo-details.md).
 
 One frozen base carries three roles: the actor (LoRA adapter `policy`), the reference (every
-adapter disabled) and the critic (adapter `value` + a linear value head). Each iteration:
+adapter disabled) and the critic (adapter `value` + a linear value head). Each iteration is
+five functions, called in order by train():
 
-    1. rollout      sample responses to a batch of prompts, cut after the first EOS
-    2. score + KL   reward = -β·KL(π‖π_ref) per token, plus the RM score on the last token
-    3. GAE          advantages and returns (γ, λ), whitened advantages
-    4. PPO epochs   clipped policy and value losses over shuffled minibatches
-    5. log + save
+    1. rollout      sample responses to a batch of prompts, cut after the first EOS; the old and
+                    reference logprobs and the values of every response token
+    2. score        reward = -β·KL(π‖π_ref) per token, plus the RM score on the last token
+    3. advantages   GAE (γ, λ) advantages and returns, advantages whitened
+    4. update       clipped policy and value losses over shuffled minibatches, --ppo-epochs times
+    5. log          one metrics dict; the Loop logs it and checkpoints
 
-    python train_ppo.py --actor out/sft --rm out/rm --data ../shared/data/hh_harmless.jsonl --out out/ppo
+    python train_ppo.py --actor out/sft --rm out/rm --data data/hh_harmless.jsonl --out out/ppo
 """
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -25,15 +27,15 @@ from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
 from nanorlhf.lora import add_lora, use_adapter
-from nanorlhf.loop import Loop, TrainArgs, check_out, load_policy
+from nanorlhf.loop import Loop, RunArgs, check_out, load_policy
 from nanorlhf.rewards import Rewarder, call_reward_fn, load_reward_fn
-from nanorlhf.rollout import (KLController, RolloutBuffer, batch_inputs, gae, join, kl_penalty, masked, masked_mean,
+from nanorlhf.rollout import (KLController, RolloutBuffer, batch_inputs, gae, kl_penalty, masked, masked_mean,
                               masked_var, micro_batches, response_logprobs, response_slice, sample, shape_rewards,
                               whiten)
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(RunArgs):
     model: str = arg(M.DEFAULT_MODEL, "The actor to start from: an SFT output (train_sft.py --out) or any causal LM.",
                      alias="--actor")
     rm: list[str] = arg([], "Reward model folder (train_rm.py --out). Give it several times for a weighted sum.")
@@ -51,14 +53,14 @@ class Args(TrainArgs):
     minibatch_size: int = arg(8, "Rollouts per optimizer step, run --batch-size at a time.", gt=0)
     batch_size: int | None = arg(None, "Sequences per forward pass (rollout scoring and training micro-batches); "
                                  "default min(4, --minibatch-size).", gt=0)
-    grad_accum: int = arg(1, "Unused by PPO: accumulation is --minibatch-size / --batch-size.", gt=0)
     ppo_epochs: int = arg(4, "Passes over each iteration's rollouts.", gt=0)
     lr: float = arg(1e-5, "Peak learning rate (LoRA; N+ uses 3e-6 for full fine-tuning).", gt=0)
-    lora_dropout: float = arg(0.0, "Accepted for shared commands, but PPO turns every dropout off, LoRA's too: with "
-                              "dropout the ratio is not 1 at the first update (Huang et al. 2024).", ge=0)
-    max_length: int = arg(256, "Max prompt tokens; longer prompts are skipped.", gt=0)
+    max_prompt_length: int = arg(256, "Max prompt tokens; longer prompts are skipped. (--max-length is an alias "
+                                 "kept for old commands; elsewhere it bounds prompt + response.)", gt=0,
+                                 alias="--max-length")
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
-    temperature: float = arg(0.7, "Sampling temperature, used in every logprob pass too (REFERENCE §1.5).", gt=0)
+    temperature: float = arg(0.7, "Sampling temperature, used in every logprob pass too, so the KL and the ratio "
+                             "compare the distributions sampled from.", gt=0)
     top_p: float = arg(1.0, "Nucleus sampling; < 1 makes logprobs differ from the sampling distribution.", gt=0)
     kl_coef: float = arg(0.05, "β, the per-token KL penalty coefficient (initial value when adaptive).", ge=0)
     target_kl: float | None = arg(None, "Adaptive β: steer the per-sequence KL towards this (Ziegler et al.).", gt=0)
@@ -104,7 +106,7 @@ def ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, ma
 
 
 def missing_eos_scores(scores, ended, args):
-    """Scores (B,) with responses that never emitted EOS (ended False) penalised (REFERENCE §1.3):
+    """Scores (B,) with responses that never emitted EOS (ended False) penalised (docs/ppo-details.md §3):
     replaced by --missing-eos-value, or lowered by --missing-eos-penalty (>= 0), or left as they are."""
     if args.missing_eos == "replace":
         return torch.where(ended, scores, torch.full_like(scores, args.missing_eos_value))
@@ -124,7 +126,7 @@ def critic_values(critic, value_head, batch):
 @torch.no_grad()
 def score_tokens(model, critic, value_head, data, args):
     """Old logprobs and entropy (policy), reference logprobs (adapters off), values (critic): each (B, R), 0 on
-    padding, all at the sampling temperature so the KL and the PPO ratio compare like with like (REFERENCE §1.5)."""
+    padding, all at the sampling temperature so the KL and the PPO ratio compare like with like."""
     out = [torch.zeros_like(data["mask"], dtype=torch.float) for _ in range(4)]
     for idx, c in micro_batches(data, args.batch_size):
         logprobs, entropy = response_logprobs(model, c, args.temperature, "policy", return_entropy=True)
@@ -132,6 +134,112 @@ def score_tokens(model, critic, value_head, data, args):
         for t, x in zip(out, (logprobs, entropy, ref_logprobs, critic_values(critic, value_head, c))):
             t[idx, :x.shape[1]] = x
     return tuple(out)
+
+
+def make_critic(model, rewarder, args):
+    """(critic model, value head): the `value` adapter on the actor's base with a zero head (it starts predicting
+    0), or with --critic-from-rm a second base from the first RM, its score head turned into the value head
+    (N+ and TRL do this: the critic starts knowing what the reward rewards)."""
+    device = next(model.parameters()).device
+    if not args.critic_from_rm:
+        add_lora(model, args.lora_r, args.lora_alpha, name="value")
+        value_head = nn.Linear(model.config.hidden_size, 1).to(device)
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+        return model, value_head
+    if not rewarder.same_tokenizer(0):  # the critic reads the actor's token ids
+        raise UserError(f"--critic-from-rm: --rm {args.rm[0]} has another tokenizer or chat template than the "
+                        "actor, so it cannot read the actor's tokens; drop --critic-from-rm")
+    critic = load_policy(args, name=args.rm[0], flag="--rm", kind="reward", adapter="value")[0]
+    score = critic.score
+    value_head = nn.Linear(score.in_features, 1).to(device)
+    mean, std = getattr(critic.config, "reward_mean", 0.0), getattr(critic.config, "reward_std", 1.0)
+    with torch.no_grad():  # the RM's normalised score (score - mean) / std, the scale PPO's rewards are on
+        value_head.weight.copy_(score.weight.float() / std)
+        value_head.bias.fill_(-mean / std)
+    score.requires_grad_(False)
+    return critic, value_head
+
+
+def rollout(model, critic, value_head, tokenizer, picked, args):
+    """1. Responses to this iteration's prompts [(messages, ids)], with every per-token quantity the update
+    compares against. Returns the batch (B, ...) tensors and what the score needs."""
+    t0 = time.perf_counter()
+    messages, queries = [m for m, _ in picked], [q for _, q in picked]
+    batch, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature, args.top_p)
+    generate_s = time.perf_counter() - t0
+    batch["logprobs"], batch["entropy"], batch["ref_logprobs"], batch["values"] = score_tokens(
+        model, critic, value_head, batch, args)
+    return batch, {"messages": messages, "queries": queries, "lengths": lengths, "ended": ended,
+                   "generate_s": generate_s}
+
+
+def score(batch, info, rewarder, gold_fn, kl_coef, args):
+    """2. The score of each response (RMs and/or a reward function, the missing-EOS rule), then the per-token
+    rewards: -β·KL everywhere and the score on the last real token."""
+    ids = [r[:n].tolist() for r, n in zip(batch["responses"].cpu(), info["lengths"].cpu())]
+    info["scores_raw"], info["parts"], info["texts"] = rewarder(info["messages"], info["queries"], ids,
+                                                                info["ended"].cpu(), args.batch_size)
+    info["scores"] = missing_eos_scores(info["scores_raw"], info["ended"].cpu(), args)
+    if gold_fn:  # logged, never optimised
+        info["gold"] = call_reward_fn(gold_fn, [m[-1]["content"] for m in info["messages"]], info["texts"],
+                                      "--gold-reward-fn")
+    batch["rewards"] = shape_rewards(info["scores"].to(batch["mask"].device), batch["logprobs"], batch["ref_logprobs"],
+                                     batch["mask"], kl_coef, args.kl_estimator)
+
+
+def advantages(batch, args):
+    """3. GAE on the masked response tokens, advantages whitened over the batch (every rank's under torchrun)."""
+    rewards, mask = batch["rewards"], batch["mask"]
+    if args.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+    batch["advantages"], batch["returns"] = gae(rewards, batch["values"], mask, args.gamma, args.lam)
+    batch["advantages"] = whiten(batch["advantages"], mask)
+
+
+def update(model, critic, value_head, batch, loop, args):
+    """4. --ppo-epochs passes of minibatches of --minibatch-size rollouts, --batch-size per forward; each loss
+    is the token mean over its minibatch. Returns lists of per-micro-batch and per-step stats."""
+    buffer = RolloutBuffer(**{f.name: batch[f.name] for f in fields(RolloutBuffer)})
+    stats = {}
+    for epoch in range(args.ppo_epochs):
+        epoch_kl = []
+        for mb in buffer.minibatches(args.minibatch_size):
+            n_tokens = dist.all_sum(mb["mask"].sum())  # every rank's minibatch: one process's, split
+            for _, micro in micro_batches(mb, args.batch_size):
+                logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
+                values = critic_values(critic, value_head, micro)
+                pg_loss, vf_loss, s = ppo_loss(logprobs, micro["logprobs"], values, micro["values"],
+                                               micro["advantages"], micro["returns"], micro["mask"], args.cliprange,
+                                               args.cliprange_value)
+                loss = pg_loss + args.vf_coef * vf_loss - args.entropy_coef * masked_mean(entropy, micro["mask"])
+                (loss * micro["mask"].sum() / n_tokens).backward()
+                s |= {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "loss": loss.detach()}
+                for k, v in s.items():
+                    stats.setdefault(k, []).append(float(v))
+                epoch_kl.append(float(s["approx_kl"]))
+            for k, v in loop.optimizer_step().items():
+                stats.setdefault(k, []).append(v)
+        stats.setdefault("ppo_epochs_run", []).append(epoch + 1)
+        if args.early_stop_kl and dist.all_sum(sum(epoch_kl)) / dist.all_sum(len(epoch_kl)) > args.early_stop_kl:
+            break  # every rank sees the same mean, so all stop together
+    return stats
+
+
+def log_metrics(batch, info, stats, kl_ctl, args):
+    """5. One metrics dict for the Loop; the KL controller sees this iteration's (global) KL."""
+    mask = batch["mask"]
+    kl = dist.all_sum(masked(kl_penalty(batch["logprobs"], batch["ref_logprobs"], "k1"), mask).sum(1).mean().item())
+    kl /= dist.world()  # every rank's mean over an equal share: the global mean
+    kl_ctl.update(kl, args.rollout_batch_size * dist.world())
+    residual_var = masked_var(batch["returns"] - batch["values"], mask)
+    return {k: sum(v) / len(v) for k, v in stats.items() if k != "ppo_epochs_run"} | {
+        "score": info["scores"].mean(), "score_raw": info["scores_raw"].mean(), "kl": kl, "kl_coef": kl_ctl.value,
+        **{f"score/{k}": v.mean() for k, v in info["parts"].items()},
+        **({"gold": info["gold"].mean()} if "gold" in info else {}),
+        "entropy": masked_mean(batch["entropy"], mask), "response_length": info["lengths"].float().mean(),
+        "eos_frac": info["ended"].float().mean(), "ppo_epochs_run": stats["ppo_epochs_run"][-1],
+        "explained_variance": 1 - residual_var / masked_var(batch["returns"], mask), "tokens": int(mask.sum())}
 
 
 def train(args):
@@ -146,31 +254,14 @@ def train(args):
     check_out(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
-    device = next(model.parameters()).device
     rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, device=args.device, dtype=args.dtype,
                         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
     gold_fn = load_reward_fn(args.gold_reward_fn, "--gold-reward-fn") if args.gold_reward_fn else None
-    critic = model
-    if args.critic_from_rm:  # N+ and TRL start the critic from the reward model (REFERENCE §1.7)
-        if not rewarder.same_tokenizer(0):  # the critic reads the actor's token ids
-            raise UserError(f"--critic-from-rm: --rm {args.rm[0]} has another tokenizer or chat template than the "
-                            "actor, so it cannot read the actor's tokens; drop --critic-from-rm")
-        critic = load_policy(args, name=args.rm[0], flag="--rm", kind="reward", adapter="value")[0]
-        score = critic.score
-        value_head = nn.Linear(score.in_features, 1).to(device)
-        mean, std = getattr(critic.config, "reward_mean", 0.0), getattr(critic.config, "reward_std", 1.0)
-        with torch.no_grad():
-            value_head.weight.copy_(score.weight.float() / std)
-            value_head.bias.fill_(-mean / std)
-        score.requires_grad_(False)
-    else:  # a zero value head: the critic starts by predicting 0 everywhere
-        add_lora(model, args.lora_r, args.lora_alpha, name="value")
-        value_head = nn.Linear(model.config.hidden_size, 1).to(device)
-        nn.init.zeros_(value_head.weight)
-        nn.init.zeros_(value_head.bias)
+    critic, value_head = make_critic(model, rewarder, args)
     for m in (model, critic):  # LoRA's dropout too: with any dropout the ratio is not 1 at the first update
         M.disable_dropout(m)
-    prompts = load_prompts(args.data, tokenizer, args.max_length, args.format, args.limit)
+    prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
+                           flag="--max-prompt-length")
     kl_ctl = KLController(args.kl_coef, args.target_kl, args.kl_horizon)
     iterations = args.max_steps or math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)
     updates = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
@@ -180,80 +271,26 @@ def train(args):
     clip_groups = {"policy": [p for n, p in model.named_parameters() if ".policy." in n], "critic": critic_params}
     loop = Loop(args, modules, len(prompts), stateful={"kl": kl_ctl}, total_steps=iterations, updates_per_step=updates,
                 clip_groups=clip_groups)
-    bs, warned_eos = args.batch_size, False
+    warned_eos = False
 
     for step in loop:
-        # 1. rollout: sample, then old/reference logprobs and values at the sampling temperature
         t0 = time.perf_counter()
-        batch_prompts = [prompts[i] for i in loop.take(args.rollout_batch_size)]  # this rank's share
-        messages, queries_list = [m for m, _ in batch_prompts], [q for _, q in batch_prompts]
-        data, lengths, ended = sample(model, tokenizer, queries_list, args.max_new_tokens, args.temperature,
-                                      args.top_p)
-        t1 = time.perf_counter()
-        logprobs, entropy, ref_logprobs, values = score_tokens(model, critic, value_head, data, args)
-        mask = data["mask"]
-
-        # 2. score + KL: RM scores (normalised), missing-EOS penalty, per-token KL penalty
-        response_ids = [r[:n].tolist() for r, n in zip(data["responses"].cpu(), lengths.cpu())]
-        scores_raw, parts, texts = rewarder(messages, queries_list, response_ids, ended.cpu(), bs)
-        scores = missing_eos_scores(scores_raw, ended.cpu(), args)
-        if args.missing_eos != "none" and ended.float().mean() < 0.5 and not warned_eos:
+        picked = [prompts[i] for i in loop.take(args.rollout_batch_size)]  # this rank's share
+        batch, info = rollout(model, critic, value_head, tokenizer, picked, args)       # 1. rollout
+        score(batch, info, rewarder, gold_fn, kl_ctl.value, args)                        # 2. score + KL
+        advantages(batch, args)                                                          # 3. GAE
+        t2 = time.perf_counter()
+        stats = update(model, critic, value_head, batch, loop, args)                     # 4. PPO epochs
+        metrics = log_metrics(batch, info, stats, kl_ctl, args)                          # 5. log + save
+        metrics |= {"time/generate": info["generate_s"], "time/score": t2 - t0 - info["generate_s"],
+                    "time/update": time.perf_counter() - t2}
+        if args.missing_eos != "none" and metrics["eos_frac"] < 0.5 and not warned_eos:
             warned_eos = True
-            loop.bar.write(f"warning: only {ended.float().mean():.0%} of responses ended with EOS within "
+            loop.bar.write(f"warning: only {metrics['eos_frac']:.0%} of responses ended with EOS within "
                            f"--max-new-tokens {args.max_new_tokens}, so --missing-eos {args.missing_eos} sets most "
                            "scores; raise --max-new-tokens or pass --missing-eos none")
-        if gold_fn:  # logged, never optimised
-            gold = call_reward_fn(gold_fn, [m[-1]["content"] for m in messages], texts, "--gold-reward-fn")
-        rewards = shape_rewards(scores.to(mask.device), logprobs, ref_logprobs, mask, kl_ctl.value, args.kl_estimator)
-        t2 = time.perf_counter()
-
-        # 3. GAE on the masked response tokens; whitened advantages (REFERENCE §1.10)
-        if args.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
-        advantages = whiten(advantages, mask)
-        buffer = RolloutBuffer(**data, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
-                               advantages=advantages, returns=returns)
-
-        # 4. PPO epochs: minibatches of --minibatch-size, micro-batches of --batch-size
-        stats = {}
-        for epoch in range(args.ppo_epochs):
-            epoch_kl = []
-            for mb in buffer.minibatches(args.minibatch_size):
-                n_tokens = dist.all_sum(mb["mask"].sum())  # every rank's minibatch: one process's, split
-                for _, micro in micro_batches(mb, bs):
-                    new_logprobs, new_entropy = response_logprobs(model, micro, args.temperature, "policy", True)
-                    new_values = critic_values(critic, value_head, micro)
-                    pg_loss, vf_loss, s = ppo_loss(new_logprobs, micro["logprobs"], new_values, micro["values"],
-                                                   micro["advantages"], micro["returns"], micro["mask"],
-                                                   args.cliprange, args.cliprange_value)
-                    ent = masked_mean(new_entropy, micro["mask"])
-                    loss = pg_loss + args.vf_coef * vf_loss - args.entropy_coef * ent
-                    (loss * micro["mask"].sum() / n_tokens).backward()  # the token mean over the minibatch
-                    s |= {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "loss": loss.detach()}
-                    for k, v in s.items():
-                        stats.setdefault(k, []).append(float(v))
-                    epoch_kl.append(float(s["approx_kl"]))
-                for k, v in loop.optimizer_step().items():
-                    stats.setdefault(k, []).append(v)
-            if args.early_stop_kl and dist.all_sum(sum(epoch_kl)) / dist.all_sum(len(epoch_kl)) > args.early_stop_kl:
-                break  # every rank sees the same mean, so all stop together
-        t3 = time.perf_counter()
-
-        # 5. log + save
-        kl_per_seq = dist.all_sum(masked(kl_penalty(logprobs, ref_logprobs, "k1"), mask).sum(1).mean().item())
-        kl_per_seq /= dist.world()  # every rank's mean over an equal share: the global mean
-        kl_ctl.update(kl_per_seq, args.rollout_batch_size * dist.world())
-        residual_var = masked_var(returns - values, mask)
-        metrics = {k: sum(v) / len(v) for k, v in stats.items()} | {
-            "score": scores.mean(), "score_raw": scores_raw.mean(), "kl": kl_per_seq, "kl_coef": kl_ctl.value,
-            **{f"score/{k}": v.mean() for k, v in parts.items()}, **({"gold": gold.mean()} if gold_fn else {}),
-            "entropy": masked_mean(entropy, mask), "response_length": lengths.float().mean(),
-            "eos_frac": ended.float().mean(), "explained_variance": 1 - residual_var / masked_var(returns, mask),
-            "ppo_epochs_run": epoch + 1, "tokens": int(mask.sum()),
-            "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2}
         if args.sample_every and step % args.sample_every == 0:
-            for m, text, sc in list(zip(messages, texts, scores.tolist()))[:3]:
+            for m, text, sc in list(zip(info["messages"], info["texts"], info["scores"].tolist()))[:3]:
                 loop.bar.write(f"--- prompt: {m[-1]['content'][:200]!r}\n    response: {text[:300]!r}\n    "
                                f"score: {sc:.3f}")
         loop.end_step(metrics)

@@ -2,12 +2,12 @@
 
 The model is the SFT model with a one-output linear `score` head in place of the lm_head, read at the
 last real token of prompt + reply: the EOS every reply ends with, the same position PPO adds the score
-at (REFERENCE §1.1). The loss is Bradley-Terry, -log σ(r_chosen - r_rejected) (Stiennon et al. 2020;
+at (docs/ppo-details.md §1). The loss is Bradley-Terry, -log σ(r_chosen - r_rejected) (Stiennon et al. 2020;
 Ouyang et al. 2022 eq. 1), with an optional per-pair margin from the data (Touvron et al. 2023 §3.2.2),
 or a hinge (`--loss margin-ranking`). At the end, the mean and std of the model's scores are stored in
-config.json as `reward_mean` / `reward_std`, so PPO can centre rewards on a known scale (REFERENCE §1.8).
+config.json as `reward_mean` / `reward_std`, so PPO can centre rewards on a known scale (docs/ppo-details.md §8).
 
-    python train_rm.py --model out/sft --data ../shared/data/hh_harmless.jsonl --out out/rm
+    python train_rm.py --model out/sft --data data/hh_harmless.jsonl --out out/rm
 """
 import math
 from dataclasses import dataclass
@@ -47,7 +47,7 @@ def score_head(model):
 
 
 def init_head(head):
-    """Weights N(0, 1/√(d_model + 1)), bias 0 (REFERENCE §1.7; Stiennon et al. 2020, lm-human-preferences):
+    """Weights N(0, 1/√(d_model + 1)), bias 0 (Stiennon et al. 2020's code; docs/ppo-details.md §7):
     with unit-scale hidden states the first scores have variance ≈ 1."""
     nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
     if head.bias is not None:
@@ -129,7 +129,7 @@ def train(args):
     check_out(args)
     torch.manual_seed(args.seed)
     # 1. The SFT model with a scalar head. A causal LM's folder has no head, so transformers drew one at
-    #    random: redraw it at the scale REFERENCE §1.7 asks for. An existing reward model keeps its own.
+    #    random: redraw it at unit scale (docs/ppo-details.md §7). An existing reward model keeps its own.
     model, tokenizer = load_policy(args, kind="reward")
     head = score_head(model)
     if is_reward_model(model.config):
@@ -169,7 +169,7 @@ def train(args):
     if eval_rows:
         final = evaluate(model, eval_rows, pad_id, **eval_kw)
         loop.log({"step": loop.step, **{"final_" + k: v for k, v in final.items()}})
-    # 3. Reward-normalisation statistics travel with the model in config.json (REFERENCE §1.8).
+    # 3. Reward-normalisation statistics travel with the model in config.json (docs/ppo-details.md §8).
     seqs = norm_sequences(args, tokenizer, train_rows)
     mean, std = reward_stats(model, seqs, pad_id, 2 * args.batch_size)
     model.config.reward_mean, model.config.reward_std = mean, std

@@ -4,7 +4,7 @@ The loss is the mean negative log-likelihood of the completion tokens only (prom
 context, not targets), EOS included so the model learns to stop (Ouyang et al. 2022, §3.5).
 It comes from the fused logprob kernel, so the (tokens, vocab) logits never exist.
 
-    python train_sft.py --data ../shared/data/alpaca_en_demo.json --out out/sft
+    python train_sft.py --data data/alpaca_en_demo.json --out out/sft
 """
 from dataclasses import dataclass
 

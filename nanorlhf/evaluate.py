@@ -33,7 +33,7 @@ class Args:
     data: str = arg("", "Prompts: any format that carries prompts (.json/.jsonl).")
     format: str | None = arg(None, "Force the data format.")
     limit: int = arg(64, "Number of prompts (the first N that fit --max-length).", gt=0)
-    max_length: int = arg(256, "Skip prompts longer than this many tokens.", gt=0)
+    max_prompt_length: int = arg(256, "Skip prompts longer than this many tokens.", gt=0, alias="--max-length")
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
     temperature: float = arg(0.7, "Sampling temperature (the KL estimate uses logprobs at this temperature).", gt=0)
     batch_size: int = arg(8, "Prompts per generation / scoring batch.", gt=0)
@@ -56,14 +56,6 @@ def distinct(texts, n):
     return len(set(grams)) / max(len(grams), 1)
 
 
-@torch.no_grad()
-def sequence_logprobs(model, queries, responses, temperature, batch_size):
-    """Σ_t log π(response_t | prompt, response_<t) at `temperature`, one per prompt."""
-    rows = list(zip(queries, responses))
-    return torch.cat([summed_logprobs(model, rows[i:i + batch_size], 0, temperature=temperature).cpu()
-                      for i in range(0, len(rows), batch_size)])
-
-
 def judge_stats(scores, base):
     """Mean ± se of a judge's scores (N,), and win rate (ties half) and paired gain ± se against the baseline's."""
     mean, se = mean_se(scores)
@@ -78,7 +70,8 @@ def evaluate(args):
         raise UserError("--model (one or more), --baseline, --data and a judge (--reward-fn and/or --rm) are required")
     base, tokenizer = M.load_model(args.baseline, device=args.device, flag="--baseline")
     rewarder = Rewarder(tokenizer, [args.rm] if args.rm else [], reward_fn=args.reward_fn, device=args.device)
-    prompts = load_prompts(args.data, tokenizer, args.max_length, args.format, args.limit)
+    prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
+                           flag="--max-prompt-length")
     messages = [m for m, _ in prompts]
 
     def run(model, tok):
@@ -104,8 +97,10 @@ def evaluate(args):
         queries, responses, ended, parts, texts = run(model, tok)
         kl = None
         if tok.get_vocab() == tokenizer.get_vocab():  # a token-level KL needs one vocabulary
-            log_ratio = (sequence_logprobs(model, queries, responses, args.temperature, args.batch_size)
-                         - sequence_logprobs(base, queries, responses, args.temperature, args.batch_size))
+            rows = list(zip(queries, responses))
+            with torch.no_grad():  # log π(y) - log π_base(y) on the model's own samples, at the sampling temperature
+                log_ratio = (summed_logprobs(model, rows, 0, args.temperature, args.batch_size).cpu()
+                             - summed_logprobs(base, rows, 0, args.temperature, args.batch_size).cpu())
             kl = log_ratio.mean().item()
         results[name] = summary(responses, ended, texts, parts, base_parts) | {"kl": kl}
     results["settings"] = asdict(args) | {"prompts": len(prompts)}

@@ -1,6 +1,6 @@
 """Fused per-token logprobs (and entropy) straight from hidden states and the lm_head weight.
 
-Why (REFERENCE §3): the full (tokens, V) logits tensor dominates memory for small and mid models;
+Why: the full (tokens, V) logits tensor dominates memory for small and mid models;
 at 8k tokens and a 150k vocabulary it is 14-16 GiB. Like Liger Kernel's fused losses and Cut
 Cross-Entropy (Wijmans et al. 2024) we never build it: tokens go through in chunks, and only a
 few (chunk, V) fp32 tiles exist, in forward and in backward. A custom autograd.Function owns

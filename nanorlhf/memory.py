@@ -1,10 +1,12 @@
-"""Will it fit? Peak GPU memory of a nanorlhf stage, from the model's config alone (REFERENCE §4).
+"""Will it fit? Peak GPU memory of a nanorlhf stage, from the model's config alone.
 
     python -m nanorlhf.memory --model 8b --stage dpo --load-in-4bit --gradient-checkpointing --batch-size 2
     python -m nanorlhf.memory --model 8b --load-in-4bit --gradient-checkpointing --all-stages
     python -m nanorlhf.memory --model 1.5b --stage grpo --rollout-batch-size 8 --num-generations 8 --max-length 256
 
-REFERENCE §4 writes M ≈ W + 16·P_lora + A_ckpt + A_layer + A_logits + KV. Each term here counts what our
+Roughly M ≈ W + 16·P_lora + A_ckpt + A_layer + A_logits + KV: the weights, 16 bytes per trainable LoRA
+parameter (fp32 weight, gradient and two AdamW moments), saved activations, the logits' share and the KV
+cache of generation. Each term here counts what our
 code and transformers' Llama layer really keep (checked tensor by tensor in tests/benchmarks/validate_memory.py):
 weights at their bytes per parameter, LoRA with fp32 grads and optimizer state, the tensors autograd saves
 for backward, the fused kernel's (chunk, V) tiles, and the KV cache. Tensors that are never alive together
@@ -131,7 +133,7 @@ def activation_bytes(cfg, s, N, T, lora=16, bits=16, padded=True, checkpointing=
 
 
 def kv_cache_bytes(cfg, s, tokens):
-    """K and V of every layer: REFERENCE §4's 4·L·kv_dim bytes per token in bf16."""
+    """K and V of every layer: 2 tensors × L layers × kv_dim × bytes per value, per token (4·L·kv_dim in bf16)."""
     H, L, qd, kvd, *_ = _dims(cfg)
     return 2 * L * kvd * s * tokens
 

@@ -129,7 +129,7 @@ def one_4bit_path(model):
 
 
 def set_pad_token(tokenizer, model=None):
-    """Give the tokenizer a pad token distinct from EOS (REFERENCE §1.4).
+    """Give the tokenizer a pad token distinct from EOS (docs/ppo-details.md §4).
 
     We never build masks by comparing with pad ids, but transformers' sequence classifiers pick the
     last token that is not `pad_token_id`; if pad were EOS, a reward model would skip the EOS it was
@@ -151,7 +151,7 @@ def set_pad_token(tokenizer, model=None):
 
 
 def disable_dropout(model):
-    """Dropout off everywhere (REFERENCE §1.6): with it on, the PPO ratio is not 1 at the first step."""
+    """Dropout off everywhere (docs/ppo-details.md §6): with it on, the PPO ratio is not 1 at the first step."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -237,7 +237,7 @@ def reward_scores(model, input_ids, attention_mask):
 
     That position comes from the attention mask (its last 1), never from comparing ids with pad, so any
     padding works; for right padding it is the token HF's *ForSequenceClassification pools, so the saved
-    model scores alike (pad differs from EOS, REFERENCE §1.4).
+    model scores alike (pad differs from EOS, docs/ppo-details.md §4).
     """
     hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # (B,)
@@ -248,7 +248,7 @@ def reward_scores(model, input_ids, attention_mask):
 @torch.no_grad()
 def score_sequences(rm, seqs, pad_id, batch_size, normalise=True):
     """Scores (B,) of token-id lists, right-padded in batches; normalised with the statistics train_rm.py
-    stored in the RM's config (REFERENCE §1.8), (score - reward_mean) / reward_std, unless told not to."""
+    stored in the RM's config (docs/ppo-details.md §8), (score - reward_mean) / reward_std, unless told not to."""
     device, scores = next(rm.parameters()).device, []
     for i in range(0, len(seqs), batch_size):
         batch = collate([(s, []) for s in seqs[i:i + batch_size]], pad_id)

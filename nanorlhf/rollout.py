@@ -4,7 +4,7 @@ masked statistics, GAE, the KL controller, the rollout buffer and its micro-batc
 A rollout batch is a dict: queries (B, P) left-padded with query_mask, and responses (B, R) right-padded with
 mask, 1 on real response tokens (up to and including the first EOS) and 0 on padding. Every other (B, R)
 tensor is aligned with the response tokens. Padding must be inert: each function ignores what padded
-positions hold (REFERENCE §1.2).
+positions hold (docs/ppo-details.md §2).
 """
 from dataclasses import dataclass, fields
 
@@ -17,7 +17,7 @@ from .lora import use_adapter
 
 @torch.no_grad()
 def sample(model, tokenizer, queries, max_new_tokens, temperature, top_p=1.0, adapter="policy"):
-    """Responses of adapter `adapter` to token-id prompts, cut after the first EOS (REFERENCE §1.3).
+    """Responses of adapter `adapter` to token-id prompts, cut after the first EOS (docs/ppo-details.md §3).
 
     Returns the rollout batch {queries, query_mask, responses, mask}, lengths (B,) and ended (B,)."""
     with use_adapter(model, adapter):
@@ -135,7 +135,8 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1"):
 
 
 def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
-    """Per-token reward -β·KL plus the score on the last real token (REFERENCE §1.1).
+    """Per-token reward -β·KL plus the score on the last real token (Ziegler et al. 2019, eq. 2;
+    docs/ppo-details.md §1).
 
     scores (B,); logprobs, ref_logprobs, mask (B, R). Returns rewards (B, R), 0 on padding.
     """

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "..", "shared", "data")
 sys.path.insert(0, ROOT)  # the train_*.py scripts are importable modules
 # Tiny test models gain nothing from a second intra-op thread, and OpenMP threads spin against any other
 # process (a 4-step tiny RM run: 1.8 s with one thread, 14 s with two on a busy 2-core box).

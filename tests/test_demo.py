@@ -3,6 +3,9 @@ keeps held-out prompts out of every stage, and a tiny-budget run goes end to end
 import importlib
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
@@ -64,15 +67,23 @@ def moody_dir(tokenizer, tmp_path_factory):
     return str(path)
 
 
-def test_demo_smoke_on_a_tiny_model(moody_dir, tmp_path):
-    """Every stage, the evaluation, the table and the frontier, at tiny budgets on a tiny model."""
+def test_demo_smoke_from_a_clone_with_nothing_beside_it(moody_dir, tmp_path):
+    """The repository copied alone into an empty folder (no ../shared, as a clone from GitHub) runs the main job end
+    to end: every stage, the evaluation, the table and the frontier, at tiny budgets on a tiny model."""
     pytest.importorskip("vaderSentiment")
+    clone = tmp_path / "clone" / "nanorlhf"
+    shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns(".git", ".venv", "out", "__pycache__", "*.egg-info",
+                                                               ".pytest_cache"))
     out = tmp_path / "demo"
-    demo.demo(demo.Args(out=str(out), model=moody_dir, scale=0.05, heldout=16))
+    env = dict(os.environ, PYTHONPATH=str(clone))  # this copy's nanorlhf, not the installed one
+    r = subprocess.run([sys.executable, "-m", "nanorlhf.demo", "--out", str(out), "--model", moody_dir, "--scale",
+                        "0.05", "--heldout", "16"], cwd=clone, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not (tmp_path / "clone" / "shared").exists()
     report = (out / "results.md").read_text()
     for name in ("ppo_rm", "ppo_gold", "dpo", "kto"):
         assert f"| {name} |" in report
     assert (out / "frontier.png").stat().st_size > 0
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["settings"]["prompts"] == 16
-
+    assert json.loads((out / "sft" / "args.json").read_text())["data"].startswith(str(out))  # from the copy's data/

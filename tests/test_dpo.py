@@ -177,7 +177,7 @@ def test_ipo_uses_mean_token_logprobs_hand_computed(tiny_dir):
     """IPO regresses the difference of *mean* token log-ratios to 1/(2β) (TRL since v0.11): with unequal
     completion lengths the summed form gives another loss."""
     from nanorlhf.lora import lora_layers
-    from nanorlhf.preference import summed_logprobs
+    from nanorlhf.preference import Reference, summed_logprobs
     model, tok = M.load_model(tiny_dir)
     from nanorlhf.lora import add_lora
     add_lora(model, r=4, alpha=8)
@@ -186,11 +186,12 @@ def test_ipo_uses_mean_token_logprobs_hand_computed(tiny_dir):
     prompt = [5, 6, 7]
     rows = [(prompt, [11, 12, 2], [13, 2], None), (prompt, [14, 2], [15, 16, 17, 18, 2], None)]  # lengths 3|2, 2|5
     args = train_dpo.Args(loss="ipo", beta=0.5)
-    losses, _ = train_dpo.dpo_step(model, None, rows, None, args, tok.pad_token_id)
+    reference = Reference(model, tok.pad_token_id)
+    losses, _ = train_dpo.dpo_step(model, reference, rows, args, tok.pad_token_id)
     seqs = train_dpo.pair_seqs(rows)
     with torch.no_grad():
         pi = summed_logprobs(model, seqs, tok.pad_token_id)
-        ref = summed_logprobs(model, seqs, tok.pad_token_id, reference=True)
+        ref = reference(seqs)
     n = torch.tensor([3.0, 2.0, 2.0, 5.0])  # chosen lengths, then rejected lengths
     r = (pi - ref) / n
     h = r[:2] - r[2:]

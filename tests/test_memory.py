@@ -29,7 +29,7 @@ def test_weight_bytes_by_hand():
     assert memory.weight_bytes(SMALL, 2) == (linear + other) * 2  # bf16: 2 B/param
     assert memory.weight_bytes(SMALL, 2, bits=8) == linear * 1 + 4 * 2 * 64 + other * 2  # int8 + fp32 row scales
     assert memory.weight_bytes(SMALL, 2, bits=4) == pytest.approx(linear * 0.5159 + other * 2, abs=0.1)
-    assert memory.NF4 == pytest.approx(0.52, abs=0.005)  # REFERENCE §4; embeddings and lm_head stay 16-bit
+    assert memory.NF4 == pytest.approx(0.52, abs=0.005)  # embeddings and lm_head stay 16-bit
     assert memory.weight_bytes(SMALL, 2, lm_head=False) == (linear + other - 32 * 8) * 2  # reward model: no lm_head
 
 
@@ -47,7 +47,7 @@ def test_lora_params_match_add_lora():
 
 
 def test_kv_cache_by_hand():
-    cfg = memory.load_config("8b")  # 32 layers, 8 kv heads of 128: REFERENCE §4's 4·L·kv_dim bytes/token in bf16
+    cfg = memory.load_config("8b")  # 32 layers, 8 kv heads of 128: K and V: 4·L·kv_dim bytes/token in bf16
     assert memory.kv_cache_bytes(cfg, 2, 1000) == 4 * 32 * 1024 * 1000
 
 

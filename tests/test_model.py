@@ -15,7 +15,7 @@ def test_smollm2_gguf_converts_and_answers(smollm2_dir):
     assert os.path.isfile(os.path.join(smollm2_dir, "config.json"))
     model, tok = M.load_model(smollm2_dir)
     assert model.config.hidden_size == 576 and model.config.vocab_size == 49152 and len(tok) == 49152
-    assert tok.pad_token_id != tok.eos_token_id  # REFERENCE §1.4
+    assert tok.pad_token_id != tok.eos_token_id  # docs/ppo-details.md §4
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, max_new_tokens=12, do_sample=False)

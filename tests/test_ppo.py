@@ -10,6 +10,7 @@ from conftest import ROOT, tiny_llama
 
 import train_ppo
 from nanorlhf import model as M
+from nanorlhf import rollout
 from nanorlhf.lora import add_lora, lora_layers
 from nanorlhf.rollout import KLController, RolloutBuffer, gae, whiten
 
@@ -185,7 +186,7 @@ def test_logprob_temperature_is_the_sampling_temperature(actor_dir, tmp_path, mo
     logprobs, entropy, ref_logprobs, values = train_ppo.score_tokens(model, model, head, data, args)
     assert seen["temperature"] == args.temperature
     P = data["queries"].shape[1]
-    ids, attn, _ = train_ppo.join(**data)
+    ids, attn, _ = rollout.join(**data)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
 
     def eager(temperature, adapter):
@@ -267,12 +268,22 @@ def ppo_loss_calls(monkeypatch, args):
 
 
 def test_lora_dropout_never_acts_in_ppo(actor_dir, tmp_path, monkeypatch):
-    """With --lora-dropout 0.1 the old logprobs (no grad) and the update's logprobs come from one deterministic
-    policy: at the first minibatch of every iteration, before its optimizer step, the ratio is 1. (The
-    first iteration alone proves nothing: LoRA's B starts at 0, so dropout has nothing to act on yet.)"""
+    """A policy whose LoRA carries dropout 0.1 (PPO has no --lora-dropout: it would only break this): the old
+    logprobs (no grad) and the update's come from one deterministic policy, so at the first minibatch of every
+    iteration, before its optimizer step, the ratio is 1. (The first iteration alone proves nothing: LoRA's B
+    starts at 0, so dropout has nothing to act on yet.)"""
     (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
     monkeypatch.chdir(tmp_path)
-    args = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", max_steps=2, lora_dropout=0.1, ppo_epochs=1,
+    real_load = train_ppo.load_policy
+
+    def load_with_dropout(*a, **k):
+        model, tok = real_load(*a, **k)
+        for _, layer in lora_layers(model):
+            for name in layer.lora_dropout:
+                layer.lora_dropout[name] = torch.nn.Dropout(0.1)
+        return model, tok
+    monkeypatch.setattr(train_ppo, "load_policy", load_with_dropout)
+    args = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", max_steps=2, ppo_epochs=1,
                      rollout_batch_size=8, minibatch_size=8, batch_size=4)
     calls = ppo_loss_calls(monkeypatch, args)
     assert len(calls) == 4  # two micro-batches per iteration, one optimizer step after each pair

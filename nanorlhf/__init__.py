@@ -1,0 +1,17 @@
+"""nanorlhf: the package every train_*.py script imports, and the command-line tools around it.
+
+The core, in reading order (what the scripts import):
+    loop.py        shared flags, data stream, optimizer and schedule, NaN guard, checkpoints, resume, logging
+    model.py       loading (HF folder, GGUF, 4/8-bit), hidden states -> logprobs, reward scores, generation, saving
+    kernels.py     the fused logprob/entropy kernel: never builds the (tokens, vocab) logits
+    lora.py        LoRA layers with named adapters, merge, PEFT-format save and load
+    data.py        every data format, chat templates, truncation, batching
+    preference.py  summed response logprobs and the one reference mechanism (DPO, KTO, evaluation)
+    rollout.py     RL on samples: sampling, response logprobs, GAE, whitening, KL penalty and controller
+    rewards.py     the reward composite: reward models and Python reward functions
+    dist.py        torchrun: shards, all-reduced gradients and statistics, rank 0 writes
+    cli.py         argparse from a dataclass, one-line errors
+
+The tools (python -m nanorlhf.<tool>): demo, label, evaluate, plot, memory; and two reward functions,
+gold (VADER sentiment) and arithmetic (exact match on generated word problems).
+"""
