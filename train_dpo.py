@@ -22,14 +22,12 @@ import torch.nn.functional as F
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
-from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
-from nanorlhf.preference import Reference, summed_logprobs
+from nanorlhf.loop import Loop, check_out, load_data, load_policy
+from nanorlhf.preference import PreferenceArgs, Reference, summed_logprobs
 
 
 @dataclass
-class Args(TrainArgs):
-    lr: float = arg(5e-5, "Peak learning rate (cosine decay after warmup). LoRA: 5e-6 to 5e-5; full fine-tuning "
-                    "wants ~5e-7 (Zephyr).", gt=0)
+class Args(PreferenceArgs):
     beta: float = arg(0.1, "β: the strength of the KL pull toward the reference; the implicit reward is "
                       "β·(log π - log π_ref). Lower lets the policy move further.", gt=0)
     loss: str = arg("sigmoid", "sigmoid: DPO (Rafailov et al. 2023); ipo: (h - 1/(2β))², which stops at a finite "
@@ -39,9 +37,6 @@ class Args(TrainArgs):
                     choices=["sigmoid", "ipo", "hinge", "robust"])
     label_smoothing: float = arg(0.0, "ε, the assumed fraction of flipped preference labels (0 <= ε < 0.5): "
                                  "conservative DPO for --loss sigmoid, or --loss robust.", ge=0)
-    precompute_ref: bool = arg(False, "Compute the reference logprobs of every training pair once before training "
-                               "(held-out pairs always are): no reference forward per step and, with --lora-r 0, "
-                               "no frozen copy in memory.")
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -145,10 +140,8 @@ def train(args):
 
     if eval_rows:
         final = evaluate(model, reference, eval_rows, args, pad_id)
-        loop.log({"step": loop.step, **{f"final_{k}": v for k, v in final.items()}})
+        loop.log_final(final)
     M.save_model(model, tokenizer, args.out)
-    adapter = f" and the LoRA adapter to {args.out}/adapter" if args.lora_r else ""
-    print(f"saved the merged model to {args.out}{adapter}")
 
 
 if __name__ == "__main__":

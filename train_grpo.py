@@ -240,13 +240,11 @@ def train(args):
             metrics["gold"] = call_reward_fn(gold_fn, [m[-1]["content"] for m in messages], texts,
                                              "--gold-reward-fn").mean()
         if args.sample_every and step % args.sample_every == 0:
-            for m, text, sc in list(zip(messages, texts, scores.tolist()))[:args.num_generations]:
-                loop.bar.write(f"--- prompt: {m[-1]['content'][:200]!r}\n    response: {text[:300]!r}\n    "
-                               f"reward: {sc:.3f}")
+            k = args.num_generations  # the first prompt's group
+            loop.show_samples([m[-1]["content"] for m in messages[:k]], texts[:k], scores[:k].tolist(), "reward")
         loop.end_step(metrics)
 
     M.save_model(model, tokenizer, args.out, adapter="policy")
-    print(f"saved the merged policy to {args.out} and its LoRA adapter to {args.out}/adapter")
 
 
 if __name__ == "__main__":

@@ -24,22 +24,17 @@ import torch
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import arg, main
-from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
-from nanorlhf.preference import Reference, summed_logprobs
+from nanorlhf.loop import Loop, check_out, load_data, load_policy
+from nanorlhf.preference import PreferenceArgs, Reference, summed_logprobs
 
 
 @dataclass
-class Args(TrainArgs):
-    lr: float = arg(5e-5, "Peak learning rate (cosine decay after warmup). LoRA: 5e-6 to 5e-5; full fine-tuning "
-                    "wants ~1e-6.", gt=0)
+class Args(PreferenceArgs):
     beta: float = arg(0.1, "β: how sharply the value saturates around z₀; higher keeps π closer to the "
                       "reference. The implicit reward is β·(log π - log π_ref).", gt=0)
     desirable_weight: float = arg(1.0, "λ_D, the weight of desirable examples' losses. The paper recommends "
                                   "λ_D·n_D / (λ_U·n_U) between 1 and 4/3 (printed at start).", gt=0)
     undesirable_weight: float = arg(1.0, "λ_U, the weight of undesirable examples' losses.", gt=0)
-    precompute_ref: bool = arg(False, "Compute the reference logprobs of every training example once before training "
-                               "(held-out ones always are); the z₀ pairs change every step, so their reference "
-                               "still runs each step.")
 
 
 def kto_loss(policy_logps, reference_logps, labels, kl_ref, beta, desirable_weight=1.0, undesirable_weight=1.0):
@@ -191,10 +186,8 @@ def train(args):
 
     if eval_rows:
         final = evaluate(model, reference, eval_rows, z0, args, pad_id)
-        loop.log({"step": loop.step, **{f"final_{k}": v for k, v in final.items()}})
+        loop.log_final(final)
     M.save_model(model, tokenizer, args.out)
-    adapter = f" and the LoRA adapter to {args.out}/adapter" if args.lora_r else ""
-    print(f"saved the merged model to {args.out}{adapter}")
 
 
 if __name__ == "__main__":

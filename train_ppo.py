@@ -290,13 +290,11 @@ def train(args):
                            f"--max-new-tokens {args.max_new_tokens}, so --missing-eos {args.missing_eos} sets most "
                            "scores; raise --max-new-tokens or pass --missing-eos none")
         if args.sample_every and step % args.sample_every == 0:
-            for m, text, sc in list(zip(info["messages"], info["texts"], info["scores"].tolist()))[:3]:
-                loop.bar.write(f"--- prompt: {m[-1]['content'][:200]!r}\n    response: {text[:300]!r}\n    "
-                               f"score: {sc:.3f}")
+            loop.show_samples([m[-1]["content"] for m in info["messages"][:3]], info["texts"][:3],
+                              info["scores"][:3].tolist())
         loop.end_step(metrics)
 
     M.save_model(model, tokenizer, args.out, adapter="policy")
-    print(f"saved the merged actor to {args.out} and its LoRA adapter to {args.out}/adapter")
 
 
 if __name__ == "__main__":

@@ -168,15 +168,14 @@ def train(args):
 
     if eval_rows:
         final = evaluate(model, eval_rows, pad_id, **eval_kw)
-        loop.log({"step": loop.step, **{"final_" + k: v for k, v in final.items()}})
+        loop.log_final(final)
     # 3. Reward-normalisation statistics travel with the model in config.json (docs/ppo-details.md §8).
     seqs = norm_sequences(args, tokenizer, train_rows)
     mean, std = reward_stats(model, seqs, pad_id, 2 * args.batch_size)
     model.config.reward_mean, model.config.reward_std = mean, std
     loop.log({"step": loop.step, "reward_mean": mean, "reward_std": std, "norm_samples": float(len(seqs))})
     M.save_model(model, tokenizer, args.out)
-    print(f"saved the reward model to {args.out} (reward_mean {mean:.4g}, reward_std {std:.4g} over {len(seqs)} "
-          f"completions in its config.json)")
+    print(f"its config.json holds reward_mean {mean:.4g} and reward_std {std:.4g} over {len(seqs)} completions")
 
 
 if __name__ == "__main__":

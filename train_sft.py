@@ -72,9 +72,8 @@ def train(args):
 
     if eval_rows:
         eval_loss = evaluate(model, eval_rows, pad_id, args.batch_size, device)
-        loop.log({"step": loop.step, "final_eval_loss": eval_loss})
+        loop.log_final({"eval_loss": eval_loss})
     M.save_model(model, tokenizer, args.out)
-    print(f"saved the merged model to {args.out} and the LoRA adapter to {args.out}/adapter")
     prompts = [row[0] for row in (eval_rows or train_rows)[:args.samples]]
     if prompts and dist.is_main():
         out = M.generate(model, tokenizer, prompts, args.max_new_tokens, temperature=0)

@@ -340,6 +340,15 @@ class Loop:
         if metrics["step"] % self.args.log_every == 0 or metrics["step"] == self.total_steps:
             self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
+    def log_final(self, metrics):
+        """The held-out metrics after the last step, logged as final_<name> at that step."""
+        self.log({"step": self.step, **{f"final_{k}": v for k, v in metrics.items()}})
+
+    def show_samples(self, prompts, responses, scores, label="score"):
+        """A prompt -> response -> score table in the log (PPO and GRPO, every --sample-every iterations)."""
+        for prompt, response, score in zip(prompts, responses, scores):
+            self.bar.write(f"--- prompt: {prompt[:200]!r}\n    response: {response[:300]!r}\n    {label}: {score:.3f}")
+
     def _on_signal(self, signum, frame):
         if self.stop:  # a second Ctrl-C means now
             raise KeyboardInterrupt

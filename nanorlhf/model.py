@@ -297,6 +297,8 @@ def save_model(model, tokenizer, out, adapter="default"):
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
         os.rmdir(tmp)
+        print(f"saved the merged model to {out}" + (f" and its LoRA adapter to {out}/adapter" if lora_layers(model)
+                                                     else ""))
     dist.barrier()
 
 
