@@ -229,7 +229,9 @@ def child_ours(spec):
         args["loss"] = "sigmoid"
     if spec["stage"] == "grpo":  # batch_size: the forward micro-batch; the minibatch is every completion of a step
         sys.path.insert(0, spec["work"])  # bench_reward.py
-        args |= dict(reward_fn="bench_reward:reward", rollout_batch_size=spec["grpo_prompts"],
+        for flag in ("grad_accum", "max_length", "lora_dropout", "eval_frac"):  # flags GRPO does not take
+            del args[flag]
+        args |= dict(max_prompt_length=spec["seq_len"], reward_fn="bench_reward:reward", rollout_batch_size=spec["grpo_prompts"],
                      num_generations=spec["num_generations"], ppo_epochs=1, max_new_tokens=spec["max_new_tokens"],
                      temperature=spec["temperature"], top_p=1.0, beta=0.0, advantage="grpo", scale_rewards="group",
                      loss_type="grpo", cliprange=0.2, lr=spec["lr"], warmup=0, sample_every=0)

@@ -134,13 +134,16 @@ def run_one(work, dirs, name, stage, ckpt):
     args = dict(model=path, out=os.path.join(work, f"out-{name}-{stage}"), overwrite=True, max_steps=2, grad_accum=1,
                 eval_frac=0.0, device="cpu", dtype="float32", lora_r=16, gradient_checkpointing=ckpt, log_every=100,
                 **SETTINGS[name])
+    if stage in ("ppo", "grpo"):  # they sample their own data: no accumulation, no eval split, a prompt limit
+        for flag in ("grad_accum", "eval_frac", "max_length"):
+            del args[flag]
     if stage == "ppo":  # rollouts of 4 prompts; prompts are at most 64 tokens; 64 new tokens
-        args.update(rm=[rm], rollout_batch_size=4, minibatch_size=4, batch_size=2, ppo_epochs=1, max_length=64,
-                    max_new_tokens=64, sample_every=0)
+        args.update(rm=[rm], rollout_batch_size=4, minibatch_size=4, batch_size=2, ppo_epochs=1,
+                    max_prompt_length=64, max_new_tokens=64, sample_every=0)
         n = 4
     if stage == "grpo":  # 2 prompts × 2 generations = 4 sequences as PPO; β > 0 runs the reference pass too
         args.update(rm=[rm], rollout_batch_size=2, num_generations=2, minibatch_size=4, batch_size=2, ppo_epochs=1,
-                    max_length=64, max_new_tokens=64, beta=0.04, sample_every=0)
+                    max_prompt_length=64, max_new_tokens=64, beta=0.04, sample_every=0)
         n = 2
     if stage == "sft":
         args["samples"] = 0
