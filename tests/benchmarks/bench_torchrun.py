@@ -32,6 +32,13 @@ def run(cmd, threads, out):
     return rows, load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
 
 
+def sft_command(model, steps):
+    """train_sft.py and its flags, without --batch-size and --out (tests/test_benchmarks.py parses them)."""
+    return ["train_sft.py", "--model", model, "--data", "data/alpaca_en_demo.json", "--max-steps", str(steps),
+            "--grad-accum", "1", "--lr", "1e-3", "--eval-frac", "0", "--max-length", "160", "--samples", "0",
+            "--log-every", "1"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8, help="Optimizer steps per run.")
@@ -39,9 +46,7 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="Cores each way gets in total.")
     p.add_argument("--model", default="smollm2", help="Model to fine-tune.")
     a = p.parse_args()
-    sft = ["train_sft.py", "--model", a.model, "--data", "data/alpaca_en_demo.json", "--max-steps", str(a.steps),
-           "--grad-accum", "1", "--lr", "1e-3", "--eval-frac", "0", "--max-length", "160", "--samples", "0",
-           "--log-every", "1"]
+    sft = sft_command(a.model, a.steps)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     with tempfile.TemporaryDirectory() as tmp:
         one, w1 = run([sys.executable] + sft + ["--batch-size", str(a.batch)], a.threads, f"{tmp}/one")

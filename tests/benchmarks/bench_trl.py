@@ -191,6 +191,30 @@ def trl_reward(prompts, completions, **kwargs):
 # ---------------------------------------------------------------- one run (child)
 
 
+def ours_args(spec, out):
+    """The keyword arguments of the stage's Args for one benchmark run (tests/test_benchmarks.py checks each
+    stage still takes them)."""
+    args = dict(model=spec["model"], data=spec["data"], out=out, max_steps=spec["warmup"] + spec["steps"],
+                batch_size=spec["batch_size"], grad_accum=1, max_length=spec["seq_len"], lora_r=spec["lora_r"],
+                lora_alpha=spec["lora_alpha"], lora_dropout=0.0, eval_frac=0.0, device="cpu", dtype="float32",
+                optim="adamw", weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, log_every=10**6,
+                seed=spec.get("seed", 0))
+    if spec["stage"] == "sft":
+        args["samples"] = 0
+    if spec["stage"] == "rm":
+        args["norm_samples"] = 2  # the reward statistics pass after training: kept minimal (not timed)
+    if spec["stage"] == "rm" or spec["stage"] == "dpo":
+        args["loss"] = "sigmoid"
+    if spec["stage"] == "grpo":  # batch_size: the forward micro-batch; the minibatch is every completion of a step
+        for flag in ("grad_accum", "max_length", "lora_dropout", "eval_frac"):  # flags GRPO does not take
+            del args[flag]
+        args |= dict(max_prompt_length=spec["seq_len"], reward_fn="bench_reward:reward",
+                     rollout_batch_size=spec["grpo_prompts"], num_generations=spec["num_generations"], ppo_epochs=1, max_new_tokens=spec["max_new_tokens"],
+                     temperature=spec["temperature"], top_p=1.0, beta=0.0, advantage="grpo", scale_rewards="group",
+                     loss_type="grpo", cliprange=0.2, lr=spec["lr"], warmup=0, sample_every=0)
+    return args
+
+
 def child_ours(spec):
     import importlib
 
@@ -216,25 +240,8 @@ def child_ours(spec):
 
     script.load_policy, script.Loop = measured_load_policy, CountingLoop
     out = os.path.join(spec["work"], f"ours-{spec['stage']}-{os.getpid()}")
-    args = dict(model=spec["model"], data=spec["data"], out=out, max_steps=spec["warmup"] + spec["steps"],
-                batch_size=spec["batch_size"], grad_accum=1, max_length=spec["seq_len"], lora_r=spec["lora_r"],
-                lora_alpha=spec["lora_alpha"], lora_dropout=0.0, eval_frac=0.0, device="cpu", dtype="float32",
-                optim="adamw", weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, log_every=10**6,
-                seed=spec.get("seed", 0))
-    if spec["stage"] == "sft":
-        args["samples"] = 0
-    if spec["stage"] == "rm":
-        args["norm_samples"] = 2  # the reward statistics pass after training: kept minimal (not timed)
-    if spec["stage"] == "rm" or spec["stage"] == "dpo":
-        args["loss"] = "sigmoid"
-    if spec["stage"] == "grpo":  # batch_size: the forward micro-batch; the minibatch is every completion of a step
-        sys.path.insert(0, spec["work"])  # bench_reward.py
-        for flag in ("grad_accum", "max_length", "lora_dropout", "eval_frac"):  # flags GRPO does not take
-            del args[flag]
-        args |= dict(max_prompt_length=spec["seq_len"], reward_fn="bench_reward:reward", rollout_batch_size=spec["grpo_prompts"],
-                     num_generations=spec["num_generations"], ppo_epochs=1, max_new_tokens=spec["max_new_tokens"],
-                     temperature=spec["temperature"], top_p=1.0, beta=0.0, advantage="grpo", scale_rewards="group",
-                     loss_type="grpo", cliprange=0.2, lr=spec["lr"], warmup=0, sample_every=0)
+    sys.path.insert(0, spec["work"])  # bench_reward.py, GRPO's reward
+    args = ours_args(spec, out)
     script.train(script.Args(**args))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [m for m in map(json.loads, f) if "step_time" in m]

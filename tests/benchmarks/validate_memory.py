@@ -128,8 +128,9 @@ def prepare(work, models):
 SETTINGS = {"tiny": dict(batch_size=4, max_length=256), "smollm2": dict(batch_size=2, max_length=256)}
 
 
-def run_one(work, dirs, name, stage, ckpt):
-    path, rm = dirs[name]
+def stage_args(path, rm, name, stage, ckpt, work):
+    """The stage's Args keywords for one measured run, and the number of examples its data needs
+    (tests/test_benchmarks.py checks each stage still takes them)."""
     n = SETTINGS[name]["batch_size"]
     args = dict(model=path, out=os.path.join(work, f"out-{name}-{stage}"), overwrite=True, max_steps=2, grad_accum=1,
                 eval_frac=0.0, device="cpu", dtype="float32", lora_r=16, gradient_checkpointing=ckpt, log_every=100,
@@ -147,6 +148,12 @@ def run_one(work, dirs, name, stage, ckpt):
         n = 2
     if stage == "sft":
         args["samples"] = 0
+    return args, n
+
+
+def run_one(work, dirs, name, stage, ckpt):
+    path, rm = dirs[name]
+    args, n = stage_args(path, rm, name, stage, ckpt, work)
     args["data"] = write_data(work, stage, n, SETTINGS[name]["max_length"])
     spec = json.dumps({"stage": stage, "args": args})
     r = subprocess.run([sys.executable, __file__, "--child", spec], cwd=ROOT, capture_output=True, text=True,

@@ -1,0 +1,44 @@
+"""The benchmarks are scripts the suite does not run (they take minutes). What rots first is the arguments they
+hand the stages, so check here, in milliseconds, that every stage still takes them."""
+import importlib
+import importlib.util
+import os
+
+import pytest
+from conftest import ROOT
+
+from nanorlhf.cli import parse
+
+
+def bench(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tests", "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_taken(stage, kwargs):
+    """train_<stage>.Args accepts every keyword and holds the value given."""
+    args = importlib.import_module(f"train_{stage}").Args(**kwargs)
+    assert {k: getattr(args, k) for k in kwargs} == kwargs
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "grpo"])
+def test_bench_trl_arguments(stage):
+    spec = dict(stage=stage, model="m", data="d.jsonl", work="w", warmup=2, steps=8, batch_size=4, seq_len=256,
+                lora_r=16, lora_alpha=32.0, seed=0, grpo_prompts=4, num_generations=4, max_new_tokens=32,
+                temperature=0.1, lr=3e-5)
+    assert_taken(stage, bench("bench_trl").ours_args(spec, "out"))
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo"])
+def test_validate_memory_arguments(stage):
+    args, _ = bench("validate_memory").stage_args("m", "rm", "tiny", stage, True, "w")
+    assert_taken(stage, args)
+
+
+def test_bench_torchrun_arguments():
+    script, *argv = bench("bench_torchrun").sft_command("smollm2", 8)
+    stage = script.removeprefix("train_").removesuffix(".py")
+    args = parse(importlib.import_module(f"train_{stage}").Args, argv + ["--batch-size", "4", "--out", "o"])
+    assert (args.max_steps, args.grad_accum, args.eval_frac, args.samples) == (8, 1, 0.0, 0)
