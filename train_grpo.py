@@ -35,9 +35,9 @@ from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
 from nanorlhf.loop import Loop, RunArgs, check_out, load_policy
-from nanorlhf.rewards import Rewarder, call_reward_fn, load_reward_fn
-from nanorlhf.rollout import (gae, kl_penalty, masked, masked_mean, micro_batches, minibatches, response_logprobs,
-                              sample, shape_rewards, whiten)
+from nanorlhf.rewards import Rewarder
+from nanorlhf.rollout import (batch_logprobs, gae, kl_penalty, masked, masked_mean, micro_batches, minibatches,
+                              response_logprobs, sample, shape_rewards, whiten)
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Args(RunArgs):
     rm_weight: list[float] = arg([], "Weight of each --rm in the reward, in order (default 1 each).")
     reward_fn: str | None = arg(None, "Python reward 'module:function' called as f(prompts, responses) on lists of "
                                 "strings, returning floats; added to the RM scores. E.g. nanorlhf.arithmetic:reward.")
-    gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `gold`, never optimised.")
+    gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `reward/gold`, never optimised.")
     max_steps: int | None = arg(None, "Iterations (sample, score, update); default: --epochs over the prompts.", gt=0)
     num_generations: int = arg(4, "k, responses sampled per prompt: the group each response is measured against.",
                                ge=2)
@@ -156,9 +156,8 @@ def train(args):
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
     M.disable_dropout(model)  # LoRA's too: with dropout the ratio is not 1 before the first update
-    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, device=args.device, dtype=args.dtype,
-                        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
-    gold_fn = load_reward_fn(args.gold_reward_fn, "--gold-reward-fn") if args.gold_reward_fn else None
+    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, args.gold_reward_fn, device=args.device,
+                        dtype=args.dtype, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
     iterations = args.max_steps or math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)
@@ -183,13 +182,10 @@ def train(args):
         # 2. score: the reward (one scalar per response) and the logprobs the update compares against
         response_ids = [r[:k].tolist() for r, k in zip(data["responses"].cpu(), lengths.cpu())]
         scores, parts, texts = rewarder(messages, queries, response_ids, ended.cpu(), args.batch_size)
-        with torch.no_grad():
-            for key, needed, adapter in (("logprobs", need_old, "policy"), ("ref_logprobs", need_ref, None)):
-                if needed:
-                    data[key] = torch.zeros_like(mask, dtype=torch.float)
-                    for idx, c in micro_batches({k: data[k] for k in ("queries", "query_mask", "responses", "mask")},
-                                                args.batch_size):
-                        data[key][idx, :c["mask"].shape[1]] = response_logprobs(model, c, args.temperature, adapter)
+        if need_old:
+            data["logprobs"] = batch_logprobs(model, data, args.temperature, "policy", args.batch_size)
+        if need_ref:
+            data["ref_logprobs"] = batch_logprobs(model, data, args.temperature, None, args.batch_size)
         t2 = time.perf_counter()
 
         # 3. advantages: per response (N,), then on each of its tokens (N, R)
@@ -236,9 +232,6 @@ def train(args):
             "frac_groups_tied": (groups.std(1) == 0).float().mean(), "response_length": lengths.float().mean(),
             "eos_frac": ended.float().mean(), "tokens": int(mask.sum()),
             "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2}
-        if gold_fn:  # logged, never optimised
-            metrics["gold"] = call_reward_fn(gold_fn, [m[-1]["content"] for m in messages], texts,
-                                             "--gold-reward-fn").mean()
         if args.sample_every and step % args.sample_every == 0:
             k = args.num_generations  # the first prompt's group
             loop.show_samples([m[-1]["content"] for m in messages[:k]], texts[:k], scores[:k].tolist(), "reward")

@@ -15,7 +15,6 @@ five functions, called in order by train():
     python train_ppo.py --actor out/sft --rm out/rm --data data/hh_harmless.jsonl --out out/ppo
 """
 import math
-import sys
 import time
 from dataclasses import dataclass, fields
 
@@ -28,7 +27,7 @@ from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
 from nanorlhf.lora import add_lora, use_adapter
 from nanorlhf.loop import Loop, RunArgs, check_out, load_policy
-from nanorlhf.rewards import Rewarder, call_reward_fn, load_reward_fn
+from nanorlhf.rewards import Rewarder
 from nanorlhf.rollout import (KLController, RolloutBuffer, batch_inputs, gae, kl_penalty, masked, masked_mean,
                               masked_var, micro_batches, response_logprobs, response_slice, sample, shape_rewards,
                               whiten)
@@ -43,7 +42,7 @@ class Args(RunArgs):
     reward_fn: str | None = arg(None, "Python reward 'module:function' called as f(prompts, responses) on lists of "
                                 "strings (the last user message, the decoded response), returning floats; added to "
                                 "the RM scores. For verifiable rewards.")
-    gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `gold` beside the score PPO "
+    gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `score/gold` beside the score PPO "
                                      "optimises, never optimised: with a known true reward it shows when the policy "
                                      "starts to exploit the RM (Gao et al. 2023).")
     critic_from_rm: bool = arg(False, "Start the critic from the first --rm (its weights and head) instead of a "
@@ -174,16 +173,13 @@ def rollout(model, critic, value_head, tokenizer, picked, args):
                    "generate_s": generate_s}
 
 
-def score(batch, info, rewarder, gold_fn, kl_coef, args):
+def score(batch, info, rewarder, kl_coef, args):
     """2. The score of each response (RMs and/or a reward function, the missing-EOS rule), then the per-token
     rewards: -β·KL everywhere and the score on the last real token."""
     ids = [r[:n].tolist() for r, n in zip(batch["responses"].cpu(), info["lengths"].cpu())]
     info["scores_raw"], info["parts"], info["texts"] = rewarder(info["messages"], info["queries"], ids,
                                                                 info["ended"].cpu(), args.batch_size)
     info["scores"] = missing_eos_scores(info["scores_raw"], info["ended"].cpu(), args)
-    if gold_fn:  # logged, never optimised
-        info["gold"] = call_reward_fn(gold_fn, [m[-1]["content"] for m in info["messages"]], info["texts"],
-                                      "--gold-reward-fn")
     batch["rewards"] = shape_rewards(info["scores"].to(batch["mask"].device), batch["logprobs"], batch["ref_logprobs"],
                                      batch["mask"], kl_coef, args.kl_estimator)
 
@@ -236,7 +232,6 @@ def log_metrics(batch, info, stats, kl_ctl, args):
     return {k: sum(v) / len(v) for k, v in stats.items() if k != "ppo_epochs_run"} | {
         "score": info["scores"].mean(), "score_raw": info["scores_raw"].mean(), "kl": kl, "kl_coef": kl_ctl.value,
         **{f"score/{k}": v.mean() for k, v in info["parts"].items()},
-        **({"gold": info["gold"].mean()} if "gold" in info else {}),
         "entropy": masked_mean(batch["entropy"], mask), "response_length": info["lengths"].float().mean(),
         "eos_frac": info["ended"].float().mean(), "ppo_epochs_run": stats["ppo_epochs_run"][-1],
         "explained_variance": 1 - residual_var / masked_var(batch["returns"], mask), "tokens": int(mask.sum())}
@@ -254,9 +249,8 @@ def train(args):
     check_out(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
-    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, device=args.device, dtype=args.dtype,
-                        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
-    gold_fn = load_reward_fn(args.gold_reward_fn, "--gold-reward-fn") if args.gold_reward_fn else None
+    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, args.gold_reward_fn, device=args.device,
+                        dtype=args.dtype, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
     critic, value_head = make_critic(model, rewarder, args)
     for m in (model, critic):  # LoRA's dropout too: with any dropout the ratio is not 1 at the first update
         M.disable_dropout(m)
@@ -277,7 +271,7 @@ def train(args):
         t0 = time.perf_counter()
         picked = [prompts[i] for i in loop.take(args.rollout_batch_size)]  # this rank's share
         batch, info = rollout(model, critic, value_head, tokenizer, picked, args)       # 1. rollout
-        score(batch, info, rewarder, gold_fn, kl_ctl.value, args)                        # 2. score + KL
+        score(batch, info, rewarder, kl_ctl.value, args)                                 # 2. score + KL
         advantages(batch, args)                                                          # 3. GAE
         t2 = time.perf_counter()
         stats = update(model, critic, value_head, batch, loop, args)                     # 4. PPO epochs

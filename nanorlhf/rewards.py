@@ -44,10 +44,12 @@ def call_reward_fn(fn, prompts, texts, flag="--reward-fn"):
 class Rewarder:
     """score = Σ_i w_i · RM_i(prompt, response), normalised with each RM's stored statistics, + reward_fn.
 
-    Each part is also returned on its own ("rm", "rm2", ..., "fn") so a run can log what drives its score.
+    Each part is also returned on its own ("rm", "rm2", ..., "fn") so a run can log what drives its score, and
+    with gold_fn a "gold" part that is not in the score: a known true reward watched beside the proxy that is
+    optimised, where overoptimisation shows (Gao et al. 2023).
     """
 
-    def __init__(self, tokenizer, rms=(), weights=(), reward_fn=None, **load_kw):
+    def __init__(self, tokenizer, rms=(), weights=(), reward_fn=None, gold_fn=None, **load_kw):
         weights = list(weights) or [1.0] * len(rms)
         if len(weights) != len(rms):
             raise UserError(f"--rm-weight: got {len(weights)} weights for {len(rms)} --rm models")
@@ -56,6 +58,7 @@ class Rewarder:
             rm, rm_tok = M.load_reward_model(path, **load_kw)
             self.rms.append((rm, rm_tok, w))
         self.fn = load_reward_fn(reward_fn) if reward_fn else None
+        self.gold = load_reward_fn(gold_fn, "--gold-reward-fn") if gold_fn else None
         if not self.rms and self.fn is None:
             raise UserError("give a reward: --rm FOLDER (repeatable) and/or --reward-fn module:function")
 
@@ -71,7 +74,7 @@ class Rewarder:
         the policy's)."""
         tokenizer = tokenizer or self.tokenizer
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        parts = {}
+        prompts, parts = [m[-1]["content"] for m in messages], {}
         for i, (rm, rm_tok, weight) in enumerate(self.rms):
             if self.same_tokenizer(i, tokenizer):  # score exactly the sampled ids
                 seqs = [list(q) + list(r) for q, r in zip(queries, responses)]
@@ -80,7 +83,9 @@ class Rewarder:
                         ([rm_tok.eos_token_id] if e else []) for m, t, e in zip(messages, texts, ended)]
             parts["rm" if i == 0 else f"rm{i + 1}"] = M.score_sequences(rm, seqs, rm_tok.pad_token_id, batch_size)
         if self.fn is not None:
-            parts["fn"] = call_reward_fn(self.fn, [m[-1]["content"] for m in messages], texts)
+            parts["fn"] = call_reward_fn(self.fn, prompts, texts)
         weights = [w for *_, w in self.rms] + ([1.0] if self.fn is not None else [])  # in the order of parts
         scores = sum(w * s for w, s in zip(weights, parts.values()))
+        if self.gold is not None:  # logged, never optimised
+            parts["gold"] = call_reward_fn(self.gold, prompts, texts, "--gold-reward-fn")
         return scores, parts, texts

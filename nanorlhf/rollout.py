@@ -118,6 +118,15 @@ def micro_batches(batch, size):
         yield idx, {k: v[:, start:] if k in ("queries", "query_mask") else v[:, :R] for k, v in chunk.items()}
 
 
+@torch.no_grad()
+def batch_logprobs(model, batch, temperature, adapter, size):
+    """`response_logprobs` (B, R) of a whole rollout batch, `size` rows per forward, without grad."""
+    out = torch.zeros_like(batch["mask"], dtype=torch.float)
+    for idx, chunk in micro_batches(batch, size):
+        out[idx, :chunk["mask"].shape[1]] = response_logprobs(model, chunk, temperature, adapter)
+    return out
+
+
 def kl_penalty(logprobs, ref_logprobs, kind="k1"):
     """Per-token estimate of KL(pi || ref) from samples of pi (Schulman, "Approximating KL").
 

@@ -110,7 +110,8 @@ def test_beta_zero_runs_no_reference_pass(actor_dir, tmp_path, moon_reward, monk
     def counting(model, batch, temperature, adapter="policy", return_entropy=False):
         calls[adapter] = calls.get(adapter, 0) + 1
         return real(model, batch, temperature, adapter, return_entropy)
-    monkeypatch.setattr(train_grpo, "response_logprobs", counting)
+    monkeypatch.setattr(train_grpo, "response_logprobs", counting)  # the update's passes
+    monkeypatch.setattr(rollout, "response_logprobs", counting)     # the scoring passes (rollout.batch_logprobs)
     train_grpo.train(make_args(tmp_path, actor_dir, reward_fn=moon_reward, out=str(tmp_path / "b0")))
     assert calls.get(None, 0) == 0 and calls["policy"] > 0
     calls.clear()

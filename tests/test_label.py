@@ -83,3 +83,18 @@ def test_evaluate_by_reward_fn_against_itself_is_a_tie(tiny_dir, tmp_path, rewar
     # same seed, same samples: every comparison is a tie, the gain 0, the KL 0
     assert judged["win_rate"] == 0.5 and judged["gain"] == 0.0 and row["kl"] == pytest.approx(0.0, abs=1e-6)
     assert row["score"] == judged["mean"] and judged["se"] > 0
+
+
+def test_rewarder_logs_the_gold_part_without_optimising_it(tokenizer, tmp_path, monkeypatch):
+    """--gold-reward-fn is a part of its own: in the parts PPO and GRPO log, never in the score they optimise."""
+    (tmp_path / "judges.py").write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n"
+                                        "def shouty(prompts, responses):\n    return [r.count('!') for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    from nanorlhf.rewards import Rewarder
+    rewarder = Rewarder(tokenizer, reward_fn="judges:length", gold_fn="judges:shouty")
+    messages = [[{"role": "user", "content": "Hi"}]] * 2
+    responses = [tokenizer(t, add_special_tokens=False).input_ids for t in ("Yes!!", "No")]
+    scores, parts, texts = rewarder(messages, [[1], [1]], responses, [True, True], 2)
+    assert texts == ["Yes!!", "No"]
+    assert scores.tolist() == [5.0, 2.0] and parts["fn"].tolist() == [5.0, 2.0]
+    assert parts["gold"].tolist() == [2.0, 0.0]
