@@ -209,9 +209,10 @@ def ours_args(spec, out):
         for flag in ("grad_accum", "max_length", "lora_dropout", "eval_frac"):  # flags GRPO does not take
             del args[flag]
         args |= dict(max_prompt_length=spec["seq_len"], reward_fn="bench_reward:reward",
-                     rollout_batch_size=spec["grpo_prompts"], num_generations=spec["num_generations"], ppo_epochs=1, max_new_tokens=spec["max_new_tokens"],
-                     temperature=spec["temperature"], top_p=1.0, beta=0.0, advantage="grpo", scale_rewards="group",
-                     loss_type="grpo", cliprange=0.2, lr=spec["lr"], warmup=0, sample_every=0)
+                     rollout_batch_size=spec["grpo_prompts"], num_generations=spec["num_generations"], ppo_epochs=1,
+                     max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0, beta=0.0,
+                     advantage="grpo", scale_rewards="group", loss_type="grpo", cliprange=0.2, lr=spec["lr"], warmup=0,
+                     sample_every=0)
     return args
 
 
