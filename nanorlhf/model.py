@@ -42,6 +42,9 @@ def convert_gguf(path):
     model from its config and copy the state dict over.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    for package in ("gguf", "accelerate"):  # transformers' GGUF reader needs both; say so in one line
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"{path}: reading a .gguf model needs the {package} package: pip install -e '.[gguf]'")
     stat = os.stat(path)
     key = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
     out = os.path.join(cache_dir(), f"{os.path.basename(path)[:-5]}-{key}")

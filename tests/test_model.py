@@ -23,6 +23,19 @@ def test_smollm2_gguf_converts_and_answers(smollm2_dir):
     assert M.resolve("smollm2") == smollm2_dir  # cached: converted once
 
 
+def test_gguf_without_accelerate_is_one_line(tmp_path, monkeypatch):
+    """transformers' GGUF reader raises deep inside without accelerate; we name the package and the extra first."""
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
+    monkeypatch.setenv("NANORLHF_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(UserError, match=r"m\.gguf: reading a \.gguf model needs the accelerate package: pip install"):
+        M.resolve(str(gguf))
+
+
 def test_resolve_errors(tmp_path):
     with pytest.raises(UserError, match="--actor .*not a model folder"):
         M.resolve(str(tmp_path), flag="--actor")
