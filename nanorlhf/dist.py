@@ -6,7 +6,8 @@ Without torchrun (WORLD_SIZE unset or 1) every function here is the identity and
 process (rank) holds the whole frozen base (4-bit included: QLoRA + data parallelism is the usual recipe) and its
 adapters, reads its own shard of every batch, and after backward the ranks sum their gradients. Each rank scales
 its loss by the *global* count (tokens, pairs, responses of the whole step), so the summed gradient is exactly one
-process's on the global batch. NCCL with one GPU per rank (LOCAL_RANK) on CUDA, gloo on the CPU.
+process's on the global batch. NCCL with one GPU per rank (LOCAL_RANK) on CUDA, gloo on the CPU (and for CPU
+tensors beside NCCL).
 
 Why an explicit all-reduce of the trainable gradients and not DistributedDataParallel: DDP's hooks assume one
 forward per backward and every parameter used in it. Here PPO runs two adapters on one base, gradient
@@ -39,8 +40,14 @@ def init(device="auto"):
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:  # one GPU per rank; "cuda" means this rank's own from here on
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group(backend(cuda))
     return world()
+
+
+def backend(cuda):
+    """The group's backend for each device. NCCL serves CUDA tensors only, and every stage also sums Python numbers
+    (token and pair counts, the KL, early stopping) as CPU tensors in `all_sum`: gloo serves those beside it."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def barrier():

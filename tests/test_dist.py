@@ -40,6 +40,37 @@ def test_whitening_uses_every_ranks_statistics(tmp_path):
     assert not torch.allclose(torch.load(tmp_path / "w.0"), whiten(x[:3], mask[:3]), atol=1e-3)  # not local stats
 
 
+def cpu_stand_in(spec):
+    """A group spec that serves the devices `spec` serves, as torch reads it ("nccl" alone: cuda only), with gloo in
+    place of NCCL, which a CPU build lacks: a CPU tensor can be reduced in it exactly when it can in `spec`'s."""
+    import torch.distributed as dist
+    pairs = [p.split(":") for p in spec.split(",")] if ":" in spec else \
+        [(d, spec) for d in dist.Backend.backend_capability[spec]]
+    return ",".join(f"{d}:{'gloo' if b == 'nccl' else b}" for d, b in pairs)
+
+
+def _all_sum_worker(rank, world, init_file, spec, out):
+    """One of two ranks in a group built like `spec`: sum a Python number, as every stage does, and store it."""
+    import torch.distributed as dist
+
+    from nanorlhf import dist as ndist
+    dist.init_process_group(spec, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(ndist.all_sum(rank + 1.5), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_numbers_are_summed_in_the_group_init_builds_on_cuda(tmp_path):
+    """Under NCCL the group must also serve CPU tensors: `all_sum` reduces Python numbers on the CPU."""
+    from nanorlhf.dist import backend
+    spec = cpu_stand_in(backend(cuda=True))
+    assert "cuda:gloo" in spec and cpu_stand_in("nccl") == "cuda:gloo"  # GPUs keep NCCL; the stand-in is faithful
+    torch.multiprocessing.spawn(_all_sum_worker, args=(2, str(tmp_path / "init"), spec, str(tmp_path / "s")),
+                                nprocs=2)
+    assert [torch.load(tmp_path / f"s.{r}") for r in range(2)] == [4.0, 4.0]
+
+
 def run(cmd, cwd=ROOT):
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=ROOT)
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
