@@ -313,7 +313,14 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
     query_mask; responses (B, R) cut after their first EOS and right-padded, with mask (B, R) 1 on their tokens,
     lengths (B,), and ended (B,) whether each one emitted EOS. Sampling uses the plain softmax at `temperature`
     (top-k off), so logprobs computed at that temperature are those of the sampling policy.
+
+    Nothing of the model's own generation_config applies: `model.generate` fills every setting not passed, and
+    with a passed config too (transformers 4.56 and 5 alike) every one left unset or at its default, from
+    `model.generation_config`, where checkpoints ship repetition penalties, top-k/top-p, n-gram bans and
+    suppressed tokens. Samples would then not come from π at `temperature`, biasing PPO's and GRPO's ratio and KL
+    with no sign in any log. So for this call the model's config is swapped for one built from our settings alone.
     """
+    from transformers import GenerationConfig
     device = next(model.parameters()).device
     P = max(len(p) for p in prompts)
     queries = torch.full((len(prompts), P), tokenizer.pad_token_id, dtype=torch.long, device=device)
@@ -323,10 +330,14 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
     was_training = model.training
     model.eval()  # gradient checkpointing disables the KV cache in train mode
     sample = temperature > 0
-    out = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=max_new_tokens,
-                         do_sample=sample, temperature=temperature if sample else None,
-                         top_p=top_p if sample else None, top_k=0 if sample else None, use_cache=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, use_cache=True,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                              **({"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}))
+    shipped, model.generation_config = model.generation_config, config
+    try:
+        out = model.generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
+    finally:
+        model.generation_config = shipped
     model.train(was_training)
     responses = out[:, P:]
     is_eos = responses == tokenizer.eos_token_id

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -162,3 +163,51 @@ def test_gradient_checkpointing_replays_the_forward_adapter(tiny_dir):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4 * 14
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def meddling_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama whose generation_config.json would change sampling: it suppresses every id >= 1000, keeps
+    the top 5 tokens, penalises repeats and forbids repeated unigrams (the settings Qwen and others ship)."""
+    from conftest import tiny_llama
+    model = tiny_llama(len(tokenizer))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(5)  # logits far from uniform (entropy ~9 nats), so a top-k would show
+    g = model.generation_config
+    g.suppress_tokens, g.do_sample, g.top_k = list(range(1000, len(tokenizer))), True, 5
+    g.repetition_penalty, g.no_repeat_ngram_size = 3.0, 1
+    path = str(tmp_path_factory.mktemp("meddling"))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_sampling_ignores_the_models_generation_config(meddling_dir):
+    """Samples come from softmax(logits / T) alone (the π the ratio and the KL assume), through the path that
+    nanorlhf.label and nanorlhf.evaluate use (generate_all), whatever the model's generation_config says."""
+    model, tok = M.load_model(meddling_dir)
+    assert model.generation_config.suppress_tokens  # the shipped config is loaded ...
+    torch.manual_seed(0)
+    prompts = [[5 + i, 7, 9] for i in range(24)]
+    responses, _ = M.generate_all(model, tok, prompts, max_new_tokens=4, temperature=0.7, batch_size=24)
+    # ... and ignored: per sampled token, the eager softmax's mass on ids >= 1000 and the token's logprob
+    expected_high, sampled_high, nll, entropy = 0.0, 0, 0.0, 0.0
+    with torch.no_grad():
+        for p, r in zip(prompts, responses):
+            logp = torch.log_softmax(model(torch.tensor([p + r])).logits[0, len(p) - 1:-1] / 0.7, -1)  # (len(r), V)
+            expected_high += logp[:, 1000:].exp().sum().item()
+            sampled_high += sum(t >= 1000 for t in r)
+            nll -= logp[torch.arange(len(r)), torch.tensor(r)].sum().item()
+            entropy -= (logp.exp() * logp).sum().item()
+    n = sum(len(r) for r in responses)
+    assert n >= 48 and 0.5 < expected_high / n  # the test has power: most of the mass is on suppressed ids
+    assert abs(sampled_high - expected_high) < 4 * math.sqrt(expected_high) + 2, (sampled_high, expected_high, n)
+    # E[-log π(sampled)] = entropy; a leaked top-k of 5 would sample far likelier tokens than π does
+    assert abs(nll - entropy) / n < 0.25 * entropy / n + 0.1, (nll / n, entropy / n)
+    # greedy is the eager argmax: no repetition penalty or n-gram ban either
+    out = M.generate(model, tok, [[5, 7, 9]], max_new_tokens=5, temperature=0)
+    ids = [5, 7, 9]
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert out["responses"][0, :out["lengths"][0]].tolist() == ids[3:3 + int(out["lengths"][0])]
