@@ -24,7 +24,6 @@ One frozen base serves the policy (LoRA adapter `policy`) and the reference (ada
     python train_grpo.py --model out/sft --data data/arithmetic.jsonl --reward-fn nanorlhf.arithmetic:reward \\
         --out out/grpo
 """
-import math
 import time
 from dataclasses import dataclass
 
@@ -160,9 +159,9 @@ def train(args):
                         dtype=args.dtype, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
-    iterations = args.max_steps or math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)
     updates = args.ppo_epochs * (n // args.minibatch_size)
-    loop = Loop(args, {"model": model}, len(prompts), total_steps=iterations, updates_per_step=updates)
+    loop = Loop(args, {"model": model}, len(prompts), per_step=args.rollout_batch_size,
+                updates_per_step=updates)
     eps_high = args.cliprange_high or args.cliprange
     # One update on fresh samples: the old logprobs are the new ones, detached (ratio 1), so skip their pass;
     # REINFORCE++ needs them for the KL in its reward.

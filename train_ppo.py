@@ -14,7 +14,6 @@ five functions, called in order by train():
 
     python train_ppo.py --actor out/sft --rm out/rm --data data/hh_harmless.jsonl --out out/ppo
 """
-import math
 import time
 from dataclasses import dataclass, fields
 
@@ -257,14 +256,13 @@ def train(args):
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
     kl_ctl = KLController(args.kl_coef, args.target_kl, args.kl_horizon)
-    iterations = args.max_steps or math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)
     updates = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
     modules = {"model": model, "value_head": value_head} | ({"critic": critic} if critic is not model else {})
     # Policy and critic are clipped apart: the critic's large early gradients must not set the policy's step.
     critic_params = [p for n, p in critic.named_parameters() if ".value." in n] + list(value_head.parameters())
     clip_groups = {"policy": [p for n, p in model.named_parameters() if ".policy." in n], "critic": critic_params}
-    loop = Loop(args, modules, len(prompts), stateful={"kl": kl_ctl}, total_steps=iterations, updates_per_step=updates,
-                clip_groups=clip_groups)
+    loop = Loop(args, modules, len(prompts), stateful={"kl": kl_ctl}, per_step=args.rollout_batch_size,
+                updates_per_step=updates, clip_groups=clip_groups)
     warned_eos = False
 
     for step in loop:

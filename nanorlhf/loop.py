@@ -244,14 +244,17 @@ class Loop:
     """Owns everything about a run but the algorithm. `modules` are checkpointed by their trainable
     parameters; `stateful` objects (e.g. a KL controller) by their state_dict."""
 
-    def __init__(self, args, modules, n_examples, stateful=None, total_steps=None, updates_per_step=1,
+    def __init__(self, args, modules, n_examples, stateful=None, per_step=None, updates_per_step=1,
                  clip_groups=None):
-        """clip_groups: {name: parameters} clipped to --max-grad-norm each on its own (PPO: policy and critic, so
-        the critic's large early gradients do not shrink the policy's step); default one group of every parameter."""
+        """per_step: examples each rank takes per step (default --batch-size × --grad-accum; PPO and GRPO: their
+        prompts per iteration). clip_groups: {name: parameters} clipped to --max-grad-norm each on its own (PPO:
+        policy and critic, so the critic's large early gradients do not shrink the policy's step); default one group
+        of every parameter."""
         self.args, self.modules, self.stateful = args, modules, dict(stateful or {})
         self.stream = Stream(n_examples, args.seed)  # the same order on every rank; each takes its own share
-        self.total_steps = total_steps or args.max_steps or max(1, math.ceil(  # steps count global batches
-            args.epochs * n_examples / (args.batch_size * args.grad_accum * dist.world())))
+        per_step = per_step or args.batch_size * args.grad_accum
+        self.total_steps = args.max_steps or max(1, math.ceil(  # a step takes per_step examples on every rank
+            args.epochs * n_examples / (per_step * dist.world())))
         self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         self.clip_groups = clip_groups or {"": self.params}
         self.optimizer = make_optimizer(self.params, args)

@@ -134,6 +134,24 @@ def test_ppo_and_grpo_run_on_two_ranks(tiny_dir, tmp_path):
         assert (out / "config.json").exists() and (out / "adapter" / "adapter_config.json").exists()
 
 
+@pytest.mark.parametrize("script", ["train_ppo.py", "train_grpo.py"])
+def test_an_epoch_of_prompts_counts_every_ranks_share(tiny_dir, tmp_path, script):
+    """8 prompts, 2 per rank per iteration, 2 ranks: one epoch is 2 iterations, not 4."""
+    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(8)))
+    extra = ["--num-generations", "2"] if script == "train_grpo.py" else []
+    out = tmp_path / "out"
+    r = run(TORCHRUN + [os.path.join(ROOT, script), "--actor", tiny_dir, "--data", str(prompts), "--epochs", "1",
+                        "--rollout-batch-size", "2", "--minibatch-size", "2", "--max-new-tokens", "2",
+                        "--reward-fn", "lengthy:reward", "--sample-every", "0", "--log-every", "100",
+                        "--out", str(out)] + extra, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [s for s, _ in losses(out, "step_time")] == [1, 2]
+    (_, first), (_, last) = losses(out, "lr")  # each the mean over the iteration's updates
+    assert last < first / 2  # the cosine ends with the epoch; one over 4 iterations is above half-way at the 2nd
+
+
 def test_resume_on_two_ranks_is_exact_and_refuses_another_world_size(tiny_dir, tmp_path):
     data = sft_data(tmp_path)
     cmd = ["train_sft.py", "--model", tiny_dir, "--data", data, "--max-steps", "4", "--batch-size", "2",
