@@ -11,8 +11,10 @@ No critic, so no value adapter, value head or value passes: each prompt is sampl
 
 and every token of a response gets its response's advantage. The loss is PPO's clipped ratio over
 --ppo-epochs passes (μ in the GRPO paper; one pass over one minibatch gives ratio 1, plain REINFORCE),
-with DAPO's asymmetric clip (--cliprange-high) and overlong filtering (Yu et al. 2025), plus β·KL(π‖π_ref)
-with the k3 estimator in the loss (GRPO eq. 3). With --beta 0 (the default, as TRL) no reference pass runs.
+with DAPO's asymmetric clip (--cliprange-high) and overlong filtering (Yu et al. 2025). The KL to the reference
+(--beta) enters where each paper puts it: grpo adds β·k3 to the loss (GRPO eq. 3); rloo subtracts β·Σ_t log π/π_ref
+from each response's reward before the leave-one-out baseline (Ahmadian et al. 2024 §3); reinforce++ puts -β·k1 on
+every token's reward. With --beta 0 (the default, as TRL) no reference pass runs.
 One frozen base serves the policy (LoRA adapter `policy`) and the reference (adapters off). Each iteration:
 
     1. rollout     --rollout-batch-size prompts, --num-generations responses each
@@ -24,7 +26,6 @@ One frozen base serves the policy (LoRA adapter `policy`) and the reference (ada
     python train_grpo.py --model out/sft --data data/arithmetic.jsonl --reward-fn nanorlhf.arithmetic:reward \\
         --out out/grpo
 """
-import time
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
 from nanorlhf.loop import Loop, RunArgs, check_out, load_policy
+from nanorlhf.perf import Phases, shape
 from nanorlhf.rewards import Rewarder
 from nanorlhf.rollout import (batch_logprobs, gae, kl_penalty, masked, masked_mean, micro_batches, minibatches,
                               response_logprobs, sample, shape_rewards, whiten)
@@ -75,8 +77,9 @@ class Args(RunArgs):
                                        "grow; default --cliprange.", gt=0)
     mask_truncated: bool = arg(False, "DAPO's overlong filtering: responses that hit --max-new-tokens without EOS "
                                "count in the group's baseline but not in the loss.")
-    beta: float = arg(0.0, "β, the KL(π‖π_ref) coefficient: k3 in the loss (grpo, rloo) or k1 in the reward "
-                      "(reinforce++). 0 runs no reference pass at all.", ge=0)
+    beta: float = arg(0.0, "β, the KL(π‖π_ref) coefficient: k3 in the loss (grpo), β·Σ_t log π/π_ref subtracted "
+                      "from each response's reward before the leave-one-out baseline (rloo), or k1 in each token's "
+                      "reward (reinforce++). 0 runs no reference pass at all.", ge=0)
     sample_every: int = arg(10, "Print a prompt -> response -> reward table every N iterations (0 = never).", ge=0)
 
 
@@ -100,6 +103,13 @@ def group_advantages(rewards, k, kind="grpo", scale="group", eps=1e-4):
     return centred.view(-1)
 
 
+def rloo_rewards(scores, logprobs, ref_logprobs, mask, beta):
+    """RLOO's KL-regularised reward (Ahmadian et al. 2024 §3): r(x, y) - β·Σ_t log π(y_t)/π_ref(y_t), the sequence's
+    k1 KL at the sampling policy, taken before the leave-one-out baseline, so each response is measured against the
+    others on reward and KL together. scores (B,); logprobs, ref_logprobs, mask (B, R). Returns (B,)."""
+    return scores - beta * masked(logprobs - ref_logprobs, mask).sum(1)
+
+
 def reinforce_pp_advantages(scores, logprobs, ref_logprobs, mask, beta):
     """REINFORCE++ (Hu 2025): per-token rewards -β·KL (k1) plus the score on the last token, their sum to the end
     of the response (γ = 1), whitened over every response token of the batch. All (B, R) but scores (B,)."""
@@ -113,6 +123,11 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, cliprange, cliprange_hig
 
     logprobs, old_logprobs, ref_logprobs, mask: (B, R); advantages (B, R), each response's on its tokens.
     Returns (per_token, stats) with the clip fractions below and above and the mean k3 KL.
+
+    The two directions of the KL term: on tokens sampled from π, k3's value estimates KL(π‖π_ref) per token, and
+    that is the logged `kl`; but its gradient, E_π[(1 - π_ref/π)·∇log π] = -Σ_y π_ref(y)·∇log π(y), is the gradient
+    of KL(π_ref‖π), so the loss pulls π towards covering π_ref (GRPO eq. 3, as TRL). (RLOO's `kl`, logged in
+    train(), is the mean k1 of the sampling policy: KL(π_old‖π_ref) per token.)
     """
     log_ratio = masked(logprobs - old_logprobs, mask)  # padding: ratio 1, never exp(garbage)
     ratio = torch.exp(log_ratio)
@@ -164,37 +179,51 @@ def train(args):
                 updates_per_step=updates)
     eps_high = args.cliprange_high or args.cliprange
     # One update on fresh samples: the old logprobs are the new ones, detached (ratio 1), so skip their pass;
-    # REINFORCE++ needs them for the KL in its reward.
-    need_old = updates > 1 or (args.advantage == "reinforce++" and args.beta > 0)
+    # REINFORCE++ and RLOO need them for the KL in their reward.
+    need_old = updates > 1 or (args.advantage in ("reinforce++", "rloo") and args.beta > 0)
     need_ref = args.beta > 0
+    device = next(model.parameters()).device
+    phases = Phases(device, M.pick_dtype(device, args.dtype))  # MFU against the peak in the compute dtype
+    policy, rms = shape(model), [shape(rm) for rm, _, _ in rewarder.rms]
 
     for step in loop:
         # 1. rollout: each prompt k times, side by side, so rows g·k .. g·k+k-1 are group g
-        t0 = time.perf_counter()
         picked = [prompts[i] for i in loop.take(args.rollout_batch_size)]  # this rank's; a group never spans ranks
         messages = [m for m, _ in picked for _ in range(args.num_generations)]
         queries = [q for _, q in picked for _ in range(args.num_generations)]
-        data, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature, args.top_p)
+        with phases.time("generate"):
+            data, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature,
+                                          args.top_p)
         mask = data["mask"]
-        t1 = time.perf_counter()
+        # tokens of each sequence, prompt + response, for the FLOP count (nanorlhf/perf.py); padding is not work
+        prompt_lengths, response_lengths = data["query_mask"].sum(1).tolist(), mask.sum(1).tolist()
+        seq_lengths = [p + r for p, r in zip(prompt_lengths, response_lengths)]
+        phases.add("generate", sum(seq_lengths), policy.generate(prompt_lengths, response_lengths, "policy"))
 
         # 2. score: the reward (one scalar per response) and the logprobs the update compares against
-        response_ids = [r[:k].tolist() for r, k in zip(data["responses"].cpu(), lengths.cpu())]
-        scores, parts, texts = rewarder(messages, queries, response_ids, ended.cpu(), args.batch_size)
-        if need_old:
-            data["logprobs"] = batch_logprobs(model, data, args.temperature, "policy", args.batch_size)
-        if need_ref:
-            data["ref_logprobs"] = batch_logprobs(model, data, args.temperature, None, args.batch_size)
-        t2 = time.perf_counter()
+        with phases.time("score"):
+            response_ids = [r[:k].tolist() for r, k in zip(data["responses"].cpu(), lengths.cpu())]
+            scores, parts, texts = rewarder(messages, queries, response_ids, ended.cpu(), args.batch_size)
+            if need_old:
+                data["logprobs"] = batch_logprobs(model, data, args.temperature, "policy", args.batch_size)
+            if need_ref:
+                data["ref_logprobs"] = batch_logprobs(model, data, args.temperature, None, args.batch_size)
+        phases.add("score", sum(seq_lengths) * (need_old + need_ref + len(rms)),
+                   need_old * policy.forward(seq_lengths, True, "policy") + need_ref * policy.forward(seq_lengths)
+                   + sum(rm.forward(seq_lengths, False) for rm in rms))
 
         # 3. advantages: per response (N,), then on each of its tokens (N, R)
-        scores = scores.to(mask.device)
+        scores, stats = scores.to(mask.device), {}
         if args.advantage == "reinforce++":
             ref = data.get("ref_logprobs", torch.zeros_like(mask, dtype=torch.float))
             old = data.get("logprobs", ref)  # with β = 0 the KL term is 0 whatever these hold
             data["advantages"] = reinforce_pp_advantages(scores, old, ref, mask, args.beta)
         else:
-            advantages = group_advantages(scores, args.num_generations, args.advantage, args.scale_rewards)
+            rewards = scores
+            if args.advantage == "rloo" and args.beta > 0:
+                rewards = rloo_rewards(scores, data["logprobs"], data["ref_logprobs"], mask, args.beta)
+                stats["kl"] = [masked_mean(data["logprobs"] - data["ref_logprobs"], mask).item()]  # k1 per token
+            advantages = group_advantages(rewards, args.num_generations, args.advantage, args.scale_rewards)
             data["advantages"] = masked(advantages[:, None].expand_as(mask), mask)
         if args.mask_truncated:  # overlong filtering: truncated responses leave the loss
             data["loss_mask"] = mask * ended[:, None].to(mask.dtype)
@@ -202,35 +231,36 @@ def train(args):
             data["loss_mask"] = mask
 
         # 4. update: minibatches of --minibatch-size responses, micro-batches of --batch-size
-        stats = {}
-        for _ in range(args.ppo_epochs):
-            for mb in minibatches(data, args.minibatch_size):
-                # normalisers over every rank's minibatch: summed gradients are one process's
-                n_responses, n_tokens, mb_loss = dist.all_sum(len(mb["mask"])), dist.all_sum(mb["loss_mask"].sum()), 0.0
-                for _, micro in micro_batches(mb, args.batch_size):
-                    logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
-                    old = micro["logprobs"] if need_old else logprobs.detach()
-                    per_token, s = grpo_loss(logprobs, old, micro["advantages"], micro["loss_mask"], args.cliprange,
-                                             eps_high, micro.get("ref_logprobs"),
-                                             args.beta if args.advantage != "reinforce++" else 0.0)
-                    loss = aggregate(per_token, micro["loss_mask"], args.loss_type, n_responses, n_tokens,
-                                     args.max_new_tokens)
-                    loss.backward()
-                    mb_loss += loss.item()
-                    s["entropy"] = masked_mean(entropy, micro["mask"]).detach()
-                    for k, v in s.items():
-                        stats.setdefault(k, []).append(float(v))
-                for k, v in ({"loss": dist.all_sum(mb_loss)} | loop.optimizer_step()).items():
-                    stats.setdefault(k, []).append(v)
-        t3 = time.perf_counter()
+        with phases.time("update"):
+            for _ in range(args.ppo_epochs):
+                for mb in minibatches(data, args.minibatch_size):
+                    # normalisers over every rank's minibatch: summed gradients are one process's
+                    n_responses, n_tokens = dist.all_sum(len(mb["mask"])), dist.all_sum(mb["loss_mask"].sum())
+                    mb_loss = 0.0
+                    for _, micro in micro_batches(mb, args.batch_size):
+                        logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
+                        old = micro["logprobs"] if need_old else logprobs.detach()
+                        per_token, s = grpo_loss(logprobs, old, micro["advantages"], micro["loss_mask"],
+                                                 args.cliprange, eps_high, micro.get("ref_logprobs"),
+                                                 args.beta if args.advantage == "grpo" else 0.0)
+                        loss = aggregate(per_token, micro["loss_mask"], args.loss_type, n_responses, n_tokens,
+                                         args.max_new_tokens)
+                        loss.backward()
+                        mb_loss += loss.item()
+                        s["entropy"] = masked_mean(entropy, micro["mask"]).detach()
+                        for k, v in s.items():
+                            stats.setdefault(k, []).append(float(v))
+                    for k, v in ({"loss": dist.all_sum(mb_loss)} | loop.optimizer_step()).items():
+                        stats.setdefault(k, []).append(v)
+        phases.add("update", sum(seq_lengths) * 2 * args.ppo_epochs, args.ppo_epochs * (
+            policy.forward(seq_lengths, True, "policy") + policy.backward(seq_lengths, True, "policy")))
 
         # 5. log + save
         groups = scores.view(-1, args.num_generations)
         metrics = {k: sum(v) / len(v) for k, v in stats.items()} | {
             "reward": scores.mean(), "reward_std": scores.std(), **{f"reward/{k}": v.mean() for k, v in parts.items()},
             "frac_groups_tied": (groups.std(1) == 0).float().mean(), "response_length": lengths.float().mean(),
-            "eos_frac": ended.float().mean(), "tokens": int(mask.sum()),
-            "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2}
+            "eos_frac": ended.float().mean(), "tokens": int(mask.sum())} | phases.metrics()
         if args.sample_every and step % args.sample_every == 0:
             k = args.num_generations  # the first prompt's group
             loop.show_samples([m[-1]["content"] for m in messages[:k]], texts[:k], scores[:k].tolist(), "reward")

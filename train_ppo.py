@@ -5,16 +5,15 @@ One frozen base carries three roles: the actor (LoRA adapter `policy`), the refe
 adapter disabled) and the critic (adapter `value` + a linear value head). Each iteration is
 five functions, called in order by train():
 
-    1. rollout      sample responses to a batch of prompts, cut after the first EOS; the old and
-                    reference logprobs and the values of every response token
-    2. score        reward = -β·KL(π‖π_ref) per token, plus the RM score on the last token
+    1. rollout      sample responses to a batch of prompts, cut after the first EOS
+    2. score        the old and reference logprobs and the values of every response token; then
+                    reward = -β·KL(π‖π_ref) per token, plus the RM score on the last token
     3. advantages   GAE (γ, λ) advantages and returns, advantages whitened
     4. update       clipped policy and value losses over shuffled minibatches, --ppo-epochs times
     5. log          one metrics dict; the Loop logs it and checkpoints
 
     python train_ppo.py --actor out/sft --rm out/rm --data data/hh_harmless.jsonl --out out/ppo
 """
-import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -26,6 +25,7 @@ from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
 from nanorlhf.lora import add_lora, use_adapter
 from nanorlhf.loop import Loop, RunArgs, check_out, load_policy
+from nanorlhf.perf import Phases, shape
 from nanorlhf.rewards import Rewarder
 from nanorlhf.rollout import (KLController, RolloutBuffer, batch_inputs, gae, kl_penalty, masked, masked_mean,
                               masked_var, micro_batches, response_logprobs, response_slice, sample, shape_rewards,
@@ -159,22 +159,20 @@ def make_critic(model, rewarder, args):
     return critic, value_head
 
 
-def rollout(model, critic, value_head, tokenizer, picked, args):
-    """1. Responses to this iteration's prompts [(messages, ids)], with every per-token quantity the update
-    compares against. Returns the batch (B, ...) tensors and what the score needs."""
-    t0 = time.perf_counter()
+def rollout(model, tokenizer, picked, args):
+    """1. Responses to this iteration's prompts [(messages, ids)]. Returns the batch (B, ...) tensors and what
+    the score needs."""
     messages, queries = [m for m, _ in picked], [q for _, q in picked]
     batch, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature, args.top_p)
-    generate_s = time.perf_counter() - t0
+    return batch, {"messages": messages, "queries": queries, "lengths": lengths, "ended": ended}
+
+
+def score(model, critic, value_head, batch, info, rewarder, kl_coef, args):
+    """2. Every per-token quantity the update compares against (old and reference logprobs, values), the score
+    of each response (RMs and/or a reward function, the missing-EOS rule), then the per-token rewards: -β·KL
+    everywhere and the score on the last real token."""
     batch["logprobs"], batch["entropy"], batch["ref_logprobs"], batch["values"] = score_tokens(
         model, critic, value_head, batch, args)
-    return batch, {"messages": messages, "queries": queries, "lengths": lengths, "ended": ended,
-                   "generate_s": generate_s}
-
-
-def score(batch, info, rewarder, kl_coef, args):
-    """2. The score of each response (RMs and/or a reward function, the missing-EOS rule), then the per-token
-    rewards: -β·KL everywhere and the score on the last real token."""
     ids = [r[:n].tolist() for r, n in zip(batch["responses"].cpu(), info["lengths"].cpu())]
     info["scores_raw"], info["parts"], info["texts"] = rewarder(info["messages"], info["queries"], ids,
                                                                 info["ended"].cpu(), args.batch_size)
@@ -221,6 +219,23 @@ def update(model, critic, value_head, batch, loop, args):
     return stats
 
 
+def count_flops(phases, shapes, batch, epochs_run):
+    """Tokens and model FLOPs of this iteration's passes (nanorlhf/perf.py): sampling; scoring with the policy,
+    the reference (the base alone), the critic and each RM; and per PPO epoch a forward and backward of the policy
+    and of the critic. Sequence lengths are real tokens, prompt and response: padding is not model work."""
+    prompts, responses = batch["query_mask"].sum(1).tolist(), batch["mask"].sum(1).tolist()
+    lengths = [p + r for p, r in zip(prompts, responses)]
+    policy, critic, rms = shapes
+    tokens = sum(lengths)
+    phases.add("generate", tokens, policy.generate(prompts, responses, "policy"))
+    phases.add("score", tokens * (3 + len(rms)), policy.forward(lengths, True, "policy")
+               + policy.forward(lengths, True, None) + critic.forward(lengths, False, "value")
+               + sum(rm.forward(lengths, False) for rm in rms))
+    train = (policy.forward(lengths, True, "policy") + policy.backward(lengths, True, "policy")
+             + critic.forward(lengths, False, "value") + critic.backward(lengths, False, "value"))
+    phases.add("update", tokens * 2 * epochs_run, train * epochs_run)
+
+
 def log_metrics(batch, info, stats, kl_ctl, args):
     """5. One metrics dict for the Loop; the KL controller sees this iteration's (global) KL."""
     mask = batch["mask"]
@@ -263,19 +278,22 @@ def train(args):
     clip_groups = {"policy": [p for n, p in model.named_parameters() if ".policy." in n], "critic": critic_params}
     loop = Loop(args, modules, len(prompts), stateful={"kl": kl_ctl}, per_step=args.rollout_batch_size,
                 updates_per_step=updates, clip_groups=clip_groups)
+    device = next(model.parameters()).device
+    phases = Phases(device, M.pick_dtype(device, args.dtype))  # MFU against the peak in the compute dtype
+    shapes = (shape(model), shape(critic), [shape(rm) for rm, _, _ in rewarder.rms])
     warned_eos = False
 
     for step in loop:
-        t0 = time.perf_counter()
         picked = [prompts[i] for i in loop.take(args.rollout_batch_size)]  # this rank's share
-        batch, info = rollout(model, critic, value_head, tokenizer, picked, args)       # 1. rollout
-        score(batch, info, rewarder, kl_ctl.value, args)                                 # 2. score + KL
-        advantages(batch, args)                                                          # 3. GAE
-        t2 = time.perf_counter()
-        stats = update(model, critic, value_head, batch, loop, args)                     # 4. PPO epochs
-        metrics = log_metrics(batch, info, stats, kl_ctl, args)                          # 5. log + save
-        metrics |= {"time/generate": info["generate_s"], "time/score": t2 - t0 - info["generate_s"],
-                    "time/update": time.perf_counter() - t2}
+        with phases.time("generate"):
+            batch, info = rollout(model, tokenizer, picked, args)                           # 1. rollout
+        with phases.time("score"):
+            score(model, critic, value_head, batch, info, rewarder, kl_ctl.value, args)     # 2. score + KL
+            advantages(batch, args)                                                          # 3. GAE
+        with phases.time("update"):
+            stats = update(model, critic, value_head, batch, loop, args)                     # 4. PPO epochs
+        count_flops(phases, shapes, batch, stats["ppo_epochs_run"][-1])
+        metrics = log_metrics(batch, info, stats, kl_ctl, args) | phases.metrics()           # 5. log + save
         if args.missing_eos != "none" and metrics["eos_frac"] < 0.5 and not warned_eos:
             warned_eos = True
             loop.bar.write(f"warning: only {metrics['eos_frac']:.0%} of responses ended with EOS within "

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import resource
 import shlex
 import shutil
 import signal
@@ -29,6 +28,7 @@ from .cli import UserError, arg
 from .data import FORMATS, load_examples, tokenize
 from .lora import add_lora
 from .model import DEFAULT_MODEL, load_model
+from .perf import peak_memory_gb
 
 
 @dataclass
@@ -190,13 +190,6 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def peak_memory_gb():
-    """Peak allocated GPU memory, or peak resident memory of the process on CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def make_optimizer(params, args):

@@ -33,6 +33,46 @@ def test_group_advantages_hand_computed():
     assert train_grpo.group_advantages(torch.full((6,), 0.7), 3, "grpo").eq(0).all()  # equal rewards: no signal
 
 
+def test_rloo_kl_is_in_the_reward_before_the_baseline():
+    # Ahmadian et al. 2024 §3: r - β·Σ_t log π/π_ref, then leave-one-out. β = 0.5; the padding (9.0) must not count.
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    logprobs = torch.tensor([[-1.0, -1.0, 9.0], [-1.0, 9.0, 9.0], [-2.0, -2.0, -3.0], [0.0, 0.0, 9.0]])
+    ref = torch.tensor([[-1.5, -1.5, 0.0], [-3.0, 0.0, 0.0], [-2.0, -2.0, -2.0], [-1.0, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    # sequence KLs 1, 2, -1, 2 -> rewards 0.5, 1, 3.5, 5 -> each minus the mean of the other three
+    rewards = train_grpo.rloo_rewards(scores, logprobs, ref, mask, 0.5)
+    torch.testing.assert_close(rewards, torch.tensor([0.5, 1.0, 3.5, 5.0]))
+    torch.testing.assert_close(train_grpo.group_advantages(rewards, 4, "rloo"),
+                               torch.tensor([0.5 - 9.5 / 3, 1.0 - 3.0, 3.5 - 6.5 / 3, 5.0 - 5 / 3]))
+
+
+def test_rloo_training_puts_the_kl_in_the_reward_not_the_loss(actor_dir, tmp_path, monkeypatch):
+    """RLOO at β > 0 with one update per iteration (μ = 1, one minibatch): at the second iteration (the adapter has
+    moved, so π ≠ π_ref) the advantages are the leave-one-out ones of score - β·Σ_t (old - ref) logprobs, recomputed
+    here from the reward function's own outputs, and the loss gets no KL term."""
+    (tmp_path / "rloo_probe.py").write_text("SCORES = []\n\ndef reward(prompts, responses):\n"
+                                            "    SCORES.extend(float(len(r) % 5) for r in responses)\n"
+                                            "    return SCORES[-len(responses):]\n")
+    monkeypatch.chdir(tmp_path)
+    seen, betas = [], []
+    real_minibatches, real_loss = train_grpo.minibatches, train_grpo.grpo_loss
+    monkeypatch.setattr(train_grpo, "minibatches", lambda data, size: (seen.append(dict(data)),
+                                                                         real_minibatches(data, size))[1])
+    monkeypatch.setattr(train_grpo, "grpo_loss", lambda *a: (betas.append(a[-1]), real_loss(*a))[1])
+    beta, k = 0.3, 4
+    train_grpo.train(make_args(tmp_path, actor_dir, reward_fn="rloo_probe:reward", advantage="rloo", beta=beta,
+                               max_steps=2, num_generations=k, out=str(tmp_path / "rloo")))
+    import rloo_probe
+    data = seen[1]
+    scores = torch.tensor(rloo_probe.SCORES[len(data["mask"]):])  # the second iteration's
+    kl = ((data["logprobs"] - data["ref_logprobs"]) * data["mask"]).sum(1)
+    assert len(seen) == 2 and kl.abs().min() > 1e-4  # the KL is there to be accounted for
+    r = (scores - beta * kl).view(-1, k)
+    expected = (r - (r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)  # r_i - mean of the other k-1
+    torch.testing.assert_close(data["advantages"][:, 0], expected, atol=1e-5, rtol=1e-5)
+    assert betas and all(b == 0.0 for b in betas)
+
+
 def test_reinforce_pp_hand_computed():
     scores = torch.tensor([1.0, -1.0])
     logprobs, ref = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, 0.0, 0.0]]), torch.tensor([[-1.5, -2.0, -2.0], [-2.0, 0, 0]])
@@ -64,6 +104,34 @@ def test_grpo_loss_hand_computed_forward_and_backward():
     assert per_token.item() == pytest.approx(0.1 * k3) and stats["kl"].item() == pytest.approx(k3)
     per_token.sum().backward()
     assert logprobs.grad.item() == pytest.approx(0.1 * (1 - math.exp(-0.5)))  # d k3 / d logp = 1 - ref/π
+
+
+def test_kl_terms_value_and_gradient_directions():
+    """Exact expectations over a 6-token vocabulary, π = softmax(θ): the k3 term's value (the logged `kl`) is
+    KL(π‖π_ref), its on-policy gradient is ∇KL(π_ref‖π) (GRPO eq. 3); k2's gradient is ∇KL(π‖π_ref), k1's is 0."""
+    g = torch.Generator().manual_seed(0)
+    theta, ref = torch.randn(6, generator=g, requires_grad=True), torch.log_softmax(torch.randn(6, generator=g), 0)
+
+    def grad(f):
+        theta.grad = None
+        f().backward()
+        return theta.grad.clone()
+
+    def expected_term(kind):  # Σ_y π(y) (sampling weight, not differentiated) · term(y)
+        logp = torch.log_softmax(theta, 0)
+        if kind == "k3":  # through the stage's own loss, A = 0 and β = 1: per token exactly k3
+            per_token, stats = train_grpo.grpo_loss(logp[None], logp[None].detach(), torch.zeros(1, 6), torch.ones(1, 6),
+                                                    0.2, 0.2, ref[None], beta=1.0)
+            return (logp.exp().detach() * per_token[0]).sum()
+        return (logp.exp().detach() * rollout.kl_penalty(logp, ref, kind)).sum()
+
+    forward = lambda: (torch.softmax(theta, 0) * (torch.log_softmax(theta, 0) - ref)).sum()  # KL(π‖π_ref)
+    reverse = lambda: (ref.exp() * (ref - torch.log_softmax(theta, 0))).sum()               # KL(π_ref‖π)
+    assert expected_term("k3").item() == pytest.approx(forward().item(), rel=1e-5)
+    torch.testing.assert_close(grad(lambda: expected_term("k3")), grad(reverse))
+    assert not torch.allclose(grad(reverse), grad(forward), atol=1e-3)  # the two directions differ here
+    torch.testing.assert_close(grad(lambda: expected_term("k2")), grad(forward))
+    torch.testing.assert_close(grad(lambda: expected_term("k1")), torch.zeros(6), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("loss_type, expected", [
@@ -159,8 +227,10 @@ def test_grpo_script_4bit_writes_a_merged_model_and_adapter(actor_dir, tiny_rm_d
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [row["step"] for row in rows] == [1, 2]
     for key in ("reward", "reward/rm", "kl", "clipfrac/low", "clipfrac/high", "entropy", "loss", "grad_norm",
-                "response_length", "eos_frac", "frac_groups_tied", "tokens_per_s", "peak_mem_gb"):
+                "response_length", "eos_frac", "frac_groups_tied", "tokens_per_s", "peak_mem_gb",
+                *[f"perf/{p}_{m}" for p in ("generate", "score", "update") for m in ("tokens", "tokens_per_s", "mfu")]):
         assert all(math.isfinite(row[key]) for row in rows), key
+    assert all(row["perf/score_tokens"] == 3 * row["perf/generate_tokens"] for row in rows)  # old, ref and RM passes
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 49152
     base = AutoModelForCausalLM.from_pretrained(actor_dir)

@@ -234,7 +234,8 @@ def test_ppo_script_smoke(actor_dir, tiny_rm_dir, tmp_path, extra):
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("score", "kl", "entropy", "clipfrac", "approx_kl", "vf_loss", "explained_variance",
-                "response_length", "eos_frac", "tokens_per_s", "peak_mem_gb", "time/generate", "time/update"):
+                "response_length", "eos_frac", "tokens_per_s", "peak_mem_gb", "time/generate", "time/update",
+                *[f"perf/{p}_{m}" for p in ("generate", "score", "update") for m in ("tokens", "tokens_per_s", "mfu")]):
         assert all(math.isfinite(r[key]) for r in rows), key
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 49152

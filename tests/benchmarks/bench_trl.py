@@ -14,9 +14,9 @@ first-call allocations).
   ours: the stage's own `train(Args(...))` with --max-steps, exactly what `python train_<stage>.py` runs; step times
         and peak RSS are read from the metrics.jsonl the Loop writes (`step_time`: end of one step to the end of the
         next, so the collate of the next batch, forward, backward, clip, AdamW and logging are in it; `peak_mem_gb`:
-        ru_maxrss at the end of the step). The final merge+save is patched out and SFT samples/eval are off.
+        VmHWM at the end of the step). The final merge+save is patched out and SFT samples/eval are off.
   TRL:  SFTTrainer / RewardTrainer / DPOTrainer(...).train() with max_steps; a TrainerCallback takes the time between
-        consecutive on_step_end calls (same span: next batch, forward, backward, clip, AdamW) and ru_maxrss at the
+        consecutive on_step_end calls (same span: next batch, forward, backward, clip, AdamW) and VmHWM at the
         last one.
 Same conditions: one model folder (a random Llama of --hidden/--layers with SmolLM2's real tokenizer, V = 49152,
 tied embeddings as SmolLM2); fp32; sdpa attention; LoRA r/alpha on q,k,v,o,gate,up,down with no dropout (TRL through
@@ -28,7 +28,7 @@ nanorlhf.data (chat template + truncation to --seq-len) and TRL gets exactly tho
 sequence on both sides is exactly --seq-len tokens (half prompt, half completion) and no batch has padding.
 TRL's logging, evaluation and saving are off.
 
-Memory. Peak RSS of the subprocess (ru_maxrss) at the end of the last step, shown raw and as "Δ": minus the RSS right
+Memory. Peak RSS of the subprocess (VmHWM) at the end of the last step, shown raw and as "Δ": minus the RSS right
 after imports and model load (before LoRA/trainer setup), i.e. what training itself adds. Raw RSS also counts each
 side's imports (TRL pulls in datasets/pyarrow/pandas; ours pulls in inductor at its first step, after the baseline, so
 that is in our Δ). The targets are judged on Δ.
@@ -67,7 +67,6 @@ time includes generation, scoring and the update on both sides (ours: `step_time
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -95,7 +94,9 @@ def rss_mib():
 
 
 def max_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's own peak (VmHWM): ru_maxrss would start at the parent's high-water mark (nanorlhf/perf.py)."""
+    from nanorlhf.perf import peak_memory_gb
+    return peak_memory_gb() * 1024
 
 
 def text(n_words, seed):
@@ -248,7 +249,7 @@ def child_ours(spec):
         steps = [m for m in map(json.loads, f) if "step_time" in m]
     assert len(steps) == spec["warmup"] + spec["steps"], len(steps)
     info["times"] = [m["step_time"] for m in steps]
-    info["peak_rss"] = steps[-1]["peak_mem_gb"] * 1024  # ru_maxrss at the end of the last step, GiB -> MiB
+    info["peak_rss"] = steps[-1]["peak_mem_gb"] * 1024  # VmHWM at the end of the last step, GiB -> MiB
     # attention-mask sum (GRPO: completion tokens, the mean over the run as lengths may change)
     info["tokens_per_step"] = round(statistics.mean(m["tokens_per_s"] * m["step_time"] for m in steps))
     if spec["stage"] == "grpo":

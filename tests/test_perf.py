@@ -1,0 +1,96 @@
+"""The FLOP estimate behind every MFU number, against a count by hand and torch's own FLOP counter; peak memory
+that is the process's own."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_llama
+from torch.utils.flop_counter import FlopCounterMode
+
+from nanorlhf import perf
+from nanorlhf.lora import add_lora, use_adapter
+
+V = 49152
+
+
+@pytest.fixture
+def lora_llama():
+    """The tiny Llama (hidden 64, MLP 128, 2 layers, 4 query and 2 key/value heads of 16) with a rank-4 adapter."""
+    model = tiny_llama(V)
+    model.config._attn_implementation = "eager"  # plain matmuls, which FlopCounterMode sees
+    add_lora(model, 4, 8, name="policy", verbose=False)
+    return model
+
+
+def test_shape_counts_by_hand(lora_llama):
+    s = perf.shape(lora_llama)
+    # per layer: q 64·64, k and v 64·32, o 64·64, gate, up and down 64·128
+    assert s.base == 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192)  # 73,728
+    assert s.head == V * 64
+    # r·(in + out) per projection: q, o 4·128; k, v 4·96; gate, up, down 4·192
+    assert s.lora == {"policy": 2 * (2 * 512 + 2 * 384 + 3 * 768)}  # 8,192
+    assert (s.layers, s.attn_dim) == (2, 64)
+    # T = 3 tokens: 2·N·T for the matmuls + 2·L·d·T·(T+1) for causal attention
+    n = 73728 + V * 64 + 8192
+    assert s.forward([3], adapter="policy") == 2 * n * 3 + 2 * 2 * 64 * 3 * 4
+    assert s.forward([3, 5], head=False) == 2 * 73728 * 8 + 2 * 2 * 64 * (3 * 4 + 5 * 6)
+    # backward: input gradients of the frozen base (2·N), both gradients of the adapter (4·N_lora), 2× attention
+    assert s.backward([3], adapter="policy") == 2 * (73728 + V * 64) * 3 + 4 * 8192 * 3 + 4 * 2 * 64 * 3 * 4
+    # generation: the forward of prompt + response without the head, the head on the response tokens
+    assert s.generate([4], [3]) == 2 * 73728 * 7 + 2 * 2 * 64 * 7 * 8 + 2 * V * 64 * 3
+
+
+def test_forward_matmuls_match_torchs_flop_counter(lora_llama):
+    """FlopCounterMode counts every matmul the forward runs. Eager attention computes the whole T × T score matrix
+    (4·L·d·T² for QKᵀ and AV), where our model FLOPs count the causal half; the rest must agree exactly."""
+    T = 7
+    ids = torch.randint(0, V, (1, T))
+    with use_adapter(lora_llama, "policy"), FlopCounterMode(display=False) as counter:
+        lora_llama(ids)
+    s = perf.shape(lora_llama)
+    matmuls = s.forward([T], adapter="policy") - 2 * s.layers * s.attn_dim * T * (T + 1)
+    assert counter.get_total_flops() - 4 * s.layers * s.attn_dim * T * T == matmuls
+
+
+def test_backward_through_frozen_base_matches_torchs_flop_counter(lora_llama):
+    """Autograd computes no weight gradient for the frozen base; its count is within 5 % of ours (ours also counts
+    the input gradients of the first layer's q, k, v and its adapters, which autograd skips: the embeddings
+    are frozen)."""
+    T = 7
+    ids = torch.randint(0, V, (1, T))
+    with use_adapter(lora_llama, "policy"):
+        with FlopCounterMode(display=False) as fwd:
+            logits = lora_llama(ids).logits
+        with FlopCounterMode(display=False) as bwd:
+            logits.sum().backward()
+    s = perf.shape(lora_llama)
+    attention_full_minus_causal = 2 * 4 * s.layers * s.attn_dim * T * T - 4 * s.layers * s.attn_dim * T * (T + 1)
+    ours = s.backward([T], adapter="policy") + attention_full_minus_causal
+    assert bwd.get_total_flops() == pytest.approx(ours, rel=0.05)
+    assert bwd.get_total_flops() < 1.2 * fwd.get_total_flops()  # not the 2× of full training
+
+
+def test_phases_report_tokens_rate_and_mfu():
+    phases = perf.Phases(torch.device("cpu"), torch.float32)
+    assert phases.peak > 1e8  # any CPU does 0.1 GFLOP/s
+    with phases.time("update"):
+        phases.add("update", 100, phases.peak * 0.01)
+        torch.randn(256, 256) @ torch.randn(256, 256)
+    m = phases.metrics()
+    assert m["perf/update_tokens"] == 100
+    assert m["perf/update_tokens_per_s"] == pytest.approx(100 / m["time/update"])
+    assert m["perf/update_mfu"] == pytest.approx(0.01 / m["time/update"])
+    assert phases.metrics() == {}  # reset for the next iteration
+
+
+def test_peak_memory_is_the_processs_own():
+    """A child started by a parent that holds 1.5 GiB reports its own peak (VmHWM starts afresh in a new program),
+    not the parent's (ru_maxrss carries it across fork and exec)."""
+    big = torch.ones(1536 * 2**20 // 4)  # 1.5 GiB, touched
+    parent = perf.peak_memory_gb()
+    assert parent > 1.5
+    child = subprocess.run([sys.executable, "-c", "from nanorlhf import perf; print(perf.peak_memory_gb())"],
+                           cwd=ROOT, capture_output=True, text=True, check=True)
+    assert float(child.stdout) < parent - 1.0
+    del big
