@@ -351,11 +351,16 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
 @torch.no_grad()
 def generate_all(model, tokenizer, prompts, max_new_tokens, temperature=1.0, batch_size=8, desc=None):
     """`generate` over many token-id prompts, `batch_size` at a time, with a progress bar when `desc` is given.
-    Returns each response's token ids (cut after its first EOS) and whether it ended with EOS."""
+    Returns each response's token ids (cut after its first EOS) and whether it ended with EOS, in prompt order.
+
+    Batches hold prompts of similar length (sorted, stable), so little of each is left-padding; the order depends
+    on the prompts alone, so two models given the same prompts and seed draw the same random stream per row."""
     from tqdm.auto import tqdm
-    responses, ended = [], []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    responses, ended = [None] * len(prompts), [None] * len(prompts)
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, dynamic_ncols=True):
-        out = generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens, temperature)
-        responses += [r[:n].tolist() for r, n in zip(out["responses"].cpu(), out["lengths"].cpu())]
-        ended += out["ended"].tolist()
+        rows = order[i:i + batch_size]
+        out = generate(model, tokenizer, [prompts[j] for j in rows], max_new_tokens, temperature)
+        for j, r, n, e in zip(rows, out["responses"].cpu(), out["lengths"].cpu(), out["ended"].tolist()):
+            responses[j], ended[j] = r[:n].tolist(), e
     return responses, ended

@@ -36,10 +36,15 @@ def _forward(model, seqs, pad_id, temperature, ref_model=None, reference=False):
 
 def summed_logprobs(model, seqs, pad_id, temperature=1.0, batch_size=None):
     """Σ_t log π(y_t) over each completion, (N,), for N (prompt_ids, completion_ids) rows, `batch_size` rows per
-    forward (default: all in one, with grad when grad is on). `temperature`: of the distribution scored
-    (evaluation compares models at the sampling temperature)."""
-    size = batch_size or len(seqs)
-    return torch.cat([_forward(model, seqs[i:i + size], pad_id, temperature) for i in range(0, len(seqs), size)])
+    forward (default: all in one, with grad when grad is on), rows of similar length together so that little of a
+    forward is padding. `temperature`: of the distribution scored (evaluation compares models at the sampling
+    temperature)."""
+    if not batch_size or batch_size >= len(seqs):
+        return _forward(model, seqs, pad_id, temperature)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    out = torch.cat([_forward(model, [seqs[j] for j in order[i:i + batch_size]], pad_id, temperature)
+                     for i in range(0, len(seqs), batch_size)])
+    return out[torch.argsort(torch.tensor(order, device=out.device))]  # back in the rows' order
 
 
 def _key(seq):

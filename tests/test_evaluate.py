@@ -27,3 +27,44 @@ def test_evaluate_against_itself_and_another_model(tiny_dir, tiny_rm_dir, tokeni
     assert 0.0 <= row["win_rate"] <= 1.0 and row["kl"] is not None and row["length"] <= 5
     assert json.loads(out.read_text())[other]["score"] == row["score"]
     assert "| model | RM score ± se | RM win rate vs baseline | RM gain ± se |" in capsys.readouterr().out
+
+
+def test_length_sorted_batches_keep_each_prompts_response_and_ties(tiny_dir, tiny_rm_dir, tmp_path, monkeypatch):
+    """Generation and the KL passes run rows of similar length together; every result still belongs to its own
+    prompt, and a model judged against itself still ties everywhere (win rate 0.5, gain 0, KL 0)."""
+    import torch
+
+    from nanorlhf import model as M
+    prompts = [[7] * n for n in (5, 1, 9, 3, 1, 7)]
+    seen = []
+
+    def fake_generate(model, tokenizer, batch, max_new_tokens, temperature):  # answers each prompt with its length
+        seen.append([len(p) for p in batch])
+        responses = torch.tensor([[len(p), 2] for p in batch])
+        return {"responses": responses, "lengths": torch.full((len(batch),), 2), "ended": torch.ones(len(batch)) > 0}
+    monkeypatch.setattr(M, "generate", fake_generate)
+    responses, ended = M.generate_all(None, None, prompts, 4, batch_size=2)
+    assert responses == [[len(p), 2] for p in prompts] and all(ended)
+    assert seen == [[1, 1], [3, 5], [7, 9]]  # sorted by length, stable
+    monkeypatch.undo()
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Tell me " + "more " * n + "?"}) + "\n" for n in (9, 1, 5, 2, 7, 3)))
+    results = evaluate(Args(model=[tiny_dir], baseline=tiny_dir, rm=tiny_rm_dir, data=str(data), limit=6,
+                            max_new_tokens=6, batch_size=2))
+    row = results[tiny_dir]
+    assert row["judges"]["rm"]["win_rate"] == 0.5 and row["judges"]["rm"]["gain"] == 0.0 and row["kl"] == 0.0
+
+
+def test_summed_logprobs_in_sorted_batches_equals_one_batch(tiny_dir):
+    """The KL passes' length-sorted batches give each row its own summed logprob, as one unsorted forward does."""
+    import torch
+
+    from nanorlhf import model as M
+    from nanorlhf.preference import summed_logprobs
+    model, _ = M.load_model(tiny_dir)
+    rows = [([5] * p, [9] * c) for p, c in ((4, 2), (1, 6), (3, 3), (6, 1), (2, 5))]
+    with torch.no_grad():
+        whole = summed_logprobs(model, rows, 0)
+        sorted_batches = summed_logprobs(model, rows, 0, batch_size=2)
+    torch.testing.assert_close(sorted_batches, whole, rtol=1e-5, atol=1e-5)
