@@ -132,6 +132,8 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1"):
 
     With log r = logprobs - ref_logprobs: k1 = log r (unbiased, can be negative),
     k2 = 0.5 * (log r)^2 (biased, low variance), k3 = (ref/pi - 1) - log(ref/pi) (unbiased, >= 0).
+    Those are their values. Differentiated as a loss on samples of pi, their gradients differ: k1's is 0 in
+    expectation (hence it goes in the reward), k2's is that of KL(pi || ref), k3's that of KL(ref || pi).
     """
     log_r = logprobs - ref_logprobs
     if kind == "k1":
