@@ -48,7 +48,7 @@ FORMATS = {
     "preference": "prompt, chosen, rejected (strings or message lists), margin?, "
                   "or chosen/rejected as whole conversations sharing all but the last message",
     "hh": "chosen, rejected: '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts",
-    "ranked": "prompt, responses [str], rank [int] (lower rank = better)",
+    "ranked": "prompt, responses [str], rank [int or null] (lower rank = better; equal ranks and null give no pair)",
     "prompt": "prompt (string or message list) alone: prompts for PPO",
 }
 
@@ -292,12 +292,12 @@ def _hh(rec):
 def _ranked(rec):
     responses, rank = rec["responses"], rec["rank"]
     if not (isinstance(responses, list) and isinstance(rank, list) and len(responses) == len(rank)
-            and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rank)):
-        raise ValueError("responses and rank must be lists of the same length, rank holding numbers")
+            and all(r is None or isinstance(r, (int, float)) and not isinstance(r, bool) for r in rank)):
+        raise ValueError("responses and rank must be lists of the same length, rank holding numbers or null")
     prompt, responses = _messages(rec["prompt"], "prompt"), [_reply(r, "each response") for r in responses]
-    n = len(responses)
-    return [_pair(prompt, responses[i], responses[j], {})
-            for i in range(n) for j in range(n) if rank[i] < rank[j]]
+    # Equal ranks are a tie and null is unranked (nanorlhf.label: an unfinished response): neither makes a pair.
+    ranked = [i for i in range(len(responses)) if rank[i] is not None]
+    return [_pair(prompt, responses[i], responses[j], {}) for i in ranked for j in ranked if rank[i] < rank[j]]
 
 
 _PARSERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": lambda rec: _conversation(rec, "messages"),

@@ -8,7 +8,8 @@ This is how the DPO paper built its controlled-sentiment data (Rafailov et al. 2
 SFT model's own samples, ranked by a known reward. Any `module:function` judges (a verifier, a classifier),
 as can trained reward models (`--rm`, repeatable, weighted). --out gets three files our loader reads:
 
-    samples.jsonl  every prompt's k responses with their scores and EOS flags ("ranked" format)
+    samples.jsonl  every prompt's k responses with their scores and EOS flags ("ranked" format): tied responses
+                   share a rank and unfinished ones have rank null, so the loader's pairs are pairs.jsonl's rule
     pairs.jsonl    {prompt, chosen, rejected, margin}: best against worst of each prompt's responses
                    (--pairs all: every pair), margin = the score difference, kept when >= --min-margin
     kto.jsonl      {prompt, completion, label}: desirable when the score is above its prompt's median
@@ -72,6 +73,14 @@ def pairs_of(responses, scores, usable, mode, min_margin):
             and scores[a] - scores[b] >= min_margin]
 
 
+def ranks(scores, usable):
+    """samples.jsonl's rank of each response, 0 = best: the number of usable responses that score strictly higher.
+    Tied responses share a rank, so the ranked loader, which pairs only strictly lower ranks, never pairs two equal
+    scores (pairs_of never does either); an unusable response gets None, which the loader leaves out."""
+    return [sum(usable[j] and scores[j] > scores[i] for j in range(len(scores))) if usable[i] else None
+            for i in range(len(scores))]
+
+
 def kto_labels(scores, usable, threshold=None):
     """[(index, desirable)]: above the threshold (default the median of the usable scores) is desirable, below is
     undesirable; a score equal to the median says nothing about the response and is left out."""
@@ -115,11 +124,9 @@ def label(args):
         for p, (prompt, _) in enumerate(prompts):
             sl = slice(p * args.k, (p + 1) * args.k)
             r, s, e = texts[sl], scores[sl], ended[sl]
-            order = sorted(range(args.k), key=lambda i: -s[i])
-            rank = [order.index(i) for i in range(args.k)]
-            record = {"prompt": prompt, "responses": r, "rank": rank, "scores": s, "ended": e}
-            f_samples.write(json.dumps(record) + "\n")
             usable = [x or args.keep_unfinished for x in e]
+            record = {"prompt": prompt, "responses": r, "rank": ranks(s, usable), "scores": s, "ended": e}
+            f_samples.write(json.dumps(record) + "\n")
             for a, b, margin in pairs_of(r, s, usable, args.pairs, args.min_margin):
                 f_pairs.write(json.dumps({"prompt": prompt, "chosen": r[a], "rejected": r[b], "margin": margin}) + "\n")
                 counts["pairs"] += 1

@@ -118,6 +118,12 @@ def test_ranked_expands_to_all_ordered_pairs(tmp_path):
     assert pairs == [("mid", "worst"), ("best", "mid"), ("best", "worst")]
 
 
+def test_ranked_ties_and_null_ranks_make_no_pair(tmp_path):
+    path = write(tmp_path, "r.jsonl", [{"prompt": "p", "responses": ["right", "wrong", "also wrong", "cut off"],
+                                        "rank": [0, 1, 1, None]}])
+    assert [(e.chosen, e.rejected) for e in load_examples(path, "pairs")] == [("right", "wrong"), ("right", "also wrong")]
+
+
 def test_prompt_only_records_are_prompts_and_nothing_else(tmp_path):
     path = write(tmp_path, "p.jsonl", [{"prompt": "Hi?"}, {"prompt": [user("a"), assistant("b"), user("c")]}])
     assert load_examples(path, "prompts") == [PromptExample([user("Hi?")]),

@@ -20,6 +20,45 @@ def test_pairs_of_hand_computed():
     assert L.pairs_of(responses, scores, [True, False, False, False], "best-worst", 0.0) == []
 
 
+def test_ranks_tie_equal_scores_and_leave_out_unfinished():
+    assert L.ranks([1.0, 0.0, 0.0, 0.0], [True] * 4) == [0, 1, 1, 1]  # one right, three equally wrong
+    assert L.ranks([0.5, 0.9, 0.5, 2.0], [True, True, True, False]) == [1, 0, 1, None]
+
+
+@pytest.fixture
+def scripted_label(tiny_dir, tmp_path, monkeypatch):
+    """label() on fixed responses: per prompt 'yes' (score 1), 'no', 'no way' (0 each), all ended, and 'yes but'
+    (score 1) that hit the length limit, so each prompt has a tie and an unfinished response."""
+    (tmp_path / "yesno.py").write_text("def reward(prompts, responses):\n"
+                                       "    return [float(r.startswith('yes')) for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(2)))
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    texts, ended = ["yes", "no", "no way", "yes but"], [True, True, True, False]
+    monkeypatch.setattr(L.M, "generate_all", lambda model, tokenizer, queries, *a, **kw: (
+        [tok(texts[i % 4], add_special_tokens=False).input_ids for i in range(len(queries))],
+        [ended[i % 4] for i in range(len(queries))]))
+
+    def run(**kw):
+        out = tmp_path / "labels"
+        L.label(L.Args(**{"model": tiny_dir, "data": str(prompts), "k": 4, "reward_fn": "yesno:reward",
+                          "out": str(out), "overwrite": True} | kw))
+        return out
+    return run
+
+
+def test_samples_jsonl_pairs_no_ties_and_no_unfinished(scripted_label):
+    out = scripted_label(pairs="all")
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [s["rank"] for s in samples] == [[0, 1, 1, None]] * 2 and samples[0]["scores"] == [1.0, 0.0, 0.0, 1.0]
+    # the ranked loader makes exactly pairs.jsonl's pairs: the right answer over each wrong one, nothing else
+    ranked = [(e.chosen, e.rejected) for e in load_examples(str(out / "samples.jsonl"), "pairs")]
+    assert ranked == [("yes", "no"), ("yes", "no way")] * 2
+    assert ranked == [(e.chosen, e.rejected) for e in load_examples(str(out / "pairs.jsonl"), "pairs")]
+
+
 def test_kto_labels_hand_computed():
     scores = [0.1, 0.5, 0.3, 0.9, -1.0]
     # median of the usable four (0.1, 0.5, 0.3, 0.9) is 0.4: 0.5 and 0.9 desirable, 0.1 and 0.3 not
