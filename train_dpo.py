@@ -96,8 +96,8 @@ def evaluate(model, reference, rows, args, pad_id):
     for i in range(0, len(rows), args.batch_size):
         _, sums = dpo_step(model, reference, rows[i:i + args.batch_size], args, pad_id)
         totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
-    n = dist.all_sum(len(rows))  # under torchrun `rows` is this rank's share of the held-out pairs
-    return {f"eval_{k}": dist.all_sum(v) / n for k, v in totals.items()}
+    n = dist.all_sum(len(rows))  # under torchrun `rows` is this rank's share of the held-out pairs, maybe none
+    return {f"eval_{k}": v / n for k, v in dist.sum_dicts(totals).items()}
 
 
 def train(args):
@@ -110,6 +110,7 @@ def train(args):
     model, tokenizer = load_policy(args)
     pad_id = tokenizer.pad_token_id
     train_rows, eval_rows = load_data(args, "pairs", tokenizer)
+    evaluating = dist.all_sum(len(eval_rows)) > 0  # decided from every rank's rows: all or none evaluate
     # The reference is the model as loaded, before any update and before Loop loads a checkpoint. The held-out
     # pairs are scored once, in the batches evaluate() uses: same batches, same bits, so at step 0 policy and
     # reference tie exactly instead of by rounding (which would make accuracy a coin flip).
@@ -119,7 +120,7 @@ def train(args):
         reference.precompute(batched_pairs(train_rows, args.batch_size), pairs)
     reference.precompute(batched_pairs(eval_rows, args.batch_size), pairs)
     loop = Loop(args, {"model": model}, len(train_rows))
-    if eval_rows and not args.resume:
+    if evaluating and not args.resume:
         loop.log({"step": 0, **evaluate(model, reference, eval_rows, args, pad_id)})
 
     for step in loop:
@@ -134,11 +135,11 @@ def train(args):
             tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r, _ in rows)
         metrics = {k: dist.all_sum(v) / n_pairs for k, v in totals.items()} | {"tokens": tokens}
         metrics |= loop.optimizer_step()
-        if eval_rows and args.eval_every and step % args.eval_every == 0:
+        if evaluating and args.eval_every and step % args.eval_every == 0:
             metrics |= evaluate(model, reference, eval_rows, args, pad_id)
         loop.end_step(metrics)
 
-    if eval_rows:
+    if evaluating:
         final = evaluate(model, reference, eval_rows, args, pad_id)
         loop.log_final(final)
     M.save_model(model, tokenizer, args.out)

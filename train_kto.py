@@ -113,7 +113,7 @@ def kto_step(model, reference, rows, kl, args, pad_id):
 def means(sums, n):
     """Mean loss over all n examples; mean rewards over the desirable / undesirable ones, left out when
     the batch has none of that kind (so the logs never hold a 0/0 NaN). Sums and n are over every rank."""
-    sums, n = {k: dist.all_sum(v) for k, v in sums.items()}, dist.all_sum(n)
+    sums, n = dist.sum_dicts(sums), dist.all_sum(n)  # a rank without held-out rows has no sums
     out = {"loss": sums["loss"] / n}
     for kind in ("chosen", "rejected"):
         if sums[f"n/{kind}"]:
@@ -142,6 +142,7 @@ def train(args):
     model, tokenizer = load_policy(args)
     pad_id = tokenizer.pad_token_id
     train_rows, eval_rows = load_data(args, "unpaired", tokenizer)
+    evaluating = dist.all_sum(len(eval_rows)) > 0  # decided from every rank's rows: all or none evaluate
     n_d, n_u = sum(label for *_, label in train_rows), sum(not label for *_, label in train_rows)
     if n_d and n_u:
         ratio = args.desirable_weight * n_d / (args.undesirable_weight * n_u)
@@ -162,7 +163,7 @@ def train(args):
     reference.precompute(mismatched(eval_rows, args.max_length), args.batch_size)
     z0 = ReferencePoint()
     loop = Loop(args, {"model": model}, len(train_rows), stateful={"z0": z0})
-    if eval_rows and not args.resume:
+    if evaluating and not args.resume:
         loop.log({"step": 0, **evaluate(model, reference, eval_rows, z0, args, pad_id)})
 
     for step in loop:
@@ -180,11 +181,11 @@ def train(args):
         metrics = means(totals, len(step_rows)) | {"kl": kl, "kl_fallbacks": z0.fallbacks}
         metrics["tokens"] = sum(len(p) + len(c) for p, c, _ in step_rows)
         metrics |= loop.optimizer_step()
-        if eval_rows and args.eval_every and step % args.eval_every == 0:
+        if evaluating and args.eval_every and step % args.eval_every == 0:
             metrics |= evaluate(model, reference, eval_rows, z0, args, pad_id)
         loop.end_step(metrics)
 
-    if eval_rows:
+    if evaluating:
         final = evaluate(model, reference, eval_rows, z0, args, pad_id)
         loop.log_final(final)
     M.save_model(model, tokenizer, args.out)

@@ -140,9 +140,10 @@ def train(args):
     head.float().requires_grad_(True)
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
     train_rows, eval_rows = load_data(args, "pairs", tokenizer)  # ranked lists arrive as all their pairs
+    evaluating = dist.all_sum(len(eval_rows)) > 0  # decided from every rank's rows: all or none evaluate
     loop = Loop(args, {"model": model}, len(train_rows))  # the head's params are trainable: checkpointed
     eval_kw = dict(batch_size=args.batch_size, device=device, loss_type=args.loss, ranking_margin=args.ranking_margin)
-    if eval_rows and not args.resume:
+    if evaluating and not args.resume:
         loop.log({"step": 0, **evaluate(model, eval_rows, pad_id, **eval_kw)})
 
     # 2. Train: each micro-batch scores chosen and rejected replies in one forward.
@@ -162,11 +163,11 @@ def train(args):
         metrics |= {"accuracy": (c > r).float().mean(), "rewards/chosen": c.mean(), "rewards/rejected": r.mean(),
                     "rewards/margin": (c - r).mean()}
         metrics |= loop.optimizer_step()
-        if eval_rows and args.eval_every and step % args.eval_every == 0:
+        if evaluating and args.eval_every and step % args.eval_every == 0:
             metrics |= evaluate(model, eval_rows, pad_id, **eval_kw)
         loop.end_step(metrics)
 
-    if eval_rows:
+    if evaluating:
         final = evaluate(model, eval_rows, pad_id, **eval_kw)
         loop.log_final(final)
     # 3. Reward-normalisation statistics travel with the model in config.json (docs/ppo-details.md §8).

@@ -50,8 +50,9 @@ def train(args):
     model, tokenizer = load_policy(args)
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
     train_rows, eval_rows = load_data(args, "sft", tokenizer)
+    evaluating = dist.all_sum(len(eval_rows)) > 0  # decided from every rank's rows: all or none evaluate
     loop = Loop(args, {"model": model}, len(train_rows))
-    if eval_rows and not args.resume:
+    if evaluating and not args.resume:
         loop.log({"step": 0, "eval_loss": evaluate(model, eval_rows, pad_id, args.batch_size, device)})
 
     for step in loop:
@@ -66,11 +67,11 @@ def train(args):
             metrics["loss"] += loss.item()
         metrics["loss"] = dist.all_sum(metrics["loss"])  # each rank's loss is its share of the global one
         metrics |= loop.optimizer_step()
-        if eval_rows and args.eval_every and step % args.eval_every == 0:
+        if evaluating and args.eval_every and step % args.eval_every == 0:
             metrics["eval_loss"] = evaluate(model, eval_rows, pad_id, args.batch_size, device)
         loop.end_step(metrics)
 
-    if eval_rows:
+    if evaluating:
         eval_loss = evaluate(model, eval_rows, pad_id, args.batch_size, device)
         loop.log_final({"eval_loss": eval_loss})
     M.save_model(model, tokenizer, args.out)

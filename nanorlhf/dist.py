@@ -86,6 +86,18 @@ def gather(obj):
     return out
 
 
+def sum_dicts(sums):
+    """Every rank's dict of numbers summed key by key; a key a rank lacks counts 0 there (a rank that held no
+    evaluation rows has no totals). One gather, so ranks need not agree on the keys."""
+    if not dist.is_initialized():
+        return sums
+    out = {}
+    for m in gather(sums):
+        for k, v in m.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def mean_metrics(metrics):
     """Every rank's metrics dict averaged key by key over the ranks that have the key (shards are of equal size,
     so a mean of rank means is the global mean); `tokens` is summed."""

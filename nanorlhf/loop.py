@@ -133,8 +133,8 @@ def load_policy(args, name=None, flag="--model", kind="causal", adapter="default
 
 def load_data(args, kind, tokenizer):
     """Tokenised (train, eval) rows: --eval-data, else a seeded --eval-frac slice held out of --data. Under torchrun
-    each rank gets every training row (the Loop hands out shares of each batch) and every world-th eval row (each
-    stage's evaluation sums its totals over ranks)."""
+    each rank gets every training row (the Loop hands out shares of each batch) and every world-th eval row, maybe
+    none (each stage's evaluation sums its totals over ranks; a rank without rows takes part with zeros)."""
     if not args.data:
         raise UserError("--data is required: a .json/.jsonl file or a hub dataset id")
     examples = load_examples(args.data, kind, args.format, args.limit)

@@ -152,6 +152,24 @@ def test_an_epoch_of_prompts_counts_every_ranks_share(tiny_dir, tmp_path, script
     assert last < first / 2  # the cosine ends with the epoch; one over 4 iterations is above half-way at the 2nd
 
 
+@pytest.mark.parametrize("stage,frac", [("sft", "0.15"), ("dpo", "0.15"), ("kto", "0.1")])  # RM: as SFT
+def test_a_rank_without_held_out_rows_still_evaluates(tiny_dir, tmp_path, stage, frac):
+    """One held-out row (8 examples; KTO: 16, each pair split in two) on 2 ranks: the rank without one takes part
+    in every evaluation with zeros, and the loss is the one row's, as one process computes it."""
+    data = sft_data(tmp_path) if stage == "sft" else pairs_data(tmp_path)
+    cmd = [f"train_{stage}.py", "--model", tiny_dir, "--data", data, "--eval-frac", frac, "--eval-every", "1",
+           "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--max-length", "48", "--log-every", "100"]
+    cmd += ["--samples", "0"] if stage == "sft" else []
+    r2 = run(TORCHRUN + cmd + ["--out", str(tmp_path / "two")])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r1 = run([sys.executable] + cmd + ["--out", str(tmp_path / "one")])
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    for key in ("eval_loss", "final_eval_loss"):
+        (s2, l2), = losses(tmp_path / "two", key)[-1:]
+        (s1, l1), = losses(tmp_path / "one", key)[-1:]
+        assert s1 == s2 == 1 and l2 == pytest.approx(l1, rel=1e-4), (key, l1, l2)
+
+
 def test_resume_on_two_ranks_is_exact_and_refuses_another_world_size(tiny_dir, tmp_path):
     data = sft_data(tmp_path)
     cmd = ["train_sft.py", "--model", tiny_dir, "--data", data, "--max-steps", "4", "--batch-size", "2",
