@@ -12,8 +12,8 @@ as can trained reward models (`--rm`, repeatable, weighted). --out gets three fi
                    share a rank and unfinished ones have rank null, so the loader's pairs are pairs.jsonl's rule
     pairs.jsonl    {prompt, chosen, rejected, margin}: best against worst of each prompt's responses
                    (--pairs all: every pair), margin = the score difference, kept when >= --min-margin
-    kto.jsonl      {prompt, completion, label}: desirable when the score is above its prompt's median
-                   (or above --kto-threshold), undesirable when below; ties with the median are left out
+    kto.jsonl      {prompt, completion, label}: desirable when the score is above its prompt's mean (or
+                   --kto-threshold), undesirable when below, left out when equal
 
 Responses that hit --max-new-tokens without EOS are left out of pairs and KTO examples (--keep-unfinished
 keeps them): the loader appends EOS to every completion, which would teach the model to stop mid-sentence.
@@ -47,8 +47,9 @@ class Args:
     pairs: str = arg("best-worst", "Which pairs of a prompt's responses to write.", choices=["best-worst", "all"])
     min_margin: float = arg(0.0, "Write only pairs whose score difference is at least this (ties are never written).",
                             ge=0)
-    kto_threshold: float | None = arg(None, "Label a response desirable when its score is above this; default: "
-                                      "above its prompt's median.")
+    kto_threshold: float | None = arg(None, "Label a response desirable when its score is above this, undesirable "
+                                      "when below, and leave it out when equal; default: its prompt's mean score "
+                                      "(the sign of GRPO's advantage).")
     keep_unfinished: bool = arg(False, "Also pair and label responses that never emitted EOS.")
     max_prompt_length: int = arg(256, "Skip prompts longer than this many tokens.", gt=0, alias="--max-length")
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
@@ -82,13 +83,16 @@ def ranks(scores, usable):
 
 
 def kto_labels(scores, usable, threshold=None):
-    """[(index, desirable)]: above the threshold (default the median of the usable scores) is desirable, below is
-    undesirable; a score equal to the median says nothing about the response and is left out."""
+    """[(index, desirable)]: above the threshold is desirable, below is undesirable, equal says nothing and is left
+    out. The default threshold is the mean of the usable scores, so the label is the sign of the response's GRPO
+    advantage (Shao et al. 2024 §4.1.2): a binary judge's [1, 0, 0, 0] and [1, 1, 1, 0] give both labels, where the
+    median equals the majority's score and would leave the whole majority out."""
     kept = [i for i in range(len(scores)) if usable[i]]
     if not kept:
         return []
-    cut = statistics.median(scores[i] for i in kept) if threshold is None else threshold
-    return [(i, scores[i] > cut) for i in kept if scores[i] != cut or threshold is not None]
+    # statistics.mean is exact (fractions), so a group of equal scores has exactly their value as its mean: no labels
+    cut = statistics.mean(scores[i] for i in kept) if threshold is None else threshold
+    return [(i, scores[i] > cut) for i in kept if scores[i] != cut]
 
 
 def label(args):

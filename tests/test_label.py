@@ -59,13 +59,26 @@ def test_samples_jsonl_pairs_no_ties_and_no_unfinished(scripted_label):
     assert ranked == [(e.chosen, e.rejected) for e in load_examples(str(out / "pairs.jsonl"), "pairs")]
 
 
+def test_kto_jsonl_labels_both_sides_of_a_binary_judge(scripted_label):
+    """Scores [1, 0, 0] among the finished responses: the right one desirable, both wrong ones undesirable."""
+    out = scripted_label()
+    kto = [(e.completion, e.label) for e in load_examples(str(out / "kto.jsonl"), "unpaired")]
+    assert kto == [("yes", True), ("no", False), ("no way", False)] * 2
+
+
 def test_kto_labels_hand_computed():
     scores = [0.1, 0.5, 0.3, 0.9, -1.0]
-    # median of the usable four (0.1, 0.5, 0.3, 0.9) is 0.4: 0.5 and 0.9 desirable, 0.1 and 0.3 not
+    # mean of the usable four (0.1, 0.5, 0.3, 0.9) is 0.45: 0.5 and 0.9 desirable, 0.1 and 0.3 not
     assert L.kto_labels(scores, [True, True, True, True, False]) == [(0, False), (1, True), (2, False), (3, True)]
-    # an odd count: the median response itself is left out
+    # a response at the mean (0.3 of 0.1, 0.5, 0.3) is left out; so is a whole tied group, float sums or not
     assert L.kto_labels([0.1, 0.5, 0.3], [True] * 3) == [(0, False), (1, True)]
+    assert L.kto_labels([0.1] * 7, [True] * 7) == []
+    # a binary judge: both sides are labelled whichever answer is the majority (a median keeps only the minority)
+    assert L.kto_labels([1.0, 0.0, 0.0, 0.0], [True] * 4) == [(0, True), (1, False), (2, False), (3, False)]
+    assert L.kto_labels([1.0, 1.0, 1.0, 0.0], [True] * 4) == [(0, True), (1, True), (2, True), (3, False)]
+    # --kto-threshold: above desirable, below undesirable, equal left out, as its help says
     assert L.kto_labels(scores, [True] * 5, threshold=0.2) == [(0, False), (1, True), (2, True), (3, True), (4, False)]
+    assert L.kto_labels(scores, [True] * 5, threshold=0.3) == [(0, False), (1, True), (3, True), (4, False)]
 
 
 def test_gold_sentiment_orders_hand_picked_sentences():
