@@ -311,3 +311,17 @@ def test_batch_size_follows_a_smaller_minibatch(actor_dir, tmp_path, monkeypatch
                     batch_size=4)
     with pytest.raises(train_ppo.UserError, match="and that of --batch-size"):
         train_ppo.train(bad)
+
+
+def test_ratio_is_exactly_one_at_the_first_minibatch_in_bf16(actor_dir, tmp_path, monkeypatch):
+    """With a bf16 base on the CPU the scoring pass (no grad, --batch-size rows) and the update's first minibatch
+    (grad) compute bit-identical logprobs, so the PPO ratio is exactly 1 before the first optimizer step of each
+    iteration: bf16 rounding must not show up as a policy change that clipping then acts on."""
+    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    args = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", max_steps=2, ppo_epochs=1, dtype="bfloat16",
+                     rollout_batch_size=8, minibatch_size=8, batch_size=4)
+    calls = ppo_loss_calls(monkeypatch, args)
+    assert len(calls) == 4  # per iteration two micro-batches, both before its one optimizer step
+    for new, old, mask in calls:
+        assert mask.sum() > 0 and torch.equal(new * mask, old * mask)
