@@ -44,8 +44,9 @@ class Args(RunArgs):
     gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `score/gold` beside the score PPO "
                                      "optimises, never optimised: with a known true reward it shows when the policy "
                                      "starts to exploit the RM (Gao et al. 2023).")
-    critic_from_rm: bool = arg(False, "Start the critic from the first --rm (its weights and head) instead of a "
-                               "zero value head on the actor's base. Costs a second base in memory.")
+    critic_from_rm: bool = arg(False, "Start the critic from the first --rm (its weights, and its head scaled by "
+                               "its --rm-weight) instead of a zero value head on the actor's base; the other --rm "
+                               "models and --reward-fn are not in its start. Costs a second base in memory.")
     max_steps: int | None = arg(None, "PPO iterations; default: --epochs over the prompts.", gt=0)
     rollout_batch_size: int = arg(16, "Prompts sampled per iteration. 7B on 24 GB: 32-64.", gt=0)
     minibatch_size: int = arg(8, "Rollouts per optimizer step, run --batch-size at a time.", gt=0)
@@ -137,7 +138,7 @@ def score_tokens(model, critic, value_head, data, args):
 def make_critic(model, rewarder, args):
     """(critic model, value head): the `value` adapter on the actor's base with a zero head (it starts predicting
     0), or with --critic-from-rm a second base from the first RM, its score head turned into the value head
-    (N+ and TRL do this: the critic starts knowing what the reward rewards)."""
+    (N+ and TRL do this: the critic starts knowing what the reward rewards), scaled as that RM is in the score."""
     device = next(model.parameters()).device
     if not args.critic_from_rm:
         add_lora(model, args.lora_r, args.lora_alpha, name="value")
@@ -152,9 +153,10 @@ def make_critic(model, rewarder, args):
     score = critic.score
     value_head = nn.Linear(score.in_features, 1).to(device)
     mean, std = getattr(critic.config, "reward_mean", 0.0), getattr(critic.config, "reward_std", 1.0)
-    with torch.no_grad():  # the RM's normalised score (score - mean) / std, the scale PPO's rewards are on
-        value_head.weight.copy_(score.weight.float() / std)
-        value_head.bias.fill_(-mean / std)
+    weight = rewarder.rms[0][2]  # its --rm-weight: the share of the composite score this RM contributes
+    with torch.no_grad():  # w·(score - mean) / std, this RM's part of the score PPO's rewards are made of
+        value_head.weight.copy_(score.weight.float() * weight / std)
+        value_head.bias.fill_(-mean * weight / std)
     score.requires_grad_(False)
     return critic, value_head
 

@@ -219,6 +219,25 @@ def test_ppo_learns_a_programmatic_reward(actor_dir, tmp_path, monkeypatch):
     assert max(kl) < 20 and all(math.isfinite(k) for k in kl), kl
 
 
+def test_critic_from_rm_starts_at_the_first_rms_weighted_share(actor_dir, tiny_rm_dir, tmp_path, tokenizer):
+    """With --rm-weight 0.5 the critic's first values are 0.5 · the RM's normalised score of each state: V at
+    response token j is the score of prompt + the response's first j tokens (score_sequences, an independent pass)."""
+    from nanorlhf.rewards import Rewarder
+    args = make_args(tmp_path, actor_dir, rm=[tiny_rm_dir], rm_weight=[0.5], critic_from_rm=True)
+    model, _ = M.load_model(actor_dir)
+    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight)
+    critic, value_head = train_ppo.make_critic(model, rewarder, args)
+    queries, responses = [[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14, 15]]
+    batch = {"queries": torch.tensor([[5, 6, 7], [0, 8, 9]]), "query_mask": torch.tensor([[1, 1, 1], [0, 1, 1]]),
+             "responses": torch.tensor(responses), "mask": torch.ones(2, 3, dtype=torch.long)}
+    with torch.no_grad():
+        values = train_ppo.critic_values(critic, value_head, batch)
+    rm = rewarder.rms[0][0]
+    expected = [M.score_sequences(rm, [q + r[:j] for j in range(3)], tokenizer.pad_token_id, 3)
+                for q, r in zip(queries, responses)]
+    torch.testing.assert_close(values, 0.5 * torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("extra", [[], ["--load-in-4bit", "--critic-from-rm"]])
 def test_ppo_script_smoke(actor_dir, tiny_rm_dir, tmp_path, extra):
     prompts = tmp_path / "p.jsonl"
