@@ -255,7 +255,11 @@ class Loop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step, self.bad_steps, self.skipped, self.stop = 0, 0, 0, False
         self.metrics_path = os.path.join(args.out, "metrics.jsonl")
-        if args.resume:
+        if dist.rank():  # a stage builds the Loop after its last initialisation, drawn from the shared --seed so
+            # that every rank starts equal; from here each rank needs its own stream, or ranks given the same prompt
+            # sample the same responses. Rank 0 keeps its stream: one process runs as it always did.
+            torch.manual_seed(args.seed + dist.rank())
+        if args.resume:  # restores every rank's own RNG state
             self._load(checkpoints(args.out)[-1])
         elif dist.is_main():
             with open(os.path.join(args.out, "args.json"), "w") as f:

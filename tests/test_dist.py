@@ -170,6 +170,25 @@ def test_a_rank_without_held_out_rows_still_evaluates(tiny_dir, tmp_path, stage,
         assert s1 == s2 == 1 and l2 == pytest.approx(l1, rel=1e-4), (key, l1, l2)
 
 
+def test_ranks_sample_from_their_own_streams(tiny_dir, tmp_path):
+    """Every prompt the same: after the shared seed set up equal adapters, the two ranks' responses still differ."""
+    (tmp_path / "record.py").write_text(
+        "import json, os\n"
+        "def reward(prompts, responses):\n"
+        "    with open(f'responses.{os.environ[\"RANK\"]}.json', 'w') as f:\n"
+        "        json.dump(responses, f)\n"
+        "    return [0.0] * len(responses)\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text((json.dumps({"prompt": "Say something."}) + "\n") * 4)
+    r = run(TORCHRUN + [os.path.join(ROOT, "train_grpo.py"), "--actor", tiny_dir, "--data", str(prompts),
+                        "--max-steps", "1", "--rollout-batch-size", "1", "--num-generations", "2",
+                        "--max-new-tokens", "4", "--reward-fn", "record:reward", "--sample-every", "0",
+                        "--out", str(tmp_path / "out")], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"responses.{rank}.json").read_text()) for rank in range(2))
+    assert len(one) == len(two) == 2 and one != two
+
+
 def test_resume_on_two_ranks_is_exact_and_refuses_another_world_size(tiny_dir, tmp_path):
     data = sft_data(tmp_path)
     cmd = ["train_sft.py", "--model", tiny_dir, "--data", data, "--max-steps", "4", "--batch-size", "2",
