@@ -34,7 +34,7 @@ def run(fn, hidden, weight, targets, trainable, use_entropy, seed=1, **kw):
     out = fn(h, w, targets, return_entropy=use_entropy, **kw)
     logp, ent = out if use_entropy else (out, None)
     g = torch.Generator().manual_seed(seed)
-    a, b = torch.randn(targets.shape, generator=g), torch.randn(targets.shape, generator=g)
+    a, b = (torch.randn(targets.shape, generator=g).to(targets.device) for _ in range(2))  # CPU draws: same on CUDA
     loss = (a * logp).sum() + ((b * ent).sum() if use_entropy else 0.0)
     grads = torch.autograd.grad(loss, [h, w] if trainable else [h])
     return logp, ent, grads
