@@ -278,6 +278,10 @@ class Loop:
         self.bar.close()
         for sig, handler in self.old_handlers.items():
             signal.signal(sig, handler)
+        # the scheduler steps once per optimizer step, skipped or not, and is checkpointed: it counts them all
+        if self.skipped and self.skipped == self.scheduler.last_epoch:  # the stage's save comes after this loop
+            raise UserError(f"all {self.skipped} optimizer steps had a NaN/inf loss or gradient and were skipped: "
+                            "nothing was trained, so no model is saved. Check the data and rewards, or lower --lr.")
 
     def take(self, n):
         """This rank's n example indices at the stream's position (the stream advances n × world size)."""

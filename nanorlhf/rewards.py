@@ -38,6 +38,10 @@ def call_reward_fn(fn, prompts, texts, flag="--reward-fn"):
         raise UserError(f"{flag}: the function must return one number per response") from None
     if len(scores) != len(texts):
         raise UserError(f"{flag}: the function returned {len(scores)} values for {len(texts)} responses")
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:  # the NaN guard would skip every step it reaches: a run that trains nothing, in silence
+        raise UserError(f"{flag} {fn.__module__}:{fn.__qualname__} returned NaN or inf for {bad} of {len(texts)} "
+                        f"responses; expected a finite number for each")
     return scores
 
 

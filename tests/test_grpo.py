@@ -14,6 +14,7 @@ from test_reliability import run_straight_and_resumed
 
 import train_grpo
 from nanorlhf import rollout
+from nanorlhf.cli import UserError
 
 
 def test_group_advantages_hand_computed():
@@ -185,6 +186,17 @@ def test_beta_zero_runs_no_reference_pass(actor_dir, tmp_path, moon_reward, monk
     calls.clear()
     train_grpo.train(make_args(tmp_path, actor_dir, reward_fn=moon_reward, out=str(tmp_path / "b1"), beta=0.1))
     assert calls[None] > 0  # with β > 0 the reference runs (adapters off)
+
+
+def test_a_non_finite_reward_is_an_error_naming_the_function(actor_dir, tmp_path, monkeypatch):
+    (tmp_path / "holes.py").write_text("def reward(prompts, responses):\n"
+                                       "    values = [1.0, float('nan'), float('inf')]\n"
+                                       "    return [values[i % 3] for i in range(len(responses))]\n")
+    monkeypatch.chdir(tmp_path)
+    args = make_args(tmp_path, actor_dir, reward_fn="holes:reward", rollout_batch_size=3, num_generations=2)
+    with pytest.raises(UserError, match=r"^--reward-fn holes:reward returned NaN or inf for 4 of 6 responses"):
+        train_grpo.train(args)
+    assert not os.path.exists(os.path.join(args.out, "config.json"))
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])

@@ -62,6 +62,19 @@ def test_too_many_bad_steps_stop_with_a_message(tmp_path):
             loop.end_step(loop.optimizer_step())
 
 
+def test_a_run_whose_every_step_was_skipped_is_an_error(tmp_path):
+    """Fewer NaN steps than --max-bad-steps, but no step trained: not a finished run."""
+    layer = torch.nn.Linear(3, 1)
+    loop = Loop(args_for(tmp_path, max_bad_steps=10), {"layer": layer}, n_examples=4)
+    steps = []
+    with pytest.raises(UserError, match="all 6 optimizer steps had a NaN/inf loss or gradient and were skipped"):
+        for step in loop:
+            (layer(torch.ones(2, 3)).sum() * float("nan")).backward()
+            loop.end_step(loop.optimizer_step())
+            steps.append(step)
+    assert steps == [1, 2, 3, 4, 5, 6]  # it ran to the end, and raised there
+
+
 def test_checkpoint_rotation_and_crash_mid_save(tmp_path, monkeypatch):
     args = args_for(tmp_path, save_every=2, keep_checkpoints=2)
     layer = torch.nn.Linear(3, 1)

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from nanorlhf.cli import UserError
 from transformers import AutoModelForCausalLM
 
 import train_sft
@@ -84,3 +85,13 @@ def test_smollm2_qlora_sft_learns_and_loads(smollm2_dir, tmp_path):
     assert last < 0.7 * first, (first, last)
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.config.vocab_size == 49152
+
+
+def test_sft_whose_every_step_is_skipped_saves_no_model(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_sft, "sft_loss", lambda logprobs, targets, n: logprobs.sum() * float("nan"))
+    out = tmp_path / "sft"
+    args = train_sft.Args(model=tiny_dir, data=alpaca(tmp_path / "d.json"), out=str(out), max_steps=2, batch_size=2,
+                          grad_accum=1, eval_frac=0, max_length=48, samples=0, log_every=100)
+    with pytest.raises(UserError, match="all 2 optimizer steps .* skipped"):
+        train_sft.train(args)
+    assert (out / "metrics.jsonl").exists() and not (out / "config.json").exists()
