@@ -82,7 +82,8 @@ def peak_flops(device, dtype, seconds=1.0):
     key = (str(device), dtype)
     if key not in _PEAK:
         n = 4096 if device.type == "cuda" else 1024
-        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+        g = torch.Generator(device).manual_seed(0)  # not the global stream: measuring must not change a run's samples
+        a, b = (torch.randn(n, n, device=device, generator=g).to(dtype) for _ in range(2))
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         best, start = 0.0, time.perf_counter()
         a @ b  # warm-up: the first call pays for kernel selection

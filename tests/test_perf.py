@@ -94,3 +94,13 @@ def test_peak_memory_is_the_processs_own():
                            cwd=ROOT, capture_output=True, text=True, check=True)
     assert float(child.stdout) < parent - 1.0
     del big
+
+
+def test_measuring_the_peak_leaves_the_random_stream_alone(monkeypatch):
+    """Phases are made after a resume restores the RNG: measuring must not draw from it."""
+    monkeypatch.setattr(perf, "_PEAK", {})
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    perf.peak_flops(torch.device("cpu"), torch.float32, seconds=0.05)
+    torch.testing.assert_close(torch.rand(3), expected)
