@@ -23,7 +23,7 @@ One frozen base serves the policy (LoRA adapter `policy`) and the reference (ada
     4. update      clipped ratio over --ppo-epochs, aggregated by --loss-type
     5. log + save
 
-    python train_grpo.py --model out/sft --data data/arithmetic.jsonl --reward-fn nanorlhf.arithmetic:reward \\
+    python train_grpo.py --model out/sft --data data/arithmetic.jsonl --reward-fn nanorlhf.arithmetic:accuracy \\
         --out out/grpo
 """
 from dataclasses import dataclass
@@ -46,8 +46,11 @@ class Args(RunArgs):
     model: str = arg(M.DEFAULT_MODEL, "The policy to start from: an SFT output or any causal LM.", alias="--actor")
     rm: list[str] = arg([], "Reward model folder (train_rm.py --out). Give it several times for a weighted sum.")
     rm_weight: list[float] = arg([], "Weight of each --rm in the reward, in order (default 1 each).")
-    reward_fn: str | None = arg(None, "Python reward 'module:function' called as f(prompts, responses) on lists of "
-                                "strings, returning floats; added to the RM scores. E.g. nanorlhf.arithmetic:reward.")
+    reward_fn: list[str] = arg([], "Python reward 'module:function', called as TRL's GRPOTrainer calls one (prompts, "
+                               "completions, completion_ids and the data's other columns as keyword lists; None where "
+                               "it does not apply) or as f(prompts, responses); added to the RM scores, each logged as "
+                               "reward/<its name>. E.g. nanorlhf.arithmetic:accuracy.")
+    reward_weight: list[float] = arg([], "Weight of each --reward-fn in the reward, in order (default 1 each).")
     gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `reward/gold`, never optimised.")
     max_steps: int | None = arg(None, "Iterations (sample, score, update); default: --epochs over the prompts.", gt=0)
     num_generations: int = arg(4, "k, responses sampled per prompt: the group each response is measured against.",
@@ -170,8 +173,9 @@ def train(args):
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
     M.disable_dropout(model)  # LoRA's too: with dropout the ratio is not 1 before the first update
-    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, args.gold_reward_fn, device=args.device,
-                        dtype=args.dtype, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, args.gold_reward_fn, args.reward_weight,
+                        device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
+                        load_in_8bit=args.load_in_8bit)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
     updates = args.ppo_epochs * (n // args.minibatch_size)
@@ -189,8 +193,8 @@ def train(args):
     for step in loop:
         # 1. rollout: each prompt k times, side by side, so rows g·k .. g·k+k-1 are group g
         picked = [prompts[i] for i in loop.take(args.rollout_batch_size)]  # this rank's; a group never spans ranks
-        messages = [m for m, _ in picked for _ in range(args.num_generations)]
-        queries = [q for _, q in picked for _ in range(args.num_generations)]
+        rows = [p for p in picked for _ in range(args.num_generations)]  # each with its columns, for the reward
+        queries = [p.ids for p in rows]
         with phases.time("generate"):
             data, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature,
                                           args.top_p)
@@ -203,7 +207,7 @@ def train(args):
         # 2. score: the reward (one scalar per response) and the logprobs the update compares against
         with phases.time("score"):
             response_ids = [r[:k].tolist() for r, k in zip(data["responses"].cpu(), lengths.cpu())]
-            scores, parts, texts = rewarder(messages, queries, response_ids, ended.cpu(), args.batch_size)
+            scores, parts, texts = rewarder(rows, queries, response_ids, ended.cpu(), args.batch_size)
             if need_old:
                 data["logprobs"] = batch_logprobs(model, data, args.temperature, "policy", args.batch_size)
             if need_ref:
@@ -258,12 +262,13 @@ def train(args):
         # 5. log + save
         groups = scores.view(-1, args.num_generations)
         metrics = {k: sum(v) / len(v) for k, v in stats.items()} | {
-            "reward": scores.mean(), "reward_std": scores.std(), **{f"reward/{k}": v.mean() for k, v in parts.items()},
+            "reward": scores.mean(), "reward_std": scores.std(),
+            **{f"reward/{k}": v.nanmean() for k, v in parts.items()},  # a function's None samples are NaN: left out
             "frac_groups_tied": (groups.std(1) == 0).float().mean(), "response_length": lengths.float().mean(),
             "eos_frac": ended.float().mean(), "tokens": int(mask.sum())} | phases.metrics()
         if args.sample_every and step % args.sample_every == 0:
             k = args.num_generations  # the first prompt's group
-            loop.show_samples([m[-1]["content"] for m in messages[:k]], texts[:k], scores[:k].tolist(), "reward")
+            loop.show_samples([p.messages[-1]["content"] for p in rows[:k]], texts[:k], scores[:k].tolist(), "reward")
         loop.end_step(metrics)
 
     M.save_model(model, tokenizer, args.out, adapter="policy")

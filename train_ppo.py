@@ -38,9 +38,13 @@ class Args(RunArgs):
                      alias="--actor")
     rm: list[str] = arg([], "Reward model folder (train_rm.py --out). Give it several times for a weighted sum.")
     rm_weight: list[float] = arg([], "Weight of each --rm in the composite score, in order (default 1 each).")
-    reward_fn: str | None = arg(None, "Python reward 'module:function' called as f(prompts, responses) on lists of "
-                                "strings (the last user message, the decoded response), returning floats; added to "
-                                "the RM scores. For verifiable rewards.")
+    reward_fn: list[str] = arg([], "Python reward 'module:function', called as TRL's GRPOTrainer calls one (prompts, "
+                               "completions, completion_ids and the data's other columns as keyword lists; None where "
+                               "it does not apply) or as f(prompts, responses) on lists of strings (the last user "
+                               "message, the decoded response); added to the RM scores, each logged as score/<its "
+                               "name>. For verifiable rewards.")
+    reward_weight: list[float] = arg([], "Weight of each --reward-fn in the composite score, in order (default 1 "
+                                     "each).")
     gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `score/gold` beside the score PPO "
                                      "optimises, never optimised: with a known true reward it shows when the policy "
                                      "starts to exploit the RM (Gao et al. 2023).")
@@ -162,11 +166,11 @@ def make_critic(model, rewarder, args):
 
 
 def rollout(model, tokenizer, picked, args):
-    """1. Responses to this iteration's prompts [(messages, ids)]. Returns the batch (B, ...) tensors and what
-    the score needs."""
-    messages, queries = [m for m, _ in picked], [q for _, q in picked]
+    """1. Responses to this iteration's prompts [data.Prompt]. Returns the batch (B, ...) tensors and what
+    the score needs (the prompts' columns too, for reward functions)."""
+    queries = [p.ids for p in picked]
     batch, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature, args.top_p)
-    return batch, {"messages": messages, "queries": queries, "lengths": lengths, "ended": ended}
+    return batch, {"prompts": picked, "queries": queries, "lengths": lengths, "ended": ended}
 
 
 def score(model, critic, value_head, batch, info, rewarder, kl_coef, args):
@@ -176,7 +180,7 @@ def score(model, critic, value_head, batch, info, rewarder, kl_coef, args):
     batch["logprobs"], batch["entropy"], batch["ref_logprobs"], batch["values"] = score_tokens(
         model, critic, value_head, batch, args)
     ids = [r[:n].tolist() for r, n in zip(batch["responses"].cpu(), info["lengths"].cpu())]
-    info["scores_raw"], info["parts"], info["texts"] = rewarder(info["messages"], info["queries"], ids,
+    info["scores_raw"], info["parts"], info["texts"] = rewarder(info["prompts"], info["queries"], ids,
                                                                 info["ended"].cpu(), args.batch_size)
     info["scores"] = missing_eos_scores(info["scores_raw"], info["ended"].cpu(), args)
     batch["rewards"] = shape_rewards(info["scores"].to(batch["mask"].device), batch["logprobs"], batch["ref_logprobs"],
@@ -247,7 +251,7 @@ def log_metrics(batch, info, stats, kl_ctl, args):
     residual_var = masked_var(batch["returns"] - batch["values"], mask)
     return {k: sum(v) / len(v) for k, v in stats.items() if k != "ppo_epochs_run"} | {
         "score": info["scores"].mean(), "score_raw": info["scores_raw"].mean(), "kl": kl, "kl_coef": kl_ctl.value,
-        **{f"score/{k}": v.mean() for k, v in info["parts"].items()},
+        **{f"score/{k}": v.nanmean() for k, v in info["parts"].items()},
         "entropy": masked_mean(batch["entropy"], mask), "response_length": info["lengths"].float().mean(),
         "eos_frac": info["ended"].float().mean(), "ppo_epochs_run": stats["ppo_epochs_run"][-1],
         "explained_variance": 1 - residual_var / masked_var(batch["returns"], mask), "tokens": int(mask.sum())}
@@ -265,8 +269,9 @@ def train(args):
     check_out(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
-    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, args.gold_reward_fn, device=args.device,
-                        dtype=args.dtype, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, args.gold_reward_fn, args.reward_weight,
+                        device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
+                        load_in_8bit=args.load_in_8bit)
     critic, value_head = make_critic(model, rewarder, args)
     for m in (model, critic):  # LoRA's dropout too: with any dropout the ratio is not 1 at the first update
         M.disable_dropout(m)
@@ -302,7 +307,7 @@ def train(args):
                            f"--max-new-tokens {args.max_new_tokens}, so --missing-eos {args.missing_eos} sets most "
                            "scores; raise --max-new-tokens or pass --missing-eos none")
         if args.sample_every and step % args.sample_every == 0:
-            loop.show_samples([m[-1]["content"] for m in info["messages"][:3]], info["texts"][:3],
+            loop.show_samples([p.messages[-1]["content"] for p in info["prompts"][:3]], info["texts"][:3],
                               info["scores"][:3].tolist())
         loop.end_step(metrics)
 

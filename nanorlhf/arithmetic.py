@@ -2,13 +2,14 @@
 
     python -m nanorlhf.arithmetic --n 500 --seed 0 --out data/arithmetic.jsonl         # the training prompts
     python -m nanorlhf.arithmetic --n 200 --seed 1 --exclude data/arithmetic.jsonl --out data/arithmetic_test.jsonl
-    python train_grpo.py --model smollm2 --data data/arithmetic.jsonl --reward-fn nanorlhf.arithmetic:reward ...
+    python train_grpo.py --model smollm2 --data data/arithmetic.jsonl --reward-fn nanorlhf.arithmetic:accuracy ...
 
 Each problem is one of four templates (add, take away, multiply, share equally) over small numbers, sized so
 that SmolLM2-135M gets about one in five right (a task it already solves sometimes: a group of samples then
-holds both right and wrong answers, which is what a group baseline learns from). The reward
-needs no answer key: `reward` reads the two numbers and the operation back from the problem's own wording and
-compares the last number in the response with the result (1.0 right, 0.0 wrong or missing).
+holds both right and wrong answers, which is what a group baseline learns from). Each record carries its result
+in an `answer` column, and `accuracy` is a reward function in TRL's GRPOTrainer contract that reads it: the worked
+example of a verifiable reward of your own (README, "Your own reward"). It compares the last number in each
+completion with the answer (1.0 right, 0.0 wrong or missing).
 """
 import argparse
 import json
@@ -25,13 +26,12 @@ TEMPLATES = [
     ("There are {a} boxes with {b} {things} in each box. How many {things} are there in all?", "*"),
     ("{name} shares {a} {things} equally among {b} friends. How many {things} does each friend get?", "/"),
 ]
-OPERATIONS = {"gets": "+", "gave away": "-", "boxes with": "*", "equally among": "/"}  # the wording that says which
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def make(n, seed=0, exclude=()):
-    """n distinct problems as {"prompt": text} records, none of them in `exclude`; results are whole numbers
-    from 1 to 25."""
+    """n distinct problems as {"prompt": text, "answer": result} records, none of them in `exclude`; results are
+    whole numbers from 1 to 25."""
     rng, out, seen = random.Random(seed), [], set(exclude)
     while len(out) < n:
         template, op = rng.choice(TEMPLATES)
@@ -48,18 +48,8 @@ def make(n, seed=0, exclude=()):
         text = template.format(name=rng.choice(NAMES), things=rng.choice(THINGS), a=a, b=b) + ASK
         if text not in seen:
             seen.add(text)
-            out.append({"prompt": text})
+            out.append({"prompt": text, "answer": {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]})
     return out
-
-
-def answer(problem):
-    """The result a problem asks for, from its own words, or None for text that is not one of ours."""
-    op = next((o for phrase, o in OPERATIONS.items() if phrase in problem), None)
-    numbers = [int(x) for x in NUMBER.findall(problem)]
-    if op is None or len(numbers) < 2:
-        return None
-    a, b = numbers[:2]
-    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
 
 
 def final_number(response):
@@ -68,14 +58,15 @@ def final_number(response):
     return float(numbers[-1]) if numbers else None
 
 
-def reward(prompts, responses):
-    """1.0 where the response's last number is the problem's result, else 0.0 (a reward function for
-    --reward-fn: prompts are the problems, responses the decoded answers)."""
-    out = []
-    for p, r in zip(prompts, responses):
-        want, got = answer(p), final_number(r)
-        out.append(float(want is not None and got is not None and got == want))
-    return out
+def accuracy(completions, answer, **kwargs):
+    """1.0 where a completion's last number is its row's `answer` column, else 0.0: a reward function for
+    --reward-fn as TRL's GRPOTrainer calls one (keyword arguments; completions are strings, or one assistant
+    message each for conversational data; **kwargs takes the other columns and completion_ids)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float(got is not None and got == want) for got, want in zip(map(final_number, texts), answer)]
+
+
+reward = accuracy  # the name the commands in the README and docs/ were run with
 
 
 def main(argv=None):
@@ -83,7 +74,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=500, help="Number of problems.")
     p.add_argument("--seed", type=int, default=0, help="Random seed (another seed gives another set).")
     p.add_argument("--exclude", help="A file of problems to leave out (e.g. the training set, for a held-out set).")
-    p.add_argument("--out", required=True, help="JSON-lines file to write ({\"prompt\": ...} per line).")
+    p.add_argument("--out", required=True,
+                   help="JSON-lines file to write ({\"prompt\": ..., \"answer\": ...} per line).")
     args = p.parse_args(argv)
     exclude = [json.loads(line)["prompt"] for line in open(args.exclude)] if args.exclude else []
     with open(args.out, "w") as f:

@@ -9,7 +9,9 @@ id through the optional `datasets` package. Each record's format is detected fro
     pairs       PairExample(prompt, chosen, rejected, margin)   train_rm, train_dpo
     unpaired    UnpairedExample(prompt, completion, label)      train_kto (pairs become chosen=True,
                                                                 rejected=False)
-    prompts     PromptExample(prompt)                           train_ppo (from any data, deduplicated)
+    prompts     PromptExample(prompt, columns, conversational)  train_ppo, train_grpo (from any data, deduplicated;
+                                                                columns: the record's fields its format does not
+                                                                read, for reward functions)
 
 A prompt is always a list of {"role": "system"|"user"|"assistant", "content": str} messages, so the
 tokenizer's chat template decides how it looks. Formats (see FORMATS for their fields):
@@ -30,7 +32,8 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -82,6 +85,17 @@ class UnpairedExample:
 @dataclass
 class PromptExample:
     prompt: list[dict]
+    columns: dict = field(default_factory=dict)  # the row's other fields, handed to reward functions as TRL does
+    conversational: bool = False  # the data gave the prompt as messages (TRL's conversational format), not text
+
+
+class Prompt(NamedTuple):
+    """What load_prompts returns per prompt: the messages, their token ids, and the PromptExample's columns and
+    conversational flag, which the Rewarder hands to reward functions."""
+    messages: list
+    ids: list
+    columns: dict = {}
+    conversational: bool = False
 
 
 # ---------------------------------------------------------------- reading records
@@ -304,6 +318,29 @@ _PARSERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": lambda rec: _c
             "prompt_completion": _prompt_completion, "preference": _preference, "hh": _hh, "ranked": _ranked,
             "prompt": lambda rec: [PromptExample(_messages(rec["prompt"], "prompt"))]}
 
+# The fields each format reads; any other field of a record is a column of its prompt (TRL hands a dataset's extra
+# columns, e.g. `answer`, to its reward functions).
+_READS = {"alpaca": {"instruction", "input", "output", "chosen", "rejected", "system", "history"},
+          "sharegpt": {"conversations", "chosen", "rejected"}, "messages": {"messages", "label"},
+          "prompt_completion": {"prompt", "completion", "label"},
+          "preference": {"prompt", "chosen", "rejected", "margin"},
+          "hh": {"chosen", "rejected"}, "ranked": {"prompt", "responses", "rank"}, "prompt": {"prompt"}}
+
+
+def _prompt_row(ex, rec, fmt, where):
+    """A PromptExample of `ex` carrying the record's other fields as columns, which must survive JSON (checkpoints
+    and torchrun ranks re-read the data, and the reward gets them as they are)."""
+    columns = {k: v for k, v in rec.items() if k not in _READS[fmt]}
+    for k, v in columns.items():
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: column {k!r} holds a {type(v).__name__}; expected a number, string, bool, "
+                            "null or a list/object of them") from None
+    conversational = fmt in ("sharegpt", "messages") or any(isinstance(rec.get(k), list) for k in ("prompt", "chosen"))
+    return PromptExample(ex.prompt, columns, conversational)
+
+
 _NEEDS = {
     "sft": "a prompt and one completion (or pairs, whose chosen reply is used)",
     "pairs": "chosen and rejected replies (preference, hh, ranked, or alpaca/sharegpt with chosen/rejected)",
@@ -355,7 +392,8 @@ def load_examples(path, kind, format=None, limit=None):
                                 f"used as {kind}: {kind} needs {_NEEDS[kind]}")
             for e in converted:
                 if kind == "prompts":  # PPO samples each prompt; a prompt shared by many pairs counts once
-                    key = json.dumps(e.prompt)
+                    e = _prompt_row(e, rec, fmt, where)
+                    key = json.dumps([e.prompt, e.columns])  # rows that differ in a column (an answer) are not one
                     if key in seen_prompts:
                         continue
                     seen_prompts.add(key)
@@ -386,10 +424,12 @@ def render_prompt(tokenizer, messages):
 
 
 def load_prompts(path, tokenizer, max_length, format=None, limit=None, flag="--max-length"):
-    """[(messages, token ids)] of the first `limit` prompts in `path` that fit `max_length` tokens (any data
-    that carries prompts; each distinct prompt once). Longer ones are skipped, and the count is printed."""
+    """[Prompt(messages, token ids, columns, conversational)] of the first `limit` prompts in `path` that fit
+    `max_length` tokens (any data that carries prompts; each distinct row once). Longer ones are skipped, and the
+    count is printed."""
     examples = load_examples(path, "prompts", format)
-    prompts = [(ex.prompt, ids) for ex in examples if len(ids := render_prompt(tokenizer, ex.prompt)) <= max_length]
+    prompts = [Prompt(ex.prompt, ids, ex.columns, ex.conversational) for ex in examples
+               if len(ids := render_prompt(tokenizer, ex.prompt)) <= max_length]
     print(f"prompts {path}: {len(prompts)} of {len(examples)} fit {flag} {max_length}"
           + (f"; using the first {limit}" if limit is not None and limit < len(prompts) else ""))
     if not prompts:

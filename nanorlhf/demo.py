@@ -34,6 +34,7 @@ from .cli import UserError, arg, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLD = "nanorlhf.gold:sentiment"
+GOLD_PART = GOLD.rpartition(":")[2]  # its judge in the evaluation: a reward function's part is its name
 # The β each method runs at, and the sweep that draws its frontier when --scale > 1 (PPO: the KL coefficient).
 BETAS = {"ppo_rm": (0.05, [0.02, 0.05, 0.2]), "ppo_gold": (0.05, [0.02, 0.05, 0.2]),
          "dpo": (0.1, [0.05, 0.1, 0.5]), "kto": (0.1, [0.05, 0.1, 0.5])}
@@ -152,7 +153,7 @@ def results_table(out, evaluation, names, times):
     lines = [head, "|" + "---|" * 9]
     for name in names:
         r = evaluation[os.path.join(out, name)]
-        g, rm = r["judges"]["fn"], r["judges"].get("rm")
+        g, rm = r["judges"][GOLD_PART], r["judges"].get("rm")
         lines.append(f"| {name} | {g['mean']:.3f} ± {g['se']:.3f} | {g['win_rate']:.2f} ± {g['win_se']:.2f} | "
                      f"{g['gain']:+.3f} ± {g['gain_se']:.3f} | {rm['win_rate']:.2f} | {r['kl']:.2f} | "
                      f"{r['length']:.1f} | {r['eos_rate']:.2f} | {times.get(name, 0):.0f} |")
@@ -183,13 +184,13 @@ def demo(args):
     with open(eval_json) as f:
         evaluation = json.load(f)
     from .plot import frontier, plot
-    base = evaluation[os.path.join(out, "sft")]["judges"]["fn"]
+    base = evaluation[os.path.join(out, "sft")]["judges"][GOLD_PART]
     points = [{"method": "SFT", "label": "", "kl": 0.0, "mean": base["mean"], "se": base["se"]}]
     for name in models:
         r = evaluation[os.path.join(out, name)]
         method, _, beta = name.partition("_b")
         points.append({"method": method, "label": f"β={beta}" if beta else "", "kl": r["kl"],
-                       "mean": r["judges"]["fn"]["mean"], "se": r["judges"]["fn"]["se"]})
+                       "mean": r["judges"][GOLD_PART]["mean"], "se": r["judges"][GOLD_PART]["se"]})
     frontier(points, os.path.join(out, "frontier.png"))
     for name in ("sft", "rm", *models):
         plot(os.path.join(out, name))

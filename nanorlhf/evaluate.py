@@ -42,7 +42,7 @@ class Args:
     out: str | None = arg(None, "Write the results as JSON here.")
 
 
-JUDGES = {"fn": "reward", "rm": "RM"}  # Rewarder part -> column name
+JUDGES = {"rm": "RM"}  # Rewarder part -> column name; a reward function's part is its name
 
 
 def mean_se(x):
@@ -72,19 +72,19 @@ def evaluate(args):
     rewarder = Rewarder(tokenizer, [args.rm] if args.rm else [], reward_fn=args.reward_fn, device=args.device)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
-    messages = [m for m, _ in prompts]
+    messages = [p.messages for p in prompts]
 
     def run(model, tok):
         """Samples of `model` on every prompt from the fixed seed, and their judged scores."""
-        queries = [q for _, q in prompts] if tok is tokenizer else [render_prompt(tok, m) for m in messages]
+        queries = [p.ids for p in prompts] if tok is tokenizer else [render_prompt(tok, m) for m in messages]
         torch.manual_seed(args.seed)
         responses, ended = M.generate_all(model, tok, queries, args.max_new_tokens, args.temperature, args.batch_size)
-        _, parts, texts = rewarder(messages, queries, responses, ended, args.batch_size, tokenizer=tok)
+        _, parts, texts = rewarder(prompts, queries, responses, ended, args.batch_size, tokenizer=tok)
         return queries, responses, ended, parts, texts
 
     def summary(responses, ended, texts, parts, base_parts):
         judges = {j: judge_stats(parts[j], base_parts[j]) for j in parts}
-        first = judges.get("fn", judges.get("rm"))
+        first = judges[rewarder.fns[0].name if rewarder.fns else "rm"]
         return {"score": first["mean"], "win_rate": first["win_rate"], "judges": judges,
                 "length": sum(map(len, responses)) / len(responses), "distinct_1": distinct(texts, 1),
                 "distinct_2": distinct(texts, 2), "eos_rate": sum(ended) / len(ended),
@@ -115,7 +115,7 @@ def evaluate(args):
 def table(results, names):
     """Markdown: per judge mean ± se, win rate and paired gain vs the baseline; then KL, length, diversity, EOS."""
     judges = list(results[names[0]]["judges"])
-    head = ["model"] + [f"{JUDGES[j]} {c}" for j in judges for c in ("score ± se", "win rate vs baseline",
+    head = ["model"] + [f"{JUDGES.get(j, j)} {c}" for j in judges for c in ("score ± se", "win rate vs baseline",
                                                                     "gain ± se")]
     head += ["KL to baseline", "length", "distinct-1", "distinct-2", "EOS rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -40,8 +40,10 @@ class Args:
     limit: int | None = arg(None, "Use only the first N prompts (that fit --max-length).", gt=0)
     k: int = arg(4, "Responses sampled per prompt. More gives cleaner best-worst pairs (a larger expected margin).",
                  ge=2)
-    reward_fn: str | None = arg(None, "The judge as a Python 'module:function' called f(prompts, responses) on lists "
-                                "of strings, returning floats, e.g. nanorlhf.gold:sentiment.")
+    reward_fn: list[str] = arg([], "The judge as a Python 'module:function', called as TRL's GRPOTrainer calls a "
+                               "reward (the data's other columns included) or as f(prompts, responses) on lists of "
+                               "strings, returning floats, e.g. nanorlhf.gold:sentiment.")
+    reward_weight: list[float] = arg([], "Weight of each --reward-fn in the score, in order (default 1 each).")
     rm: list[str] = arg([], "A reward model folder (train_rm.py output) that judges too.")
     rm_weight: list[float] = arg([], "Weight of each --rm in the score, in order (default 1 each).")
     pairs: str = arg("best-worst", "Which pairs of a prompt's responses to write.", choices=["best-worst", "all"])
@@ -105,18 +107,19 @@ def label(args):
         raise UserError(f"--out {args.out} already holds labelled data; pass --overwrite to replace it")
     model, tokenizer = M.load_model(args.model, device=args.device)
     model.eval()
-    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, device=args.device)
+    rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, reward_weights=args.reward_weight,
+                        device=args.device)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
-    messages = [m for m, _ in prompts for _ in range(args.k)]  # each prompt k times, side by side
-    queries = [q for _, q in prompts for _ in range(args.k)]
+    rows = [p for p in prompts for _ in range(args.k)]  # each prompt k times, side by side
+    queries = [p.ids for p in rows]
     torch.manual_seed(args.seed)
     responses, ended = M.generate_all(model, tokenizer, queries, args.max_new_tokens, args.temperature,
                                       args.batch_size, desc=f"sampling {args.k} x {len(prompts)}")
     scores, texts = [], []
     for i in range(0, len(responses), args.batch_size):
         sl = slice(i, i + args.batch_size)
-        s, _, t = rewarder(messages[sl], queries[sl], responses[sl], ended[sl], args.batch_size)
+        s, _, t = rewarder(rows[sl], queries[sl], responses[sl], ended[sl], args.batch_size)
         scores += s.tolist()
         texts += t
     os.makedirs(args.out, exist_ok=True)
@@ -125,7 +128,7 @@ def label(args):
     with (open(os.path.join(args.out, "samples.jsonl"), "w") as f_samples,
           open(os.path.join(args.out, "pairs.jsonl"), "w") as f_pairs,
           open(os.path.join(args.out, "kto.jsonl"), "w") as f_kto):
-        for p, (prompt, _) in enumerate(prompts):
+        for p, prompt in enumerate(p.messages for p in prompts):
             sl = slice(p * args.k, (p + 1) * args.k)
             r, s, e = texts[sl], scores[sl], ended[sl]
             usable = [x or args.keep_unfinished for x in e]

@@ -1,11 +1,15 @@
-"""The reward of a response: a weighted sum of reward models and a Python function, in one place for PPO,
+"""The reward of a response: a weighted sum of reward models and Python functions, in one place for PPO, GRPO,
 the labeller (`python -m nanorlhf.label`) and the evaluation.
 
-A reward function is named `module:function` and called as f(prompts, responses) on two lists of strings,
-the last user message and the decoded response, returning one float per response: a verifiable reward
-(an exact answer, a format) or a programmatic judge such as `nanorlhf.gold:sentiment`.
+A reward function is named `module:function`: a verifiable reward (an exact answer, a format) or a programmatic
+judge such as `nanorlhf.gold:sentiment`. It is called as TRL's GRPOTrainer calls one, with keyword arguments
+prompts, completions, completion_ids and every other column of the prompt's row as a list (e.g. answer=[...]),
+and returns one float per completion, or None where it does not apply; a function whose signature is
+f(prompts, responses) (no `completions`, no **kwargs) gets two lists of strings instead, the last user message
+and the decoded response.
 """
 import importlib
+import inspect
 import os
 import sys
 
@@ -13,7 +17,7 @@ import torch
 
 from . import model as M
 from .cli import UserError
-from .data import render_prompt
+from .data import Prompt, render_prompt
 
 
 def load_reward_fn(spec, flag="--reward-fn"):
@@ -29,42 +33,109 @@ def load_reward_fn(spec, flag="--reward-fn"):
         raise UserError(f"{flag} {spec}: cannot import it ({e}); expected module:function") from None
 
 
-def call_reward_fn(fn, prompts, texts, flag="--reward-fn"):
-    """fn(prompts, texts) as a (B,) float tensor, with a one-line error when it returns something else."""
-    values = fn(prompts, texts)
-    try:
-        scores = torch.tensor([float(v) for v in values], dtype=torch.float)
-    except (TypeError, ValueError):
-        raise UserError(f"{flag}: the function must return one number per response") from None
-    if len(scores) != len(texts):
-        raise UserError(f"{flag}: the function returned {len(scores)} values for {len(texts)} responses")
-    bad = int((~torch.isfinite(scores)).sum())
-    if bad:  # the NaN guard would skip every step it reaches: a run that trains nothing, in silence
-        raise UserError(f"{flag} {fn.__module__}:{fn.__qualname__} returned NaN or inf for {bad} of {len(texts)} "
-                        f"responses; expected a finite number for each")
-    return scores
+def _arguments(fn):
+    """The keyword arguments `fn` accepts: None for any (it has **kwargs), or the set of its parameter names."""
+    params = inspect.signature(fn).parameters.values()
+    return None if any(p.kind is p.VAR_KEYWORD for p in params) else {p.name for p in params}
+
+
+class RewardFunction:
+    """One --reward-fn: called in TRL's GRPOTrainer contract when its signature asks for it (a `completions`
+    parameter or **kwargs): keyword arguments prompts, completions, completion_ids and every column of the prompt's
+    row as a list, returning a float or None ("does not apply") per completion. Otherwise as f(prompts, responses)
+    on two lists of strings, the last user message and the decoded response, as nanorlhf always called it."""
+
+    def __init__(self, spec, weight=1.0, flag="--reward-fn"):
+        self.spec, self.weight, self.flag = spec, weight, flag
+        self.fn = load_reward_fn(spec, flag)
+        self.name = getattr(self.fn, "__name__", spec.partition(":")[2])  # TRL logs each under its __name__
+        self.accepts = _arguments(self.fn)
+        self.trl = self.accepts is None or "completions" in self.accepts
+
+    def __call__(self, rows, texts, completion_ids):
+        """(B,) float tensor, NaN where the function returned None. rows: the Prompt of each response."""
+        if not self.trl:
+            values = self.fn([r.messages[-1]["content"] for r in rows], texts)
+        else:
+            values = self._call_trl(rows, texts, completion_ids)
+        return self._check(values, len(texts))
+
+    def _call_trl(self, rows, texts, completion_ids):
+        """Standard data (a prompt given as text) gets strings; conversational data gets message lists, the
+        completion as [{"role": "assistant", "content": text}], as TRL passes them."""
+        kwargs = {"prompts": [r.messages if r.conversational else r.messages[-1]["content"] for r in rows],
+                  "completions": [[{"role": "assistant", "content": t}] if r.conversational else t
+                                  for r, t in zip(rows, texts)],
+                  "completion_ids": completion_ids}
+        columns = dict.fromkeys(k for r in rows for k in r.columns)  # every row's, in order; a row without one: None
+        kwargs |= {k: [r.columns.get(k) for r in rows] for k in columns if k not in kwargs}
+        if self.accepts is not None:
+            params = inspect.signature(self.fn).parameters.values()
+            missing = [p.name for p in params if p.default is p.empty and p.name not in kwargs
+                       and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if missing:
+                self._no_column(missing[0], columns)
+            kwargs = {k: v for k, v in kwargs.items() if k in self.accepts}
+        try:
+            return self.fn(**kwargs)
+        except KeyError as e:  # a **kwargs function reading kwargs["answer"] on data without that column
+            if e.args and isinstance(e.args[0], str) and e.args[0] not in kwargs:
+                self._no_column(e.args[0], columns)
+            raise
+
+    def _no_column(self, name, columns):
+        have = ", ".join(columns) or "none besides the prompt"
+        raise UserError(f"{self.flag} {self.spec} needs the column {name!r}, which the data lacks (its columns: "
+                        f"{have}); add it to each record of --data")
+
+    def _check(self, values, n):
+        try:
+            none = torch.tensor([v is None for v in values], dtype=torch.bool)
+            scores = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float)
+        except (TypeError, ValueError):
+            raise UserError(f"{self.flag} {self.spec}: the function must return one number (or None) per response") \
+                from None
+        if len(scores) != n:
+            raise UserError(f"{self.flag} {self.spec}: the function returned {len(scores)} values for {n} responses")
+        bad = int((~torch.isfinite(scores) & ~none).sum())
+        if bad:  # the NaN guard would skip every step it reaches: a run that trains nothing, in silence
+            raise UserError(f"{self.flag} {self.spec} returned NaN or inf for {bad} of {n} responses; expected a "
+                            "finite number (or None where it does not apply) for each")
+        return scores
 
 
 class Rewarder:
-    """score = Σ_i w_i · RM_i(prompt, response), normalised with each RM's stored statistics, + reward_fn.
+    """score = Σ_i w_i · RM_i(prompt, response), normalised with each RM's stored statistics, + Σ_j v_j · f_j.
 
-    Each part is also returned on its own ("rm", "rm2", ..., "fn") so a run can log what drives its score, and
-    with gold_fn a "gold" part that is not in the score: a known true reward watched beside the proxy that is
-    optimised, where overoptimisation shows (Gao et al. 2023).
+    Each part is also returned on its own ("rm", "rm2", ..., and each reward function under its name) so a run can
+    log what drives its score, and with gold_fn a "gold" part that is not in the score: a known true reward watched
+    beside the proxy that is optimised, where overoptimisation shows (Gao et al. 2023). A function's None (it does
+    not apply to that sample) is NaN in its part and adds nothing to the score, as TRL's nansum over functions.
     """
 
-    def __init__(self, tokenizer, rms=(), weights=(), reward_fn=None, gold_fn=None, **load_kw):
+    def __init__(self, tokenizer, rms=(), weights=(), reward_fn=(), gold_fn=None, reward_weights=(), **load_kw):
         weights = list(weights) or [1.0] * len(rms)
         if len(weights) != len(rms):
             raise UserError(f"--rm-weight: got {len(weights)} weights for {len(rms)} --rm models")
+        specs = [reward_fn] if isinstance(reward_fn, str) else list(reward_fn or ())
+        reward_weights = list(reward_weights) or [1.0] * len(specs)
+        if len(reward_weights) != len(specs):
+            raise UserError(f"--reward-weight: got {len(reward_weights)} weights for {len(specs)} --reward-fn "
+                            "functions; expected one per function, in order")
         self.tokenizer, self.rms = tokenizer, []
         for path, w in zip(rms, weights):
             rm, rm_tok = M.load_reward_model(path, **load_kw)
             self.rms.append((rm, rm_tok, w))
-        self.fn = load_reward_fn(reward_fn) if reward_fn else None
-        self.gold = load_reward_fn(gold_fn, "--gold-reward-fn") if gold_fn else None
-        if not self.rms and self.fn is None:
-            raise UserError("give a reward: --rm FOLDER (repeatable) and/or --reward-fn module:function")
+        self.fns = [RewardFunction(spec, w) for spec, w in zip(specs, reward_weights)]
+        self.gold = RewardFunction(gold_fn, flag="--gold-reward-fn") if gold_fn else None
+        if not self.rms and not self.fns:
+            raise UserError("give a reward: --rm FOLDER (repeatable) and/or --reward-fn module:function (repeatable)")
+        taken = {"rm" if i == 0 else f"rm{i + 1}" for i in range(len(self.rms))} | {"gold"}
+        for f in self.fns:  # each part is logged under its name, so two must not share one
+            if f.name in taken:
+                raise UserError(f"--reward-fn {f.spec}: another reward already logs under the name {f.name!r}; "
+                                "expected functions with distinct names")
+            taken.add(f.name)
 
     def same_tokenizer(self, i=0, tokenizer=None):
         """True when RM i reads the policy's token ids as they are (same vocabulary and chat template)."""
@@ -72,24 +143,33 @@ class Rewarder:
         return rm_tok.get_vocab() == tok.get_vocab() and rm_tok.chat_template == tok.chat_template
 
     @torch.no_grad()
-    def __call__(self, messages, queries, responses, ended, batch_size, tokenizer=None):
-        """(scores (B,), {part: (B,)}, texts) for prompts (message lists and their token ids) and responses
-        (token-id lists cut after EOS; `ended` says which ones emitted it), both in `tokenizer`'s ids (default
-        the policy's)."""
+    def __call__(self, prompts, queries, responses, ended, batch_size, tokenizer=None):
+        """(scores (B,), {part: (B,)}, texts) for prompts (data.Prompt rows, or bare message lists, and their token
+        ids) and responses (token-id lists cut after EOS; `ended` says which ones emitted it), both in
+        `tokenizer`'s ids (default the policy's)."""
         tokenizer = tokenizer or self.tokenizer
+        rows = [p if isinstance(p, Prompt) else Prompt(p, q) for p, q in zip(prompts, queries)]
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        prompts, parts = [m[-1]["content"] for m in messages], {}
+        ids, parts = [list(r) for r in responses], {}
+        scores = torch.zeros(len(texts))
         for i, (rm, rm_tok, weight) in enumerate(self.rms):
             if self.same_tokenizer(i, tokenizer):  # score exactly the sampled ids
                 seqs = [list(q) + list(r) for q, r in zip(queries, responses)]
             else:  # another tokenizer: re-encode the conversation as text
-                seqs = [render_prompt(rm_tok, m) + rm_tok(t, add_special_tokens=False).input_ids +
-                        ([rm_tok.eos_token_id] if e else []) for m, t, e in zip(messages, texts, ended)]
-            parts["rm" if i == 0 else f"rm{i + 1}"] = M.score_sequences(rm, seqs, rm_tok.pad_token_id, batch_size)
-        if self.fn is not None:
-            parts["fn"] = call_reward_fn(self.fn, prompts, texts)
-        weights = [w for *_, w in self.rms] + ([1.0] if self.fn is not None else [])  # in the order of parts
-        scores = sum(w * s for w, s in zip(weights, parts.values()))
+                seqs = [render_prompt(rm_tok, r.messages) + rm_tok(t, add_special_tokens=False).input_ids +
+                        ([rm_tok.eos_token_id] if e else []) for r, t, e in zip(rows, texts, ended)]
+            parts["rm" if i == 0 else f"rm{i + 1}"] = part = M.score_sequences(rm, seqs, rm_tok.pad_token_id,
+                                                                               batch_size)
+            scores = scores + weight * part.float().cpu()
+        for f in self.fns:
+            parts[f.name] = part = f(rows, texts, ids)
+            scores = scores + f.weight * part.nan_to_num(0.0)  # None: no contribution (TRL's nansum)
+        if self.fns and not self.rms:
+            unscored = torch.stack([parts[f.name] for f in self.fns]).isnan().all(0)
+            if unscored.any():  # TRL warns too; a 0 that no function gave would otherwise pass for a verdict
+                first = rows[int(unscored.nonzero()[0])].messages[-1]["content"]
+                print(f"warning: no --reward-fn applies to {int(unscored.sum())} of {len(texts)} responses (every "
+                      f"function returned None), so they score 0; e.g. the prompt {first[:80]!r}", file=sys.stderr)
         if self.gold is not None:  # logged, never optimised
-            parts["gold"] = call_reward_fn(self.gold, prompts, texts, "--gold-reward-fn")
+            parts["gold"] = self.gold(rows, texts, ids)
         return scores, parts, texts

@@ -74,7 +74,7 @@ def test_prompt_completion_strings_and_conversational(tmp_path):
     assert load_examples(sft, "sft") == [SFTExample([user("p")], "c")]
     kto = write(tmp_path, "pc.json", [{"prompt": [user("p2")], "completion": [assistant("c2")], "label": True}])
     assert load_examples(kto, "unpaired") == [UnpairedExample([user("p2")], "c2", True)]
-    assert load_examples(kto, "prompts") == [PromptExample([user("p2")])]
+    assert load_examples(kto, "prompts") == [PromptExample([user("p2")], conversational=True)]
 
 
 def test_json_lines_in_a_json_file(tmp_path):
@@ -125,9 +125,12 @@ def test_ranked_ties_and_null_ranks_make_no_pair(tmp_path):
 
 
 def test_prompt_only_records_are_prompts_and_nothing_else(tmp_path):
-    path = write(tmp_path, "p.jsonl", [{"prompt": "Hi?"}, {"prompt": [user("a"), assistant("b"), user("c")]}])
-    assert load_examples(path, "prompts") == [PromptExample([user("Hi?")]),
-                                              PromptExample([user("a"), assistant("b"), user("c")])]
+    """TRL's prompt-only formats, standard (a string) and conversational (messages), with their other columns."""
+    path = write(tmp_path, "p.jsonl", [{"prompt": "Hi?", "answer": 4, "tags": ["a", "b"]},
+                                       {"prompt": [user("a"), assistant("b"), user("c")], "solution": None}])
+    assert load_examples(path, "prompts") == [
+        PromptExample([user("Hi?")], {"answer": 4, "tags": ["a", "b"]}, conversational=False),
+        PromptExample([user("a"), assistant("b"), user("c")], {"solution": None}, conversational=True)]
     with pytest.raises(UserError, match="p.jsonl:1: .*cannot be used as sft"):
         load_examples(path, "sft")
 
@@ -297,3 +300,13 @@ def test_missing_empty_and_bad_records(tmp_path):
         load_examples(write(tmp_path, "b.json", [{"messages": [user("q")]}]), "sft")
     with pytest.raises(UserError, match=r"h\.jsonl:1: .*share every turn"):
         load_examples(write(tmp_path, "h.jsonl", [{"chosen": "no transcript", "rejected": "at all"}]), "pairs")
+
+
+def test_prompts_keep_rows_that_differ_in_a_column_and_refuse_a_column_json_cannot_hold(tmp_path, monkeypatch):
+    path = write(tmp_path, "p.jsonl", [{"prompt": "2+2?", "answer": 4}, {"prompt": "2+2?", "answer": 4},
+                                       {"prompt": "2+2?", "answer": "four"}])
+    assert [e.columns for e in load_examples(path, "prompts")] == [{"answer": 4}, {"answer": "four"}]
+    import nanorlhf.data as D
+    monkeypatch.setattr(D, "_read_records", lambda path: [("hub row 0", {"prompt": "p", "image": b"\x89PNG"})])
+    with pytest.raises(UserError, match=r"^hub row 0: column 'image' holds a bytes; expected a number"):
+        load_examples("some/hub", "prompts")

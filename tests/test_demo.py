@@ -29,9 +29,9 @@ def test_every_demo_stage_parses_with_its_script(tmp_path):
     stages = dict(demo.stages("/o", paths, 1.0, "smollm2"))
     assert list(stages) == ["sft", "labels", "rm", "ppo_rm", "ppo_gold", "dpo", "kto"]
     ppo_rm = cli.parse(importlib.import_module("train_ppo").Args, stages["ppo_rm"][1:])
-    assert ppo_rm.rm == ["/o/rm"] and ppo_rm.reward_fn is None and ppo_rm.gold_reward_fn == demo.GOLD
+    assert ppo_rm.rm == ["/o/rm"] and ppo_rm.reward_fn == [] and ppo_rm.gold_reward_fn == demo.GOLD
     ppo_gold = cli.parse(importlib.import_module("train_ppo").Args, stages["ppo_gold"][1:])
-    assert ppo_gold.rm == [] and ppo_gold.reward_fn == demo.GOLD
+    assert ppo_gold.rm == [] and ppo_gold.reward_fn == [demo.GOLD]
 
 
 def test_held_out_prompts_reach_no_stage(tmp_path):

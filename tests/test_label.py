@@ -131,7 +131,7 @@ def test_evaluate_by_reward_fn_against_itself_is_a_tie(tiny_dir, tmp_path, rewar
     results = E.evaluate(E.Args(model=[tiny_dir], baseline=tiny_dir, reward_fn=reward_module, data=str(prompts),
                                 limit=6, max_new_tokens=5, batch_size=3))
     row = results[tiny_dir]
-    judged = row["judges"]["fn"]
+    judged = row["judges"]["reward"]  # the function's part: its name
     # same seed, same samples: every comparison is a tie, the gain 0, the KL 0
     assert judged["win_rate"] == 0.5 and judged["gain"] == 0.0 and row["kl"] == pytest.approx(0.0, abs=1e-6)
     assert row["score"] == judged["mean"] and judged["se"] > 0
@@ -148,5 +148,5 @@ def test_rewarder_logs_the_gold_part_without_optimising_it(tokenizer, tmp_path, 
     responses = [tokenizer(t, add_special_tokens=False).input_ids for t in ("Yes!!", "No")]
     scores, parts, texts = rewarder(messages, [[1], [1]], responses, [True, True], 2)
     assert texts == ["Yes!!", "No"]
-    assert scores.tolist() == [5.0, 2.0] and parts["fn"].tolist() == [5.0, 2.0]
+    assert scores.tolist() == [5.0, 2.0] and parts["length"].tolist() == [5.0, 2.0]
     assert parts["gold"].tolist() == [2.0, 0.0]
