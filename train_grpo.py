@@ -78,6 +78,10 @@ class Args(RunArgs):
     cliprange: float = arg(0.2, "ε, the ratio clip (below 1, and above unless --cliprange-high).", gt=0)
     cliprange_high: float | None = arg(None, "DAPO's upper clip ε_high (e.g. 0.28): room for unlikely tokens to "
                                        "grow; default --cliprange.", gt=0)
+    importance_sampling_level: str = arg("token", "The ratio the clip acts on, as TRL names it: token = one per token "
+                                         "(GRPO); sequence = GSPO (Zheng et al. 2025), one length-normalised ratio "
+                                         "per response, clipped as a whole (the paper clips far tighter: ε 3e-4, "
+                                         "ε_high 4e-4).", choices=["token", "sequence"])
     mask_truncated: bool = arg(False, "DAPO's overlong filtering: responses that hit --max-new-tokens without EOS "
                                "count in the group's baseline but not in the loss.")
     beta: float = arg(0.0, "β, the KL(π‖π_ref) coefficient: k3 in the loss (grpo), β·Σ_t log π/π_ref subtracted "
@@ -121,11 +125,18 @@ def reinforce_pp_advantages(scores, logprobs, ref_logprobs, mask, beta):
     return whiten(returns, mask)
 
 
-def grpo_loss(logprobs, old_logprobs, advantages, mask, cliprange, cliprange_high, ref_logprobs=None, beta=0.0):
+def grpo_loss(logprobs, old_logprobs, advantages, mask, cliprange, cliprange_high, ref_logprobs=None, beta=0.0,
+              level="token"):
     """Per-token loss (B, R), 0 on padding: -min(ratio·A, clip(ratio, 1-ε, 1+ε_high)·A) + β·k3(π, π_ref).
 
     logprobs, old_logprobs, ref_logprobs, mask: (B, R); advantages (B, R), each response's on its tokens.
     Returns (per_token, stats) with the clip fractions below and above and the mean k3 KL.
+
+    level "token": ratio_t = π(y_t)/π_old(y_t), each token clipped on its own (GRPO eq. 3). level "sequence": GSPO
+    (Zheng et al. 2025, eq. 7), s = exp(mean_t log π(y_t)/π_old(y_t)) = (π(y)/π_old(y))^(1/|y|) on every token of
+    the response, so a response is clipped as a whole and one noisy token cannot swing its own weight. At the first
+    update (π = π_old: μ = 1, or the first minibatch) both levels give ratio exactly 1 and the same gradient, A·Σ_t
+    ∇log π(y_t) per response under every --loss-type; they part once the policy has moved off π_old.
 
     The two directions of the KL term: on tokens sampled from π, k3's value estimates KL(π‖π_ref) per token, and
     that is the logged `kl`; but its gradient, E_π[(1 - π_ref/π)·∇log π] = -Σ_y π_ref(y)·∇log π(y), is the gradient
@@ -133,6 +144,8 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, cliprange, cliprange_hig
     train(), is the mean k1 of the sampling policy: KL(π_old‖π_ref) per token.)
     """
     log_ratio = masked(logprobs - old_logprobs, mask)  # padding: ratio 1, never exp(garbage)
+    if level == "sequence":  # the response's mean log-ratio on each of its tokens (padding masked out below)
+        log_ratio = (log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
     ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1 - cliprange, 1 + cliprange_high)
     per_token = -torch.min(ratio * advantages, clipped * advantages)
@@ -246,7 +259,8 @@ def train(args):
                         old = micro["logprobs"] if need_old else logprobs.detach()
                         per_token, s = grpo_loss(logprobs, old, micro["advantages"], micro["loss_mask"],
                                                  args.cliprange, eps_high, micro.get("ref_logprobs"),
-                                                 args.beta if args.advantage == "grpo" else 0.0)
+                                                 args.beta if args.advantage == "grpo" else 0.0,
+                                                 args.importance_sampling_level)
                         loss = aggregate(per_token, micro["loss_mask"], args.loss_type, n_responses, n_tokens,
                                          args.max_new_tokens)
                         loss.backward()

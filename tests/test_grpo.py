@@ -59,7 +59,7 @@ def test_rloo_training_puts_the_kl_in_the_reward_not_the_loss(actor_dir, tmp_pat
     real_minibatches, real_loss = train_grpo.minibatches, train_grpo.grpo_loss
     monkeypatch.setattr(train_grpo, "minibatches", lambda data, size: (seen.append(dict(data)),
                                                                          real_minibatches(data, size))[1])
-    monkeypatch.setattr(train_grpo, "grpo_loss", lambda *a: (betas.append(a[-1]), real_loss(*a))[1])
+    monkeypatch.setattr(train_grpo, "grpo_loss", lambda *a: (betas.append(a[7]), real_loss(*a))[1])  # a[7]: β
     beta, k = 0.3, 4
     train_grpo.train(make_args(tmp_path, actor_dir, reward_fn="rloo_probe:reward", advantage="rloo", beta=beta,
                                max_steps=2, num_generations=k, out=str(tmp_path / "rloo")))
@@ -105,6 +105,42 @@ def test_grpo_loss_hand_computed_forward_and_backward():
     assert per_token.item() == pytest.approx(0.1 * k3) and stats["kl"].item() == pytest.approx(k3)
     per_token.sum().backward()
     assert logprobs.grad.item() == pytest.approx(0.1 * (1 - math.exp(-0.5)))  # d k3 / d logp = 1 - ref/π
+
+
+def test_gspo_sequence_ratio_hand_computed_forward_and_backward():
+    """GSPO (Zheng et al. 2025): one ratio per response, exp of its tokens' mean log-ratio, clipped as a whole."""
+    # response 0: log-ratios 0.1, 0.2, 0.3 -> s = e^0.2 = 1.2214 > 1 + ε = 1.2 with A = +1: clipped on all 3 tokens.
+    # response 1: log-ratios -0.1, 0.0 and padding (9.0, must not count) -> s = e^-0.05 with A = -1: inside the clip.
+    old = torch.zeros(2, 3)
+    logprobs = torch.tensor([[0.1, 0.2, 0.3], [-0.1, 0.0, 9.0]], requires_grad=True)
+    advantages, mask = torch.tensor([[1.0] * 3, [-1.0] * 3]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    per_token, stats = train_grpo.grpo_loss(logprobs, old, advantages, mask, 0.2, 0.2, level="sequence")
+    s1 = math.exp(-0.05)
+    torch.testing.assert_close(per_token, torch.tensor([[-1.2, -1.2, -1.2], [s1, s1, 0.0]]))
+    assert stats["clipfrac/high"].item() == pytest.approx(3 / 5) and stats["clipfrac/low"].item() == 0.0
+    per_token.sum().backward()
+    # clipped: no gradient; inside: the sum holds -s·A = s twice (|y| = 2), and ds/dlogp_t = s/2, so 2·s/2 = s
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 0.0, 0.0], [s1, s1, 0.0]]))
+    # the token level clips token by token instead: e^0.1 is inside, e^0.2 and e^0.3 are clipped
+    token, _ = train_grpo.grpo_loss(logprobs.detach(), old, advantages, mask, 0.2, 0.2)
+    torch.testing.assert_close(token[0], torch.tensor([-math.exp(0.1), -1.2, -1.2]))
+
+
+def test_gspo_and_token_ratio_agree_at_the_first_update():
+    """π = π_old: both levels give ratio exactly 1, so the same loss and gradient under every aggregation."""
+    g = torch.Generator().manual_seed(0)
+    logprobs = torch.randn(3, 4, generator=g) - 2
+    advantages = torch.tensor([0.5, -1.0, 2.0])[:, None].expand(3, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    for loss_type in ("grpo", "dr_grpo", "dapo"):
+        grads = []
+        for level in ("token", "sequence"):
+            lp = logprobs.clone().requires_grad_()
+            per_token, _ = train_grpo.grpo_loss(lp, lp.detach(), advantages, mask, 0.2, 0.2, level=level)
+            torch.testing.assert_close(per_token, -advantages * mask)  # ratio 1 everywhere
+            train_grpo.aggregate(per_token, mask, loss_type, 3, 7, 4).backward()
+            grads.append(lp.grad)
+        torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_kl_terms_value_and_gradient_directions():
