@@ -222,3 +222,24 @@ def test_bad_input_on_two_ranks_is_one_line_from_one_rank(tiny_dir, tmp_path):
     text = "".join(open(f).read() for f in rank_logs)
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: data file not found: {tmp_path / 'missing.json'}"] and "Traceback" not in text
+
+
+def test_columns_travel_with_their_prompts_on_two_ranks(tiny_dir, tmp_path):
+    """A TRL-style reward reading an `answer` column under 2 gloo ranks: each rank gets its own prompts' answers."""
+    (tmp_path / "record.py").write_text(
+        "import json, os\n"
+        "def reward(prompts, completions, answer, **kwargs):\n"
+        "    with open(f'seen.{os.environ[\"RANK\"]}.json', 'w') as f:\n"
+        "        json.dump(list(zip(prompts, answer)), f)\n"
+        "    return [0.0] * len(completions)\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}.", "answer": i}) + "\n" for i in range(8)))
+    r = run(TORCHRUN + [os.path.join(ROOT, "train_grpo.py"), "--actor", tiny_dir, "--data", str(prompts),
+                        "--max-steps", "1", "--rollout-batch-size", "2", "--num-generations", "2",
+                        "--max-new-tokens", "2", "--reward-fn", "record:reward", "--sample-every", "0",
+                        "--out", str(tmp_path / "out")], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"seen.{rank}.json").read_text()) for rank in range(2)]
+    assert all(p == f"Say {a}." for rank in seen for p, a in rank)  # every answer with its own prompt
+    answers = [{a for _, a in rank} for rank in seen]
+    assert all(len(rank) == 4 and len(a) == 2 for rank, a in zip(seen, answers)) and not answers[0] & answers[1]

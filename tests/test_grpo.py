@@ -247,10 +247,16 @@ def test_grpo_learns_a_programmatic_reward(actor_dir, tmp_path, moon_reward, adv
 
 
 def test_grpo_resume_gives_identical_losses(tiny_dir, tmp_path, monkeypatch):
-    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    """The reward reads each row's `answer` column (TRL's contract) and checks it belongs to its prompt: columns
+    travel with their prompts through the resumed data stream; the reward is not linear in it, so a column
+    moved to another group would change the advantages."""
+    (tmp_path / "lengthy.py").write_text(
+        "def reward(prompts, completions, answer, **kwargs):\n"
+        "    assert all(p == f'Say {a}.' for p, a in zip(prompts, answer)), (prompts, answer)\n"
+        "    return [len(c) % (a + 2) / 10 for c, a in zip(completions, answer)]\n")
     monkeypatch.chdir(tmp_path)
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(12)))
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}.", "answer": i}) + "\n" for i in range(12)))
 
     def make(out):  # two minibatches and two epochs: old logprobs, clipping and the stream all resume
         return train_grpo.Args(model=tiny_dir, data=str(prompts), out=out, max_steps=4, rollout_batch_size=2,

@@ -1,0 +1,196 @@
+"""Reward functions in TRL's GRPOTrainer contract: keyword arguments with the data's columns, standard and
+conversational data, weights, None, and one-line errors; through the Rewarder and through GRPO steps."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from test_grpo import actor_dir, make_args  # noqa: F401  (actor_dir is a fixture)
+
+import train_grpo
+from nanorlhf.cli import UserError
+from nanorlhf.data import load_prompts
+from nanorlhf.rewards import Rewarder
+
+# Written here with the signatures of TRL's documented examples (a length reward, a regex format reward, an
+# accuracy reward reading a column); `text` lets one function serve standard (strings) and conversational data
+# ([{"role": "assistant", "content": ...}]), as a TRL user would write it for the data they have.
+TRL_FUNCTIONS = r'''
+import re
+
+SEEN = []
+
+
+def text(completion):
+    return completion if isinstance(completion, str) else completion[0]["content"]
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(text(c))) for c in completions]
+
+
+def format_reward(completions, **kwargs):
+    return [1.0 if re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", text(c), re.S) else 0.0
+            for c in completions]
+
+
+def accuracy_reward(prompts, completions, solution, **kwargs):
+    SEEN.append(dict(prompts=prompts, completions=completions, solution=solution, **kwargs))
+    found = [re.search(r"<answer>(.*?)</answer>", text(c)) for c in completions]
+    return [float(m is not None and m.group(1).strip() == str(s)) for m, s in zip(found, solution)]
+
+
+def maybe(completions, solution, **kwargs):
+    """Applies only to rows with a solution: None elsewhere."""
+    return [None if s is None else float(len(text(c)) % 3) for c, s in zip(completions, solution)]
+
+
+def never(completions, **kwargs):
+    return [None] * len(completions)
+
+
+def needs_answer(completions, answer):
+    return [0.0] * len(completions)
+
+
+def reads_answer(completions, **kwargs):
+    return [float(a) for a in kwargs["answer"]]
+
+
+def old_style(prompts, responses):
+    return [float(p == "What is 2+2?") for p in prompts]
+'''
+
+
+@pytest.fixture
+def trl_module(tmp_path, monkeypatch):
+    (tmp_path / "trl_rewards.py").write_text(TRL_FUNCTIONS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("trl_rewards", None)  # each test's own copy, SEEN empty
+    yield
+    sys.modules.pop("trl_rewards", None)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def write_data(path, conversational, n=2):
+    """n rows of a TRL prompt-only dataset with a `solution` column, standard or conversational."""
+    rows = [{"prompt": [{"role": "system", "content": "Think first."}, user(f"What is {i}+{i}?")] if conversational
+             else f"What is {i}+{i}?", "solution": 2 * i} for i in range(2, 2 + n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+COMPLETIONS = ["<think>2+2</think> <answer>4</answer>", "<answer>4</answer>",  # prompt 0, solution 4
+               "<think>hm</think><answer>7</answer>", "six"]                      # prompt 1, solution 6
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_trl_functions_through_the_rewarder_weighted_and_named(tokenizer, tmp_path, trl_module, conversational):
+    prompts = load_prompts(write_data(tmp_path / "d.jsonl", conversational), tokenizer, 256)
+    rows = [p for p in prompts for _ in range(2)]  # two completions per prompt, as GRPO's groups
+    ids = [tokenizer(c, add_special_tokens=False).input_ids for c in COMPLETIONS]
+    specs = ["trl_rewards:length_reward", "trl_rewards:format_reward", "trl_rewards:accuracy_reward"]
+    rewarder = Rewarder(tokenizer, reward_fn=specs, reward_weights=[0.01, 0.5, 2.0])
+    scores, parts, texts = rewarder(rows, [p.ids for p in rows], ids, [True] * 4, 4)
+    assert texts == COMPLETIONS
+    lengths = [float(len(c)) for c in COMPLETIONS]
+    assert parts["length_reward"].tolist() == lengths
+    assert parts["format_reward"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert parts["accuracy_reward"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    expected = [0.01 * n + 0.5 * f + 2.0 * a for n, f, a in zip(lengths, [1, 0, 1, 0], [1, 1, 0, 0])]
+    torch.testing.assert_close(scores, torch.tensor(expected))
+    import trl_rewards
+    (seen,) = trl_rewards.SEEN  # what TRL would pass: the column as a list, ids, and the data's own shapes
+    assert seen["solution"] == [4, 4, 6, 6] and seen["completion_ids"] == ids
+    if conversational:
+        assert seen["prompts"][0] == [{"role": "system", "content": "Think first."}, user("What is 2+2?")]
+        assert seen["completions"][1] == [{"role": "assistant", "content": "<answer>4</answer>"}]
+    else:
+        assert seen["prompts"] == ["What is 2+2?"] * 2 + ["What is 3+3?"] * 2 and seen["completions"] == COMPLETIONS
+
+
+def test_old_style_functions_still_get_two_lists_of_strings(tokenizer, tmp_path, trl_module):
+    prompts = load_prompts(write_data(tmp_path / "d.jsonl", conversational=True), tokenizer, 256)
+    rewarder = Rewarder(tokenizer, reward_fn="trl_rewards:old_style")
+    scores, parts, _ = rewarder(prompts, [p.ids for p in prompts], [[1], [1]], [True, True], 2)
+    assert scores.tolist() == [1.0, 0.0] and list(parts) == ["old_style"]  # the last user message, as before
+
+
+def test_none_partly_and_all_none(tokenizer, tmp_path, trl_module, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "solution": 1}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    prompts = load_prompts(str(data), tokenizer, 256)  # the second row lacks the column: None there
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in ("abcd", "abcde")]
+    # partly None: `maybe` applies to row 0 only; row 1 still gets the length reward, and nothing from `maybe`
+    rewarder = Rewarder(tokenizer, reward_fn=["trl_rewards:maybe", "trl_rewards:length_reward"],
+                        reward_weights=[10.0, 1.0])
+    scores, parts, _ = rewarder(prompts, [p.ids for p in prompts], ids, [True, True], 2)
+    assert scores.tolist() == [10.0 * (4 % 3) + 4.0, 5.0]
+    assert parts["maybe"][0].item() == 1.0 and math.isnan(parts["maybe"][1].item())
+    assert capsys.readouterr().err == ""
+    # no function applies to row 1: a warning, and 0 for it, not a silent verdict
+    rewarder = Rewarder(tokenizer, reward_fn=["trl_rewards:maybe", "trl_rewards:never"])
+    scores, parts, _ = rewarder(prompts, [p.ids for p in prompts], ids, [True, True], 2)
+    assert scores.tolist() == [1.0, 0.0] and parts["never"].isnan().all()
+    err = capsys.readouterr().err
+    assert err.startswith("warning: no --reward-fn applies to 1 of 2 responses") and "'b'" in err
+
+
+def test_a_missing_column_or_bad_weights_are_one_line(tokenizer, tmp_path, trl_module):
+    prompts = load_prompts(write_data(tmp_path / "d.jsonl", conversational=False), tokenizer, 256)
+    for name in ("needs_answer", "reads_answer"):  # a parameter, or kwargs["answer"] under **kwargs
+        rewarder = Rewarder(tokenizer, reward_fn=f"trl_rewards:{name}")
+        with pytest.raises(UserError, match=rf"^--reward-fn trl_rewards:{name} needs the column 'answer', which "
+                                            r"the data lacks \(its columns: solution\)"):
+            rewarder(prompts, [p.ids for p in prompts], [[1], [1]], [True, True], 2)
+    with pytest.raises(UserError, match=r"^--reward-weight: got 1 weights for 2 --reward-fn functions"):
+        Rewarder(tokenizer, reward_fn=["trl_rewards:maybe", "trl_rewards:never"], reward_weights=[1.0])
+    with pytest.raises(UserError, match=r"another reward already logs under the name 'never'"):
+        Rewarder(tokenizer, reward_fn=["trl_rewards:never", "trl_rewards:never"])
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_one_grpo_step_with_trl_functions(actor_dir, tmp_path, trl_module, conversational):  # noqa: F811
+    """Each function logged as reward/<name>, and the logged reward is their weighted sum (no None here)."""
+    weights = [0.01, 0.5, 2.0]
+    args = make_args(tmp_path, actor_dir, data=write_data(tmp_path / "d.jsonl", conversational, n=4), max_steps=1,
+                     reward_fn=["trl_rewards:length_reward", "trl_rewards:format_reward",
+                                "trl_rewards:accuracy_reward"], reward_weight=weights, ppo_epochs=2,
+                     minibatch_size=8, importance_sampling_level="sequence" if conversational else "token")
+    train_grpo.train(args)
+    (row,) = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
+    names = ["length_reward", "format_reward", "accuracy_reward"]
+    assert row["reward/length_reward"] > 0 and math.isfinite(row["loss"])
+    assert row["reward"] == pytest.approx(sum(w * row[f"reward/{n}"] for w, n in zip(weights, names)), rel=1e-5)
+    import trl_rewards
+    (seen,) = trl_rewards.SEEN
+    solutions = seen["solution"]  # each prompt's own, on each of its k = 4 responses, every prompt once
+    assert sorted(solutions) == [4] * 4 + [6] * 4 + [8] * 4 + [10] * 4
+    assert all(solutions[i] == solutions[i - i % 4] for i in range(16))
+    asked = [(p if isinstance(p, str) else p[-1]["content"]) for p in seen["prompts"]]
+    assert asked == [f"What is {s // 2}+{s // 2}?" for s in solutions]
+    assert isinstance(seen["completions"][0], list) == conversational
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--reward-fn", "trl_rewards:needs_answer"], "error: --reward-fn trl_rewards:needs_answer needs the column "
+                                                  "'answer', which the data lacks (its columns: solution)"),
+    (["--reward-fn", "trl_rewards:format_reward", "--reward-fn", "trl_rewards:length_reward", "--reward-weight",
+      "1", "2", "3"], "error: --reward-weight: got 3 weights for 2 --reward-fn functions"),
+])
+def test_script_bad_reward_input_is_one_line(actor_dir, tmp_path, trl_module, extra, expected):  # noqa: F811
+    cmd = [sys.executable, os.path.join(ROOT, "train_grpo.py"), "--actor", actor_dir, "--data",
+           write_data(tmp_path / "d.jsonl", False), "--out", str(tmp_path / "o"), "--max-steps", "1",
+           "--rollout-batch-size", "2", "--num-generations", "2", "--max-new-tokens", "2"] + extra
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(expected), r.stderr[-2000:]
