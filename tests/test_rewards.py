@@ -194,3 +194,36 @@ def test_script_bad_reward_input_is_one_line(actor_dir, tmp_path, trl_module, ex
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith(expected), r.stderr[-2000:]
+
+
+def test_readme_own_reward_example_runs_as_shown(actor_dir, tokenizer, tmp_path, monkeypatch):  # noqa: F811
+    """The README's functions and command, taken from the README: the command parses, the functions score the
+    shipped arithmetic data as their docstrings say, and one GRPO step runs with them on that data."""
+    import re
+    import shlex
+
+    from nanorlhf import cli
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("## Your own reward"):readme.index("## More than one GPU")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    command = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    (tmp_path / "my_rewards.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "train_grpo.py"]
+    args = cli.parse(train_grpo.Args, argv[2:])
+    assert args.reward_fn == ["my_rewards:format_reward", "my_rewards:accuracy"] and args.reward_weight == [0.2, 1.0]
+    prompts = load_prompts(os.path.join(ROOT, args.data), tokenizer, 256, limit=2)
+    answer = prompts[0].columns["answer"]
+    texts = [f"{answer} cards. The answer is {answer}.", "The answer is 99.", "I am not sure"]
+    rewarder = Rewarder(tokenizer, reward_fn=args.reward_fn, reward_weights=args.reward_weight)
+    scores, parts, _ = rewarder([prompts[0]] * 3, [prompts[0].ids] * 3,
+                                [tokenizer(t, add_special_tokens=False).input_ids for t in texts], [True] * 3, 3)
+    assert parts["format_reward"].tolist() == [1.0, 1.0, 0.0] and parts["accuracy"].tolist() == [1.0, 0.0, 0.0]
+    torch.testing.assert_close(scores, torch.tensor([1.2, 0.2, 0.0]))
+    run = make_args(tmp_path, actor_dir, data=os.path.join(ROOT, args.data), reward_fn=args.reward_fn,
+                    reward_weight=args.reward_weight, max_steps=1, limit=8, rollout_batch_size=2, num_generations=2)
+    train_grpo.train(run)
+    (row,) = [json.loads(line) for line in open(os.path.join(run.out, "metrics.jsonl"))]
+    assert {"reward/format_reward", "reward/accuracy"} <= set(row)
