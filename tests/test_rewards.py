@@ -227,3 +227,27 @@ def test_readme_own_reward_example_runs_as_shown(actor_dir, tokenizer, tmp_path,
     train_grpo.train(run)
     (row,) = [json.loads(line) for line in open(os.path.join(run.out, "metrics.jsonl"))]
     assert {"reward/format_reward", "reward/accuracy"} <= set(row)
+
+
+def test_ppo_and_label_use_the_same_contract(actor_dir, tmp_path, trl_module):  # noqa: F811
+    """One PPO step logs each function as score/<name> and optimises their weighted sum; the labeller hands the
+    same functions each prompt's column, once per sampled response."""
+    import train_ppo
+    from test_ppo import make_args as ppo_args
+
+    from nanorlhf import label as L
+    data = write_data(tmp_path / "d.jsonl", conversational=True, n=8)
+    weights = [0.01, 2.0]
+    args = ppo_args(tmp_path, actor_dir, data=data, max_steps=1, reward_weight=weights,
+                    reward_fn=["trl_rewards:length_reward", "trl_rewards:accuracy_reward"])
+    train_ppo.train(args)
+    (row,) = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
+    assert row["score_raw"] == pytest.approx(0.01 * row["score/length_reward"] + 2.0 * row["score/accuracy_reward"],
+                                             rel=1e-5)
+    import trl_rewards
+    trl_rewards.SEEN.clear()
+    L.label(L.Args(model=actor_dir, data=data, k=2, reward_fn=["trl_rewards:accuracy_reward"], max_new_tokens=3,
+                   limit=3, out=str(tmp_path / "labels")))
+    (seen,) = trl_rewards.SEEN
+    assert seen["solution"] == [4, 4, 6, 6, 8, 8]
+    assert [p[-1]["content"] for p in seen["prompts"]] == [f"What is {s // 2}+{s // 2}?" for s in seen["solution"]]
