@@ -33,12 +33,6 @@ def load_reward_fn(spec, flag="--reward-fn"):
         raise UserError(f"{flag} {spec}: cannot import it ({e}); expected module:function") from None
 
 
-def _arguments(fn):
-    """The keyword arguments `fn` accepts: None for any (it has **kwargs), or the set of its parameter names."""
-    params = inspect.signature(fn).parameters.values()
-    return None if any(p.kind is p.VAR_KEYWORD for p in params) else {p.name for p in params}
-
-
 class RewardFunction:
     """One --reward-fn: called in TRL's GRPOTrainer contract when its signature asks for it (a `completions`
     parameter or **kwargs): keyword arguments prompts, completions, completion_ids and every column of the prompt's
@@ -49,7 +43,11 @@ class RewardFunction:
         self.spec, self.weight, self.flag = spec, weight, flag
         self.fn = load_reward_fn(spec, flag)
         self.name = getattr(self.fn, "__name__", spec.partition(":")[2])  # TRL logs each under its __name__
-        self.accepts = _arguments(self.fn)
+        params = inspect.signature(self.fn).parameters.values()
+        # the keyword arguments it accepts (None: any, it has **kwargs), and those it cannot do without
+        self.accepts = None if any(p.kind is p.VAR_KEYWORD for p in params) else {p.name for p in params}
+        self.required = [p.name for p in params if p.default is p.empty
+                         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         self.trl = self.accepts is None or "completions" in self.accepts
 
     def __call__(self, rows, texts, completion_ids):
@@ -69,17 +67,15 @@ class RewardFunction:
                   "completion_ids": completion_ids}
         columns = dict.fromkeys(k for r in rows for k in r.columns)  # every row's, in order; a row without one: None
         kwargs |= {k: [r.columns.get(k) for r in rows] for k in columns if k not in kwargs}
+        missing = [name for name in self.required if name not in kwargs]
+        if missing:
+            self._no_column(missing[0], columns)
         if self.accepts is not None:
-            params = inspect.signature(self.fn).parameters.values()
-            missing = [p.name for p in params if p.default is p.empty and p.name not in kwargs
-                       and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            if missing:
-                self._no_column(missing[0], columns)
             kwargs = {k: v for k, v in kwargs.items() if k in self.accepts}
         try:
             return self.fn(**kwargs)
         except KeyError as e:  # a **kwargs function reading kwargs["answer"] on data without that column
-            if e.args and isinstance(e.args[0], str) and e.args[0] not in kwargs:
+            if self.accepts is None and e.args and isinstance(e.args[0], str) and e.args[0] not in kwargs:
                 self._no_column(e.args[0], columns)
             raise
 
