@@ -27,8 +27,9 @@ from .rewards import Rewarder
 class Args:
     model: list[str] = arg([], "A model to evaluate (HF folder, e.g. out/ppo).")
     baseline: str = arg("", "The model to compare against, usually the SFT output.")
-    reward_fn: str | None = arg(None, "A judge given as Python 'module:function' f(prompts, responses) -> floats, e.g. "
-                                "the gold reward nanorlhf.gold:sentiment.")
+    reward_fn: str | None = arg(None, "A judge given as Python 'module:function', called as TRL's GRPOTrainer calls a "
+                                "reward (the data's other columns included) or as f(prompts, responses) -> floats, "
+                                "e.g. the gold reward nanorlhf.gold:sentiment; its column is its name.")
     rm: str = arg("", "Reward model folder (train_rm.py output) that judges the responses.")
     data: str = arg("", "Prompts: any format that carries prompts (.json/.jsonl).")
     format: str | None = arg(None, "Force the data format.")
