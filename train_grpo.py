@@ -11,7 +11,8 @@ No critic, so no value adapter, value head or value passes: each prompt is sampl
 
 and every token of a response gets its response's advantage. The loss is PPO's clipped ratio over
 --ppo-epochs passes (μ in the GRPO paper; one pass over one minibatch gives ratio 1, plain REINFORCE),
-with DAPO's asymmetric clip (--cliprange-high) and overlong filtering (Yu et al. 2025). The KL to the reference
+with DAPO's asymmetric clip (--cliprange-high) and overlong filtering (Yu et al. 2025), per token or, with
+--importance-sampling-level sequence, per response (GSPO, Zheng et al. 2025). The KL to the reference
 (--beta) enters where each paper puts it: grpo adds β·k3 to the loss (GRPO eq. 3); rloo subtracts β·Σ_t log π/π_ref
 from each response's reward before the leave-one-out baseline (Ahmadian et al. 2024 §3); reinforce++ puts -β·k1 on
 every token's reward. With --beta 0 (the default, as TRL) no reference pass runs.
