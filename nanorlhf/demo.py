@@ -6,7 +6,7 @@ SmolLM2-135M-Instruct and the alpaca instructions in data/, split once into trai
 
     1. sft       SFT on concise alpaca answers (each cut to its first sentences, <= 40 words)
     2. label     k samples per training prompt from the SFT model, judged by the gold reward: preference
-                 pairs (best against worst) and KTO labels (above / below the prompt's median)
+                 pairs (best against worst) and KTO labels (above / below the prompt's mean)
     3. rm        a reward model on those pairs
     4. ppo_rm    PPO on the reward model, with the gold reward logged beside it (never optimised)
     5. ppo_gold  PPO straight on the gold reward: what PPO reaches when the reward is right
@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 
 from .cli import UserError, arg, main
+from .model import native_bf16, pick_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLD = "nanorlhf.gold:sentiment"
@@ -47,7 +48,12 @@ class Args:
     model: str = arg("smollm2", "Base model for SFT (default: the embedded SmolLM2-135M-Instruct).")
     scale: float = arg(1.0, "Multiply every stage's budget by this; above 1 each method also runs at 3 β values.",
                        gt=0)
-    heldout: int = arg(64, "Held-out prompts for the final evaluation (set aside before any stage).", ge=16)
+    heldout: int = arg(128, "Held-out prompts for the final evaluation (set aside before any stage). 128 resolve a gold "
+                       "gain of about 0.07 at 2 standard errors.", ge=16)
+    dtype: str | None = arg(None, "Compute dtype of every stage and the evaluation; default bfloat16 where it is native "
+                            "(a GPU, or a CPU with AVX512-BF16 or AMX: a PPO iteration 1.35x faster on the 2-core "
+                            "CPU), else float32. LoRA weights and Adam's states stay fp32 either way.",
+                            choices=["float32", "bfloat16"])
     overwrite: bool = arg(False, "Redo stages whose output exists.")
 
 
@@ -86,8 +92,8 @@ def prepare(data, out, heldout):
     return paths
 
 
-def stages(out, paths, scale, model):
-    """(name, argv) of every training stage, in order. Names of swept runs carry their β."""
+def stages(out, paths, scale, model, dtype="float32"):
+    """(name, argv) of every training stage, in order, each in `dtype`. Names of swept runs carry their β."""
     s = lambda n: str(max(1, round(n * scale)))  # noqa: E731
     sft, rm, labels = (os.path.join(out, n) for n in ("sft", "rm", "labels"))
     pairs, kto = os.path.join(labels, "pairs.jsonl"), os.path.join(labels, "kto.jsonl")
@@ -101,7 +107,7 @@ def stages(out, paths, scale, model):
         ("rm", ["train_rm.py", "--model", sft, "--data", pairs, "--out", rm, "--max-steps", s(24), "--batch-size", "8",
                 "--grad-accum", "1", "--lr", "3e-4", "--eval-frac", "0.15", *short]),
     ]
-    ppo = ["--actor", sft, "--data", paths["prompts"], "--max-steps", s(6), "--rollout-batch-size", "32",
+    ppo = ["--actor", sft, "--data", paths["prompts"], "--max-steps", s(10), "--rollout-batch-size", "32",
            "--minibatch-size", "8", "--batch-size", "8", "--ppo-epochs", "1", "--max-new-tokens", "48", "--lr", "1e-3",
            "--lam", "1.0", "--sample-every", "3", "--log-every", "1"]
     for name in ("ppo_rm", "ppo_gold", "dpo", "kto"):
@@ -118,7 +124,7 @@ def stages(out, paths, scale, model):
                         s(24), "--batch-size", "8", "--grad-accum", "1", "--lr", "5e-4", "--beta", str(beta),
                         "--eval-frac", "0.1", *short]
             runs.append((run, argv + dst))
-    return runs
+    return [(name, argv + ["--dtype", dtype]) for name, argv in runs]
 
 
 def run(argv, log):
@@ -148,14 +154,15 @@ def last_metric(folder, key):
 
 def results_table(out, evaluation, names, times):
     """Markdown: per model the gold reward, its win rate and gain against SFT, the RM's view, KL, length, EOS."""
-    head = ("| model | gold reward ± se | win rate vs SFT (gold) | gold gain ± se | RM win rate | KL to SFT | "
-            "length | EOS rate | train s |")
+    head = ("| model | gold reward ± se | win rate vs SFT (gold) ± se | gold gain ± se | RM win rate ± se | "
+            "KL to SFT ± se | length | EOS rate | train s |")
     lines = [head, "|" + "---|" * 9]
     for name in names:
         r = evaluation[os.path.join(out, name)]
         g, rm = r["judges"][GOLD_PART], r["judges"].get("rm")
         lines.append(f"| {name} | {g['mean']:.3f} ± {g['se']:.3f} | {g['win_rate']:.2f} ± {g['win_se']:.2f} | "
-                     f"{g['gain']:+.3f} ± {g['gain_se']:.3f} | {rm['win_rate']:.2f} | {r['kl']:.2f} | "
+                     f"{g['gain']:+.3f} ± {g['gain_se']:.3f} | {rm['win_rate']:.2f} ± {rm['win_se']:.2f} | "
+                     f"{r['kl']:.2f} ± {r['kl_se']:.2f} | "
                      f"{r['length']:.1f} | {r['eos_rate']:.2f} | {times.get(name, 0):.0f} |")
     return "\n".join(lines)
 
@@ -166,7 +173,8 @@ def demo(args):
     t0 = time.perf_counter()
     paths = prepare(os.path.abspath(args.data), out, args.heldout)
     times = {}
-    runs = stages(out, paths, args.scale, args.model)
+    dtype = args.dtype or ("bfloat16" if native_bf16(pick_device()) else "float32")
+    runs = stages(out, paths, args.scale, args.model, dtype)
     for name, argv in runs:
         done = os.path.join(out, name, "label.json" if name == "labels" else "config.json")
         if os.path.exists(done) and not args.overwrite:
@@ -180,7 +188,7 @@ def demo(args):
                          *[a for m in models for a in ("--model", os.path.join(out, m))],
                          "--reward-fn", GOLD, "--rm", os.path.join(out, "rm"), "--data", paths["heldout"],
                          "--limit", str(args.heldout), "--max-new-tokens", "48", "--batch-size", "64",
-                         "--out", eval_json], os.path.join(out, "eval.log"))
+                         "--dtype", dtype, "--out", eval_json], os.path.join(out, "eval.log"))
     with open(eval_json) as f:
         evaluation = json.load(f)
     from .plot import frontier, plot

@@ -40,6 +40,8 @@ class Args:
     batch_size: int = arg(8, "Prompts per generation / scoring batch.", gt=0)
     seed: int = arg(0, "Sampling seed, reset before each model so all see the same random stream.")
     device: str = arg("auto", "cuda, cpu or auto.")
+    dtype: str = arg("auto", "Compute dtype; auto = bf16 on GPUs that support it, else fp32.",
+                     choices=["auto", "float32", "bfloat16", "float16"])
     out: str | None = arg(None, "Write the results as JSON here.")
 
 
@@ -69,8 +71,9 @@ def judge_stats(scores, base):
 def evaluate(args):
     if not (args.model and args.baseline and args.data and (args.rm or args.reward_fn)):
         raise UserError("--model (one or more), --baseline, --data and a judge (--reward-fn and/or --rm) are required")
-    base, tokenizer = M.load_model(args.baseline, device=args.device, flag="--baseline")
-    rewarder = Rewarder(tokenizer, [args.rm] if args.rm else [], reward_fn=args.reward_fn, device=args.device)
+    base, tokenizer = M.load_model(args.baseline, device=args.device, dtype=args.dtype, flag="--baseline")
+    rewarder = Rewarder(tokenizer, [args.rm] if args.rm else [], reward_fn=args.reward_fn, device=args.device,
+                        dtype=args.dtype)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
     messages = [p.messages for p in prompts]
@@ -92,18 +95,19 @@ def evaluate(args):
                 "example": {"prompt": messages[0][-1]["content"], "response": texts[0]}}
 
     base_queries, base_responses, base_ended, base_parts, base_texts = run(base, tokenizer)
-    results = {args.baseline: summary(base_responses, base_ended, base_texts, base_parts, base_parts) | {"kl": 0.0}}
+    results = {args.baseline: summary(base_responses, base_ended, base_texts, base_parts, base_parts)
+               | {"kl": 0.0, "kl_se": 0.0}}
     for name in args.model:
-        model, tok = M.load_model(name, device=args.device)
+        model, tok = M.load_model(name, device=args.device, dtype=args.dtype)
         queries, responses, ended, parts, texts = run(model, tok)
-        kl = None
+        kl = kl_se = None
         if tok.get_vocab() == tokenizer.get_vocab():  # a token-level KL needs one vocabulary
             rows = list(zip(queries, responses))
             with torch.no_grad():  # log π(y) - log π_base(y) on the model's own samples, at the sampling temperature
                 log_ratio = (summed_logprobs(model, rows, 0, args.temperature, args.batch_size).cpu()
                              - summed_logprobs(base, rows, 0, args.temperature, args.batch_size).cpu())
-            kl = log_ratio.mean().item()
-        results[name] = summary(responses, ended, texts, parts, base_parts) | {"kl": kl}
+            kl, kl_se = mean_se(log_ratio)
+        results[name] = summary(responses, ended, texts, parts, base_parts) | {"kl": kl, "kl_se": kl_se}
     results["settings"] = asdict(args) | {"prompts": len(prompts)}
     print(table(results, [args.baseline] + args.model))
     if args.out:
@@ -125,9 +129,10 @@ def table(results, names):
         cells = [n]
         for j in judges:
             s = r["judges"][j]
-            cells += [f"{s['mean']:.3f} ± {s['se']:.3f}", f"{s['win_rate']:.2f}",
+            cells += [f"{s['mean']:.3f} ± {s['se']:.3f}", f"{s['win_rate']:.2f} ± {s['win_se']:.2f}",
                       f"{s['gain']:+.3f} ± {s['gain_se']:.3f}"]
-        cells += ["n/a" if r["kl"] is None else f"{r['kl']:.2f}", f"{r['length']:.1f}", f"{r['distinct_1']:.3f}",
+        cells += ["n/a" if r["kl"] is None else f"{r['kl']:.2f} ± {r['kl_se']:.2f}", f"{r['length']:.1f}",
+                  f"{r['distinct_1']:.3f}",
                   f"{r['distinct_2']:.3f}", f"{r['eos_rate']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

