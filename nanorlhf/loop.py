@@ -60,9 +60,11 @@ class RunArgs:
     gradient_checkpointing: bool = arg(False, "Recompute activations in backward: less memory, ~30% slower. "
                                        "Turn on for 7B.")
     device: str = arg("auto", "cuda, cpu, or auto (cuda when available).")
-    dtype: str = arg("auto", "Compute dtype; auto = bf16 on GPUs that support it, else fp32.",
+    dtype: str = arg("auto", "Compute dtype; auto = bf16 on GPUs that support it, else fp32 (bfloat16 on a CPU with "
+                     "AVX512-BF16 or AMX is about 1.4x faster end to end).",
                      choices=["auto", "float32", "bfloat16", "float16"])
-    seed: int = arg(0, "Random seed (data order, LoRA init, sampling).")
+    seed: int = arg(0, "Random seed (data order, LoRA init, sampling). Under torchrun every rank starts from it (LoRA "
+                    "starts equal everywhere), then rank r samples from seed + r.")
     save_every: int = arg(0, "Write a checkpoint every N optimizer steps (0 = only on interrupt).", ge=0)
     keep_checkpoints: int = arg(2, "Keep the newest K checkpoints.", gt=0)
     log_every: int = arg(1, "Print a human-readable line every N steps (metrics.jsonl gets every step).", gt=0)
