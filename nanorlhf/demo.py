@@ -14,7 +14,7 @@ SmolLM2-135M-Instruct and the alpaca instructions in data/, split once into trai
     7. eval      every model against SFT on held-out prompts no stage saw: gold reward, win rate, KL, ...
     8. results   results.md (the table) and frontier.png (gold reward against KL to SFT)
 
-    python -m nanorlhf.demo --out out/demo            # budgets sized for ~35 min on 2 CPU cores (39 min measured)
+    python -m nanorlhf.demo --out out/demo            # 42.7 min measured on 2 CPU cores (bf16, 2026-11-30)
     python -m nanorlhf.demo --out out/demo --scale 4  # 4x every budget, and each method at 3 β values
 
 Each stage is its script run as a subprocess with the command printed first and logged, so every number can
@@ -48,11 +48,11 @@ class Args:
     model: str = arg("smollm2", "Base model for SFT (default: the embedded SmolLM2-135M-Instruct).")
     scale: float = arg(1.0, "Multiply every stage's budget by this; above 1 each method also runs at 3 β values.",
                        gt=0)
-    heldout: int = arg(128, "Held-out prompts for the final evaluation (set aside before any stage). 128 resolve a gold "
-                       "gain of about 0.07 at 2 standard errors.", ge=16)
-    dtype: str | None = arg(None, "Compute dtype of every stage and the evaluation; default bfloat16 where it is native "
-                            "(a GPU, or a CPU with AVX512-BF16 or AMX: a PPO iteration 1.35x faster on the 2-core "
-                            "CPU), else float32. LoRA weights and Adam's states stay fp32 either way.",
+    heldout: int = arg(128, "Held-out prompts for the final evaluation (set aside before any stage). 128 resolve a "
+                       "gold gain of about 0.06 at 2 standard errors.", ge=16)
+    dtype: str | None = arg(None, "Compute dtype of every stage and the evaluation; default bfloat16 where it is "
+                            "native (a GPU, or a CPU with AVX512-BF16 or AMX: a PPO iteration 1.40x faster on the "
+                            "2-core CPU), else float32. LoRA weights and Adam's states stay fp32 either way.",
                             choices=["float32", "bfloat16"])
     overwrite: bool = arg(False, "Redo stages whose output exists.")
 
