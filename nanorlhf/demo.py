@@ -54,6 +54,8 @@ class Args:
                             "native (a GPU, or a CPU with AVX512-BF16 or AMX: a PPO iteration 1.40x faster on the "
                             "2-core CPU), else float32. LoRA weights and Adam's states stay fp32 either way.",
                             choices=["float32", "bfloat16"])
+    seed: int = arg(0, "Seed of every stage and of the evaluation's sampling (the split into training and held-out "
+                    "prompts stays the same), so a second seed repeats the whole experiment on the same prompts.")
     overwrite: bool = arg(False, "Redo stages whose output exists.")
 
 
@@ -92,8 +94,9 @@ def prepare(data, out, heldout):
     return paths
 
 
-def stages(out, paths, scale, model, dtype="float32"):
-    """(name, argv) of every training stage, in order, each in `dtype`. Names of swept runs carry their β."""
+def stages(out, paths, scale, model, dtype="float32", seed=0):
+    """(name, argv) of every training stage, in order, each in `dtype` from `seed`. Names of swept runs carry
+    their β."""
     s = lambda n: str(max(1, round(n * scale)))  # noqa: E731
     sft, rm, labels = (os.path.join(out, n) for n in ("sft", "rm", "labels"))
     pairs, kto = os.path.join(labels, "pairs.jsonl"), os.path.join(labels, "kto.jsonl")
@@ -124,7 +127,7 @@ def stages(out, paths, scale, model, dtype="float32"):
                         s(24), "--batch-size", "8", "--grad-accum", "1", "--lr", "5e-4", "--beta", str(beta),
                         "--eval-frac", "0.1", *short]
             runs.append((run, argv + dst))
-    return [(name, argv + ["--dtype", dtype]) for name, argv in runs]
+    return [(name, argv + ["--dtype", dtype, "--seed", str(seed)]) for name, argv in runs]
 
 
 def run(argv, log):
@@ -174,7 +177,7 @@ def demo(args):
     paths = prepare(os.path.abspath(args.data), out, args.heldout)
     times = {}
     dtype = args.dtype or ("bfloat16" if native_bf16(pick_device()) else "float32")
-    runs = stages(out, paths, args.scale, args.model, dtype)
+    runs = stages(out, paths, args.scale, args.model, dtype, args.seed)
     for name, argv in runs:
         done = os.path.join(out, name, "label.json" if name == "labels" else "config.json")
         if os.path.exists(done) and not args.overwrite:
@@ -188,7 +191,7 @@ def demo(args):
                          *[a for m in models for a in ("--model", os.path.join(out, m))],
                          "--reward-fn", GOLD, "--rm", os.path.join(out, "rm"), "--data", paths["heldout"],
                          "--limit", str(args.heldout), "--max-new-tokens", "48", "--batch-size", "64",
-                         "--dtype", dtype, "--out", eval_json], os.path.join(out, "eval.log"))
+                         "--dtype", dtype, "--seed", str(args.seed), "--out", eval_json], os.path.join(out, "eval.log"))
     with open(eval_json) as f:
         evaluation = json.load(f)
     from .plot import frontier, plot

@@ -26,11 +26,12 @@ def test_every_demo_stage_parses_with_its_script(tmp_path):
                 assert args.max_steps >= 1
             if name not in ("sft",):  # every later stage starts from the SFT output
                 assert getattr(args, "model") == "/o/sft", name
-    stages = dict(demo.stages("/o", paths, 1.0, "smollm2", "bfloat16"))
+    stages = dict(demo.stages("/o", paths, 1.0, "smollm2", "bfloat16", seed=1))
     assert list(stages) == ["sft", "labels", "rm", "ppo_rm", "ppo_gold", "dpo", "kto"]
     for name, argv in stages.items():  # every stage in the demo's one compute dtype
         module = argv[1] if argv[0] == "-m" else argv[0].removesuffix(".py")
-        assert cli.parse(importlib.import_module(module).Args, argv[2 if argv[0] == "-m" else 1:]).dtype == "bfloat16"
+        parsed = cli.parse(importlib.import_module(module).Args, argv[2 if argv[0] == "-m" else 1:])
+        assert (parsed.dtype, parsed.seed) == ("bfloat16", 1)
     ppo_rm = cli.parse(importlib.import_module("train_ppo").Args, stages["ppo_rm"][1:])
     assert ppo_rm.rm == ["/o/rm"] and ppo_rm.reward_fn == [] and ppo_rm.gold_reward_fn == demo.GOLD
     ppo_gold = cli.parse(importlib.import_module("train_ppo").Args, stages["ppo_gold"][1:])
