@@ -393,7 +393,9 @@ def load_examples(path, kind, format=None, limit=None):
             for e in converted:
                 if kind == "prompts":  # PPO samples each prompt; a prompt shared by many pairs counts once
                     e = _prompt_row(e, rec, fmt, where)
-                    key = json.dumps([e.prompt, e.columns])  # rows that differ in a column (an answer) are not one
+                    # prompt-only rows that differ in a column (an answer) are two tasks; pairs that differ in their
+                    # scores or ids are one prompt
+                    key = json.dumps([e.prompt, e.columns] if fmt == "prompt" else e.prompt)
                     if key in seen_prompts:
                         continue
                     seen_prompts.add(key)
@@ -428,7 +430,10 @@ def load_prompts(path, tokenizer, max_length, format=None, limit=None, flag="--m
     `max_length` tokens (any data that carries prompts; each distinct row once). Longer ones are skipped, and the
     count is printed."""
     examples = load_examples(path, "prompts", format)
-    prompts = [Prompt(ex.prompt, ids, ex.columns, ex.conversational) for ex in examples
+    # every row gets every column (None where its record has none), so that a batch of rows without one still
+    # passes it to a reward function, which may return None for them
+    keys = dict.fromkeys(k for ex in examples for k in ex.columns)
+    prompts = [Prompt(ex.prompt, ids, {k: ex.columns.get(k) for k in keys}, ex.conversational) for ex in examples
                if len(ids := render_prompt(tokenizer, ex.prompt)) <= max_length]
     print(f"prompts {path}: {len(prompts)} of {len(examples)} fit {flag} {max_length}"
           + (f"; using the first {limit}" if limit is not None and limit < len(prompts) else ""))

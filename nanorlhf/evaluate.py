@@ -60,7 +60,10 @@ def distinct(texts, n):
 
 
 def judge_stats(scores, base):
-    """Mean ± se of a judge's scores (N,), and win rate (ties half) and paired gain ± se against the baseline's."""
+    """Mean ± se of a judge's scores (N,), and win rate (ties half) and paired gain ± se against the baseline's,
+    over the prompts where the judge scored both (a reward function's None is NaN: it does not apply there)."""
+    both = scores.isfinite() & base.isfinite()
+    scores, base = scores[both], base[both]
     mean, se = mean_se(scores)
     wins = (scores > base).float() + 0.5 * (scores == base).float()
     gain, gain_se = mean_se(scores - base)

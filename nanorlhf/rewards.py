@@ -85,6 +85,7 @@ class RewardFunction:
                         f"{have}); add it to each record of --data")
 
     def _check(self, values, n):
+        values = list(values)  # a generator would be spent by the first pass below
         try:
             none = torch.tensor([v is None for v in values], dtype=torch.bool)
             scores = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float)

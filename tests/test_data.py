@@ -310,3 +310,14 @@ def test_prompts_keep_rows_that_differ_in_a_column_and_refuse_a_column_json_cann
     monkeypatch.setattr(D, "_read_records", lambda path: [("hub row 0", {"prompt": "p", "image": b"\x89PNG"})])
     with pytest.raises(UserError, match=r"^hub row 0: column 'image' holds a bytes; expected a number"):
         load_examples("some/hub", "prompts")
+
+
+def test_every_prompt_row_carries_every_column_and_pairs_count_once_per_prompt(tmp_path, tokenizer):
+    """A column some rows lack is None there, so a batch of only such rows still hands it to the reward (which may
+    return None for them); preference pairs that share a prompt but differ in other fields are one prompt."""
+    from nanorlhf.data import load_prompts
+    path = write(tmp_path, "p.jsonl", [{"prompt": "2+2?", "answer": 4}, {"prompt": "Say hi."}])
+    assert [p.columns for p in load_prompts(path, tokenizer, 256)] == [{"answer": 4}, {"answer": None}]
+    pairs = write(tmp_path, "pairs.jsonl", [{"prompt": "Q?", "chosen": "a", "rejected": "b", "score_chosen": s}
+                                            for s in (1, 2, 3)])
+    assert len(load_examples(pairs, "prompts")) == 1

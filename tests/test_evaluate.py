@@ -68,3 +68,13 @@ def test_summed_logprobs_in_sorted_batches_equals_one_batch(tiny_dir):
         whole = summed_logprobs(model, rows, 0)
         sorted_batches = summed_logprobs(model, rows, 0, batch_size=2)
     torch.testing.assert_close(sorted_batches, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_judge_stats_skip_prompts_a_judge_does_not_apply_to():
+    """A reward function's None (NaN) leaves that prompt out of the judge's numbers instead of making them NaN."""
+    import torch
+
+    from nanorlhf.evaluate import judge_stats
+    nan = float("nan")
+    s = judge_stats(torch.tensor([1.0, nan, 0.0, 2.0]), torch.tensor([0.0, 1.0, 0.0, nan]))
+    assert s["mean"] == 0.5 and s["win_rate"] == 0.75 and s["gain"] == 0.5  # prompts 1 and 3: wins 1 and ½

@@ -251,3 +251,13 @@ def test_ppo_and_label_use_the_same_contract(actor_dir, tmp_path, trl_module):  
     (seen,) = trl_rewards.SEEN
     assert seen["solution"] == [4, 4, 6, 6, 8, 8]
     assert [p[-1]["content"] for p in seen["prompts"]] == [f"What is {s // 2}+{s // 2}?" for s in seen["solution"]]
+
+
+def test_a_generator_of_scores_is_read_once(tmp_path, monkeypatch):
+    """A function may yield its scores; they are read into a list before checking, not spent by the first pass."""
+    from nanorlhf.rewards import RewardFunction
+    (tmp_path / "gen_reward.py").write_text("def reward(prompts, responses):\n    return (len(r) for r in responses)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = RewardFunction("gen_reward:reward")
+    assert f._check((v for v in [1, 2, None]), 3).tolist()[:2] == [1.0, 2.0]
