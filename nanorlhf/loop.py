@@ -250,6 +250,7 @@ class Loop:
         per_step = per_step or args.batch_size * args.grad_accum
         self.total_steps = args.max_steps or max(1, math.ceil(  # a step takes per_step examples on every rank
             args.epochs * n_examples / (per_step * dist.world())))
+        self.device = next(p for m in modules.values() for p in m.parameters()).device  # whose memory to report
         self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         self.clip_groups = clip_groups or {"": self.params}
         self.optimizer = make_optimizer(self.params, args)
@@ -321,7 +322,7 @@ class Loop:
         metrics["step_time"] = now - self.t_step
         if "tokens" in metrics:
             metrics["tokens_per_s"] = metrics.pop("tokens") / metrics["step_time"]
-        metrics["peak_mem_gb"] = peak_memory_gb()
+        metrics["peak_mem_gb"] = peak_memory_gb(self.device)
         self.t_step = now
         self.log(metrics)
         self.stop = dist.all_sum(float(self.stop)) > 0  # a signal seen by any rank stops them all at this step

@@ -138,14 +138,15 @@ class _Timer:
         seconds[self.phase] = seconds.get(self.phase, 0.0) + time.perf_counter() - self.t0
 
 
-def peak_memory_gb():
-    """Peak memory of this process alone: allocated GPU memory on CUDA, else the resident high-water mark.
+def peak_memory_gb(device):
+    """Peak memory of this process alone on `device`: allocated GPU memory on CUDA, else the resident high-water
+    mark (a CPU run on a machine with a GPU measures the CPU's).
 
     On Linux that is VmHWM from /proc/self/status, which a new program starts afresh. ru_maxrss does not: it
     survives fork and exec, so a child started by a large parent reports the parent's peak until it passes it
     (tests/test_perf.py)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
     try:
         with open("/proc/self/status") as f:
             for line in f:

@@ -88,9 +88,9 @@ def test_peak_memory_is_the_processs_own():
     """A child started by a parent that holds 1.5 GiB reports its own peak (VmHWM starts afresh in a new program),
     not the parent's (ru_maxrss carries it across fork and exec)."""
     big = torch.ones(1536 * 2**20 // 4)  # 1.5 GiB, touched
-    parent = perf.peak_memory_gb()
+    parent = perf.peak_memory_gb(torch.device("cpu"))
     assert parent > 1.5
-    child = subprocess.run([sys.executable, "-c", "from nanorlhf import perf; print(perf.peak_memory_gb())"],
+    child = subprocess.run([sys.executable, "-c", "import torch; from nanorlhf import perf; print(perf.peak_memory_gb(torch.device('cpu')))"],
                            cwd=ROOT, capture_output=True, text=True, check=True)
     assert float(child.stdout) < parent - 1.0
     del big

@@ -177,7 +177,7 @@ def test_logprob_temperature_is_the_sampling_temperature(actor_dir, tmp_path, mo
     real_generate = model.generate
 
     def spy(*a, **k):
-        seen["temperature"] = k["temperature"]
+        seen["temperature"] = k["generation_config"].temperature  # generate passes our settings as one config
         return real_generate(*a, **k)
 
     monkeypatch.setattr(model, "generate", spy)

@@ -95,8 +95,10 @@ def rss_mib():
 
 def max_rss_mib():
     """This process's own peak (VmHWM): ru_maxrss would start at the parent's high-water mark (nanorlhf/perf.py)."""
+    import torch
+
     from nanorlhf.perf import peak_memory_gb
-    return peak_memory_gb() * 1024
+    return peak_memory_gb(torch.device("cpu")) * 1024
 
 
 def text(n_words, seed):
