@@ -250,7 +250,8 @@ def test_grpo_resume_gives_identical_losses(tiny_dir, tmp_path, monkeypatch):
     """The reward reads each row's `answer` column (TRL's contract) and checks it belongs to its prompt: columns
     travel with their prompts through the resumed data stream; the reward is not linear in it, so a column
     moved to another group would change the advantages."""
-    (tmp_path / "lengthy.py").write_text(
+    # a module name of its own: an in-process import stays in sys.modules, and other tests' lengthy:reward differs
+    (tmp_path / "answer_reward.py").write_text(
         "def reward(prompts, completions, answer, **kwargs):\n"
         "    assert all(p == f'Say {a}.' for p, a in zip(prompts, answer)), (prompts, answer)\n"
         "    return [len(c) % (a + 2) / 10 for c, a in zip(completions, answer)]\n")
@@ -261,7 +262,7 @@ def test_grpo_resume_gives_identical_losses(tiny_dir, tmp_path, monkeypatch):
     def make(out):  # two minibatches and two epochs: old logprobs, clipping and the stream all resume
         return train_grpo.Args(model=tiny_dir, data=str(prompts), out=out, max_steps=4, rollout_batch_size=2,
                                num_generations=3, minibatch_size=3, batch_size=3, ppo_epochs=2, max_new_tokens=4,
-                               lr=1e-3, reward_fn="lengthy:reward", sample_every=0, log_every=100, beta=0.05)
+                               lr=1e-3, reward_fn="answer_reward:reward", sample_every=0, log_every=100, beta=0.05)
 
     straight, resumed = run_straight_and_resumed(monkeypatch, train_grpo, make, tmp_path)
     assert [s for s, _ in straight] == [1, 2, 3, 4] and straight == resumed
