@@ -174,6 +174,20 @@ def aggregate(per_token, mask, loss_type, n_responses, n_tokens, max_new_tokens)
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+def count_flops(phases, policy, rms, data, need_old, need_ref, epochs):
+    """Tokens and model FLOPs of this iteration's passes (nanorlhf/perf.py): sampling; scoring with each RM and,
+    when needed, the old policy and the reference; per epoch a forward and backward of the policy. Sequence lengths
+    are real tokens, prompt and response: padding is not model work."""
+    prompts, responses = data["query_mask"].sum(1).tolist(), data["mask"].sum(1).tolist()
+    lengths = [p + r for p, r in zip(prompts, responses)]
+    tokens = sum(lengths)
+    phases.add("generate", tokens, policy.generate(prompts, responses, "policy"))
+    phases.add("score", tokens * (need_old + need_ref + len(rms)), need_old * policy.forward(lengths, True, "policy")
+               + need_ref * policy.forward(lengths) + sum(rm.forward(lengths, False) for rm in rms))
+    phases.add("update", tokens * 2 * epochs,
+               epochs * (policy.forward(lengths, True, "policy") + policy.backward(lengths, True, "policy")))
+
+
 def train(args):
     if not args.lora_r:
         raise UserError("--lora-r 0: the reference is the base with adapters off; this stage needs LoRA")
@@ -213,10 +227,6 @@ def train(args):
             data, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature,
                                           args.top_p)
         mask = data["mask"]
-        # tokens of each sequence, prompt + response, for the FLOP count (nanorlhf/perf.py); padding is not work
-        prompt_lengths, response_lengths = data["query_mask"].sum(1).tolist(), mask.sum(1).tolist()
-        seq_lengths = [p + r for p, r in zip(prompt_lengths, response_lengths)]
-        phases.add("generate", sum(seq_lengths), policy.generate(prompt_lengths, response_lengths, "policy"))
 
         # 2. score: the reward (one scalar per response) and the logprobs the update compares against
         with phases.time("score"):
@@ -226,9 +236,6 @@ def train(args):
                 data["logprobs"] = batch_logprobs(model, data, args.temperature, "policy", args.batch_size)
             if need_ref:
                 data["ref_logprobs"] = batch_logprobs(model, data, args.temperature, None, args.batch_size)
-        phases.add("score", sum(seq_lengths) * (need_old + need_ref + len(rms)),
-                   need_old * policy.forward(seq_lengths, True, "policy") + need_ref * policy.forward(seq_lengths)
-                   + sum(rm.forward(seq_lengths, False) for rm in rms))
 
         # 3. advantages: per response (N,), then on each of its tokens (N, R)
         scores, stats = scores.to(mask.device), {}
@@ -271,8 +278,7 @@ def train(args):
                             stats.setdefault(k, []).append(float(v))
                     for k, v in ({"loss": dist.all_sum(mb_loss)} | loop.optimizer_step()).items():
                         stats.setdefault(k, []).append(v)
-        phases.add("update", sum(seq_lengths) * 2 * args.ppo_epochs, args.ppo_epochs * (
-            policy.forward(seq_lengths, True, "policy") + policy.backward(seq_lengths, True, "policy")))
+        count_flops(phases, policy, rms, data, need_old, need_ref, args.ppo_epochs)
 
         # 5. log + save
         groups = scores.view(-1, args.num_generations)
