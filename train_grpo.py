@@ -35,7 +35,8 @@ from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
-from nanorlhf.loop import Loop, RunArgs, check_out, load_policy
+from nanorlhf.loop import Loop, RunArgs, check_out
+from nanorlhf.model import load_policy
 from nanorlhf.perf import Phases, shape
 from nanorlhf.rewards import Rewarder
 from nanorlhf.rollout import (batch_logprobs, gae, kl_penalty, masked, masked_mean, micro_batches, minibatches,

@@ -24,7 +24,9 @@ import torch
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import arg, main
-from nanorlhf.loop import Loop, check_out, load_data, load_policy
+from nanorlhf.data import load_data
+from nanorlhf.loop import Loop, check_out
+from nanorlhf.model import load_policy
 from nanorlhf.preference import PreferenceArgs, Reference, summed_logprobs
 
 

@@ -24,7 +24,8 @@ from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
 from nanorlhf.lora import add_lora, use_adapter
-from nanorlhf.loop import Loop, RunArgs, check_out, load_policy
+from nanorlhf.loop import Loop, RunArgs, check_out
+from nanorlhf.model import load_policy
 from nanorlhf.perf import Phases, shape
 from nanorlhf.rewards import Rewarder
 from nanorlhf.rollout import (KLController, RolloutBuffer, batch_inputs, gae, kl_penalty, masked, masked_mean,

@@ -19,8 +19,9 @@ from torch import nn
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
-from nanorlhf.data import collate, load_examples, tokenize
-from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
+from nanorlhf.data import collate, load_data, load_examples, tokenize
+from nanorlhf.loop import Loop, TrainArgs, check_out
+from nanorlhf.model import load_policy
 
 
 @dataclass

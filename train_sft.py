@@ -13,8 +13,9 @@ import torch
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import arg, main
-from nanorlhf.data import collate
-from nanorlhf.loop import Loop, TrainArgs, check_out, load_data, load_policy
+from nanorlhf.data import collate, load_data
+from nanorlhf.loop import Loop, TrainArgs, check_out
+from nanorlhf.model import load_policy
 
 
 @dataclass

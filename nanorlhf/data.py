@@ -27,6 +27,8 @@ prompt + completion tokens:
     min(len(prompt), max_length // 2)) tokens (the end of a conversation matters most), and the
     completion is cut from the right to fill the rest, EOS included: an unfinished answer must
     not be taught to end. Pairs budget for the longer of chosen/rejected and cut both alike.
+
+load_data(args, kind, tokenizer) is what the offline stages call: tokenised (train, held-out) rows.
 """
 import json
 import os
@@ -37,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from nanorlhf import dist
 from nanorlhf.cli import UserError
 
 KINDS = ("sft", "pairs", "unpaired", "prompts")
@@ -507,6 +510,26 @@ def tokenize(examples, tokenizer, max_length=None, source="the dataset"):
 
 
 # ---------------------------------------------------------------- batching
+
+
+def load_data(args, kind, tokenizer):
+    """Tokenised (train, eval) rows: --eval-data, else a seeded --eval-frac slice held out of --data. Under torchrun
+    each rank gets every training row (the Loop hands out shares of each batch) and every world-th eval row, maybe
+    none (each stage's evaluation sums its totals over ranks; a rank without rows takes part with zeros)."""
+    if not args.data:
+        raise UserError("--data is required: a .json/.jsonl file or a hub dataset id")
+    examples = load_examples(args.data, kind, args.format, args.limit)
+    if args.eval_data:
+        held_out = load_examples(args.eval_data, kind, args.format)
+    else:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_eval = int(len(examples) * args.eval_frac) if len(examples) > 1 else 0
+        held_out = [examples[i] for i in order[:n_eval]]
+        examples = [examples[i] for i in sorted(order[n_eval:])]
+    train_rows, stats = tokenize(examples, tokenizer, args.max_length, args.data)
+    print(f"train data {args.data}: {stats}")
+    eval_rows = tokenize(held_out, tokenizer, args.max_length, args.eval_data or args.data)[0] if held_out else []
+    return train_rows, eval_rows[dist.rank()::dist.world()]
 
 
 def collate(seqs, pad_id):

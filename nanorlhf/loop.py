@@ -25,9 +25,8 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .cli import UserError, arg
-from .data import FORMATS, load_examples, tokenize
-from .lora import add_lora
-from .model import DEFAULT_MODEL, load_model
+from .data import FORMATS
+from .model import DEFAULT_MODEL
 from .perf import peak_memory_gb
 
 
@@ -117,40 +116,6 @@ def checkpoints(out):
         return []
     names = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n[11:].isdigit()]
     return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[11:]))]
-
-
-def load_policy(args, name=None, flag="--model", kind="causal", adapter="default"):
-    """The model a stage trains: frozen (optionally 4/8-bit) base + LoRA adapter, or all weights when --lora-r 0."""
-    quantized = args.load_in_4bit or args.load_in_8bit
-    if args.lora_r == 0 and quantized:
-        raise UserError("--lora-r 0 (full fine-tuning) cannot train a 4/8-bit base; drop --load-in-4bit/8bit")
-    model, tokenizer = load_model(name or args.model, kind=kind, device=args.device, dtype=args.dtype,
-                                  load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
-                                  gradient_checkpointing=args.gradient_checkpointing, flag=flag)
-    if args.lora_r:  # the RL stages (RunArgs) have no dropout at all
-        add_lora(model, args.lora_r, args.lora_alpha, name=adapter, dropout=getattr(args, "lora_dropout", 0.0))
-    model.train()
-    return model, tokenizer
-
-
-def load_data(args, kind, tokenizer):
-    """Tokenised (train, eval) rows: --eval-data, else a seeded --eval-frac slice held out of --data. Under torchrun
-    each rank gets every training row (the Loop hands out shares of each batch) and every world-th eval row, maybe
-    none (each stage's evaluation sums its totals over ranks; a rank without rows takes part with zeros)."""
-    if not args.data:
-        raise UserError("--data is required: a .json/.jsonl file or a hub dataset id")
-    examples = load_examples(args.data, kind, args.format, args.limit)
-    if args.eval_data:
-        held_out = load_examples(args.eval_data, kind, args.format)
-    else:
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        n_eval = int(len(examples) * args.eval_frac) if len(examples) > 1 else 0
-        held_out = [examples[i] for i in order[:n_eval]]
-        examples = [examples[i] for i in sorted(order[n_eval:])]
-    train_rows, stats = tokenize(examples, tokenizer, args.max_length, args.data)
-    print(f"train data {args.data}: {stats}")
-    eval_rows = tokenize(held_out, tokenizer, args.max_length, args.eval_data or args.data)[0] if held_out else []
-    return train_rows, eval_rows[dist.rank()::dist.world()]
 
 
 def reporter(args, step):

