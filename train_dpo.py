@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
 
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_data
-from nanorlhf.loop import Loop, check_out
+from nanorlhf.loop import Loop, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy
 from nanorlhf.preference import PreferenceArgs, Reference, summed_logprobs
 
@@ -121,12 +122,16 @@ def train(args):
     if args.precompute_ref:
         reference.precompute(batched_pairs(train_rows, args.batch_size), pairs)
     reference.precompute(batched_pairs(eval_rows, args.batch_size), pairs)
-    loop = Loop(args, {"model": model}, len(train_rows))
+    steps = total_steps(args.max_steps, args.epochs, len(train_rows), args.batch_size * args.grad_accum)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], args.optim, lr=args.lr,
+                      weight_decay=args.weight_decay)
+    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))  # warmup, then cosine decay to 0
+    loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm)
     if evaluating and not args.resume:
         loop.log({"step": 0, **evaluate(model, reference, eval_rows, args, pad_id)})
 
     for step in loop:
-        batches = loop.batches()
+        batches = loop.batches(args.batch_size, args.grad_accum)
         n_pairs = dist.all_sum(sum(map(len, batches)))  # the loss is the mean over the step's pairs, on all ranks
         totals, tokens = {}, 0
         for idx in batches:
@@ -140,6 +145,8 @@ def train(args):
         if evaluating and args.eval_every and step % args.eval_every == 0:
             metrics |= evaluate(model, reference, eval_rows, args, pad_id)
         loop.end_step(metrics)
+    if loop.interrupted:  # a signal: the checkpoint holds the run; --resume continues it
+        return
 
     if evaluating:
         final = evaluate(model, reference, eval_rows, args, pad_id)

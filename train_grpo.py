@@ -30,12 +30,13 @@ One frozen base serves the policy (LoRA adapter `policy`) and the reference (ada
 from dataclasses import dataclass
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
-from nanorlhf.loop import Loop, RunArgs, check_out
+from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy
 from nanorlhf.perf import Phases, shape
 from nanorlhf.rewards import Rewarder
@@ -207,9 +208,12 @@ def train(args):
                         load_in_8bit=args.load_in_8bit)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], args.optim, lr=args.lr,
+                      weight_decay=args.weight_decay)
+    steps = total_steps(args.max_steps, args.epochs, len(prompts), args.rollout_batch_size)
     updates = args.ppo_epochs * (n // args.minibatch_size)
-    loop = Loop(args, {"model": model}, len(prompts), per_step=args.rollout_batch_size,
-                updates_per_step=updates)
+    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps * updates, args.warmup))  # counts every update
+    loop = Loop(args, {"model": model}, optimizer, scheduler, len(prompts), steps, args.max_grad_norm)
     eps_high = args.cliprange_high or args.cliprange
     # One update on fresh samples: the old logprobs are the new ones, detached (ratio 1), so skip their pass;
     # REINFORCE++ and RLOO need them for the KL in their reward.
@@ -292,6 +296,8 @@ def train(args):
             k = args.num_generations  # the first prompt's group
             loop.show_samples([p.messages[-1]["content"] for p in rows[:k]], texts[:k], scores[:k].tolist(), "reward")
         loop.end_step(metrics)
+    if loop.interrupted:  # a signal: the checkpoint holds the run; --resume continues it
+        return
 
     M.save_model(model, tokenizer, args.out, adapter="policy")
 

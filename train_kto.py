@@ -20,12 +20,13 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import arg, main
 from nanorlhf.data import load_data
-from nanorlhf.loop import Loop, check_out
+from nanorlhf.loop import Loop, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy
 from nanorlhf.preference import PreferenceArgs, Reference, summed_logprobs
 
@@ -164,12 +165,17 @@ def train(args):
     reference.precompute([(p, c) for p, c, _ in eval_rows], args.batch_size)
     reference.precompute(mismatched(eval_rows, args.max_length), args.batch_size)
     z0 = ReferencePoint()
-    loop = Loop(args, {"model": model}, len(train_rows), stateful={"z0": z0})
+    steps = total_steps(args.max_steps, args.epochs, len(train_rows), args.batch_size * args.grad_accum)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], args.optim, lr=args.lr,
+                      weight_decay=args.weight_decay)
+    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))  # warmup, then cosine decay to 0
+    loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm,
+                stateful={"z0": z0})
     if evaluating and not args.resume:
         loop.log({"step": 0, **evaluate(model, reference, eval_rows, z0, args, pad_id)})
 
     for step in loop:
-        batches = loop.batches()
+        batches = loop.batches(args.batch_size, args.grad_accum)
         step_rows = [train_rows[i] for idx in batches for i in idx]
         n_step = dist.all_sum(len(step_rows))
         # z₀ first, from the whole step and without grad: every micro-batch then shares one reference point.
@@ -186,6 +192,8 @@ def train(args):
         if evaluating and args.eval_every and step % args.eval_every == 0:
             metrics |= evaluate(model, reference, eval_rows, z0, args, pad_id)
         loop.end_step(metrics)
+    if loop.interrupted:  # a signal: the checkpoint holds the run; --resume continues it
+        return
 
     if evaluating:
         final = evaluate(model, reference, eval_rows, z0, args, pad_id)

@@ -18,13 +18,14 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
 from nanorlhf.lora import add_lora, use_adapter
-from nanorlhf.loop import Loop, RunArgs, check_out
+from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy
 from nanorlhf.perf import Phases, shape
 from nanorlhf.rewards import Rewarder
@@ -279,13 +280,17 @@ def train(args):
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
     kl_ctl = KLController(args.kl_coef, args.target_kl, args.kl_horizon)
-    updates = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
-    modules = {"model": model, "value_head": value_head} | ({"critic": critic} if critic is not model else {})
-    # Policy and critic are clipped apart: the critic's large early gradients must not set the policy's step.
+    # The optimizer: policy and critic are a param group each, so each is clipped on its own (the critic's large
+    # early gradients must not set the policy's step) and could take its own lr. The schedule counts every update.
+    policy_params = [p for n, p in model.named_parameters() if ".policy." in n]
     critic_params = [p for n, p in critic.named_parameters() if ".value." in n] + list(value_head.parameters())
-    clip_groups = {"policy": [p for n, p in model.named_parameters() if ".policy." in n], "critic": critic_params}
-    loop = Loop(args, modules, len(prompts), stateful={"kl": kl_ctl}, per_step=args.rollout_batch_size,
-                updates_per_step=updates, clip_groups=clip_groups)
+    optimizer = adamw([{"params": policy_params, "name": "policy"}, {"params": critic_params, "name": "critic"}],
+                      args.optim, lr=args.lr, weight_decay=args.weight_decay)
+    steps = total_steps(args.max_steps, args.epochs, len(prompts), args.rollout_batch_size)
+    updates = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
+    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps * updates, args.warmup))
+    modules = {"model": model, "value_head": value_head} | ({"critic": critic} if critic is not model else {})
+    loop = Loop(args, modules, optimizer, scheduler, len(prompts), steps, args.max_grad_norm, stateful={"kl": kl_ctl})
     device = next(model.parameters()).device
     phases = Phases(device, M.pick_dtype(device, args.dtype))  # MFU against the peak in the compute dtype
     shapes = (shape(model), shape(critic), [shape(rm) for rm, _, _ in rewarder.rms])
@@ -304,13 +309,15 @@ def train(args):
         metrics = log_metrics(batch, info, stats, kl_ctl, args) | phases.metrics()           # 5. log + save
         if args.missing_eos != "none" and metrics["eos_frac"] < 0.5 and not warned_eos:
             warned_eos = True
-            loop.bar.write(f"warning: only {metrics['eos_frac']:.0%} of responses ended with EOS within "
+            loop.write(f"warning: only {metrics['eos_frac']:.0%} of responses ended with EOS within "
                            f"--max-new-tokens {args.max_new_tokens}, so --missing-eos {args.missing_eos} sets most "
                            "scores; raise --max-new-tokens or pass --missing-eos none")
         if args.sample_every and step % args.sample_every == 0:
             loop.show_samples([p.messages[-1]["content"] for p in info["prompts"][:3]], info["texts"][:3],
                               info["scores"][:3].tolist())
         loop.end_step(metrics)
+    if loop.interrupted:  # a signal: the checkpoint holds the run; --resume continues it
+        return
 
     M.save_model(model, tokenizer, args.out, adapter="policy")
 

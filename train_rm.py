@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import collate, load_data, load_examples, tokenize
-from nanorlhf.loop import Loop, TrainArgs, check_out
+from nanorlhf.loop import Loop, TrainArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy
 
 
@@ -142,7 +143,12 @@ def train(args):
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
     train_rows, eval_rows = load_data(args, "pairs", tokenizer)  # ranked lists arrive as all their pairs
     evaluating = dist.all_sum(len(eval_rows)) > 0  # decided from every rank's rows: all or none evaluate
-    loop = Loop(args, {"model": model}, len(train_rows))  # the head's params are trainable: checkpointed
+    # The score head is trainable: the optimizer updates it and the Loop checkpoints it, with the adapter.
+    steps = total_steps(args.max_steps, args.epochs, len(train_rows), args.batch_size * args.grad_accum)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], args.optim, lr=args.lr,
+                      weight_decay=args.weight_decay)
+    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))  # warmup, then cosine decay to 0
+    loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm)
     eval_kw = dict(batch_size=args.batch_size, device=device, loss_type=args.loss, ranking_margin=args.ranking_margin)
     if evaluating and not args.resume:
         loop.log({"step": 0, **evaluate(model, eval_rows, pad_id, **eval_kw)})
@@ -150,7 +156,7 @@ def train(args):
     # 2. Train: each micro-batch scores chosen and rejected replies in one forward.
     for step in loop:
         chosen, rejected, metrics = [], [], {"loss": 0.0, "tokens": 0}
-        for idx in loop.batches():
+        for idx in loop.batches(args.batch_size, args.grad_accum):
             c, r, margin, tokens = pair_rewards(model, [train_rows[i] for i in idx], pad_id, device)
             # Micro-batches are equal-sized, so the mean over each / (grad_accum × ranks) is the mean over the step.
             loss = reward_loss(c, r, margin, args.loss, args.ranking_margin).mean() / (args.grad_accum * dist.world())
@@ -167,6 +173,8 @@ def train(args):
         if evaluating and args.eval_every and step % args.eval_every == 0:
             metrics |= evaluate(model, eval_rows, pad_id, **eval_kw)
         loop.end_step(metrics)
+    if loop.interrupted:  # a signal: the checkpoint holds the run; --resume continues it
+        return
 
     if evaluating:
         final = evaluate(model, eval_rows, pad_id, **eval_kw)

@@ -9,12 +9,13 @@ It comes from the fused logprob kernel, so the (tokens, vocab) logits never exis
 from dataclasses import dataclass
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import arg, main
 from nanorlhf.data import collate, load_data
-from nanorlhf.loop import Loop, TrainArgs, check_out
+from nanorlhf.loop import Loop, TrainArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy
 
 
@@ -52,12 +53,16 @@ def train(args):
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
     train_rows, eval_rows = load_data(args, "sft", tokenizer)
     evaluating = dist.all_sum(len(eval_rows)) > 0  # decided from every rank's rows: all or none evaluate
-    loop = Loop(args, {"model": model}, len(train_rows))
+    steps = total_steps(args.max_steps, args.epochs, len(train_rows), args.batch_size * args.grad_accum)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], args.optim, lr=args.lr,
+                      weight_decay=args.weight_decay)
+    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))  # warmup, then cosine decay to 0
+    loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm)
     if evaluating and not args.resume:
         loop.log({"step": 0, "eval_loss": evaluate(model, eval_rows, pad_id, args.batch_size, device)})
 
     for step in loop:
-        batches = [collate([train_rows[i] for i in idx], pad_id) for idx in loop.batches()]
+        batches = [collate([train_rows[i] for i in idx], pad_id) for idx in loop.batches(args.batch_size, args.grad_accum)]
         n_tokens = dist.all_sum(sum(int((b["targets"] != -100).sum()) for b in batches))  # the global step's
         metrics = {"loss": 0.0, "tokens": sum(int(b["attention_mask"].sum()) for b in batches)}
         for batch in batches:
@@ -71,6 +76,8 @@ def train(args):
         if evaluating and args.eval_every and step % args.eval_every == 0:
             metrics["eval_loss"] = evaluate(model, eval_rows, pad_id, args.batch_size, device)
         loop.end_step(metrics)
+    if loop.interrupted:  # a signal: the checkpoint holds the run; --resume continues it
+        return
 
     if evaluating:
         eval_loss = evaluate(model, eval_rows, pad_id, args.batch_size, device)

@@ -1,13 +1,15 @@
-"""The training plumbing every stage shares, written once: shared flags, output folder, optimizer and
-schedule, the data stream, NaN guard, atomic checkpoints, exact resume, signals and logging.
+"""The training plumbing every stage shares, written once: shared flags, output folder, the data stream,
+NaN guard, atomic checkpoints, exact resume, signals and logging.
 
-A stage keeps its algorithm and loss visible and calls, per optimizer step:
+A stage builds its optimizer and schedule itself, hands them to the Loop, and calls, per optimizer step:
 
-    for step in loop:                       # resumes, stops at --max-steps or on SIGTERM
-        for idx in loop.batches():          # --grad-accum micro-batches of example indices
+    for step in loop:                                 # resumes, stops after `steps` or on SIGTERM
+        for idx in loop.batches(args.batch_size, args.grad_accum):  # micro-batches of example indices
             (loss / args.grad_accum).backward()
-        metrics |= loop.optimizer_step()    # clip, skip NaN/inf, step, schedule
-        loop.end_step(metrics)              # tqdm + one human line + metrics.jsonl, checkpoint
+        metrics |= loop.optimizer_step()              # clip, skip NaN/inf, step, schedule
+        loop.end_step(metrics)                        # tqdm + one human line + metrics.jsonl, checkpoint
+    if loop.interrupted:                              # a signal: the checkpoint holds the run, no final save
+        return
 """
 import json
 import math
@@ -159,11 +161,19 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_optimizer(params, args):
-    if args.optim == "adamw8bit":
+def adamw(params, optim="adamw", **kw):
+    """torch's AdamW, or with --optim adamw8bit bitsandbytes' AdamW8bit (Adam's moments in 8 bits). `params`: a list
+    of parameters or of param groups; `kw`: AdamW's own (lr, weight_decay, ...)."""
+    if optim == "adamw8bit":
         import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(params, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def total_steps(max_steps, epochs, n_examples, per_step):
+    """Optimizer steps of a run (PPO and GRPO: iterations): max_steps, else enough for `epochs` passes over
+    n_examples when every rank takes per_step of them a step."""
+    return max_steps or max(1, math.ceil(epochs * n_examples / (per_step * dist.world())))
 
 
 def cosine_with_warmup(total, warmup):
@@ -201,27 +211,20 @@ class Stream:
 
 
 class Loop:
-    """Owns everything about a run but the algorithm. `modules` are checkpointed by their trainable
-    parameters; `stateful` objects (e.g. a KL controller) by their state_dict."""
+    """Everything about a run but the algorithm and its optimizer: the data stream, the guarded optimizer step,
+    logging, checkpoints, signals and resume. `modules` are checkpointed by their trainable parameters; the
+    stage's `optimizer` and `scheduler` by their state_dicts; `stateful` objects (e.g. a KL controller) too."""
 
-    def __init__(self, args, modules, n_examples, stateful=None, per_step=None, updates_per_step=1,
-                 clip_groups=None):
-        """per_step: examples each rank takes per step (default --batch-size × --grad-accum; PPO and GRPO: their
-        prompts per iteration). clip_groups: {name: parameters} clipped to --max-grad-norm each on its own (PPO:
-        policy and critic, so the critic's large early gradients do not shrink the policy's step); default one group
-        of every parameter."""
+    def __init__(self, args, modules, optimizer, scheduler, n_examples, steps, max_grad_norm=0.0, stateful=None):
+        """steps: optimizer steps (PPO and GRPO: iterations) to run, see total_steps. Each param group of the
+        optimizer is clipped to max_grad_norm (0 = never) on its own, and logged as grad_norm/<its "name">."""
         self.args, self.modules, self.stateful = args, modules, dict(stateful or {})
+        self.optimizer, self.scheduler, self.max_grad_norm = optimizer, scheduler, max_grad_norm
         self.stream = Stream(n_examples, args.seed)  # the same order on every rank; each takes its own share
-        per_step = per_step or args.batch_size * args.grad_accum
-        self.total_steps = args.max_steps or max(1, math.ceil(  # a step takes per_step examples on every rank
-            args.epochs * n_examples / (per_step * dist.world())))
+        self.total_steps = steps
         self.device = next(p for m in modules.values() for p in m.parameters()).device  # whose memory to report
-        self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-        self.clip_groups = clip_groups or {"": self.params}
-        self.optimizer = make_optimizer(self.params, args)
-        schedule = cosine_with_warmup(self.total_steps * updates_per_step, args.warmup)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.step, self.bad_steps, self.skipped, self.stop = 0, 0, 0, False
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.step, self.bad_steps, self.skipped, self.stop, self.interrupted = 0, 0, 0, False, False
         self.metrics_path = os.path.join(args.out, "metrics.jsonl")
         if dist.rank():  # a stage builds the Loop after its last initialisation, drawn from the shared --seed so
             # that every rank starts equal; from here each rank needs its own stream, or ranks given the same prompt
@@ -241,11 +244,15 @@ class Loop:
     def __iter__(self):
         """Yields the 1-based number of the step about to run."""
         self.t_step = time.perf_counter()  # an evaluation before step 1 is not part of step 1's time
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self.interrupted:
             yield self.step + 1
         self.bar.close()
         for sig, handler in self.old_handlers.items():
             signal.signal(sig, handler)
+        if self.interrupted:  # the stage returns without its final save: the checkpoint holds the run
+            argv = [a for a in sys.argv if a not in ("--resume", "--overwrite")]
+            print(f"stopped by signal at step {self.step}; resume with:\n  python {shlex.join(argv)} --resume")
+            return
         # the scheduler steps once per optimizer step, skipped or not, and is checkpointed: it counts them all
         if self.skipped and self.skipped == self.scheduler.last_epoch:  # the stage's save comes after this loop
             raise UserError(f"all {self.skipped} optimizer steps had a NaN/inf loss or gradient and were skipped: "
@@ -255,15 +262,16 @@ class Loop:
         """This rank's n example indices at the stream's position (the stream advances n × world size)."""
         return dist.shard(self.stream.take(n * dist.world()))
 
-    def batches(self):
-        """`--grad-accum` micro-batches of --batch-size example indices for this rank."""
-        return [self.take(self.args.batch_size) for _ in range(self.args.grad_accum)]
+    def batches(self, batch_size, grad_accum):
+        """grad_accum micro-batches of batch_size example indices for this rank."""
+        return [self.take(batch_size) for _ in range(grad_accum)]
 
     def optimizer_step(self):
         """Clip and step; a NaN/inf gradient (from a NaN loss too) skips the step instead of poisoning weights."""
         dist.all_sum_grads(self.params)  # each rank's loss was scaled by global counts: the sum is the global gradient
-        max_norm = self.args.max_grad_norm or float("inf")
-        norms = {name: torch.nn.utils.clip_grad_norm_(params, max_norm) for name, params in self.clip_groups.items()}
+        max_norm = self.max_grad_norm or float("inf")
+        norms = {group.get("name", ""): torch.nn.utils.clip_grad_norm_(group["params"], max_norm)
+                 for group in self.optimizer.param_groups}
         ok = all(bool(torch.isfinite(n)) for n in norms.values())
         if ok:
             self.optimizer.step()
@@ -293,11 +301,7 @@ class Loop:
         self.stop = dist.all_sum(float(self.stop)) > 0  # a signal seen by any rank stops them all at this step
         if (self.args.save_every and self.step % self.args.save_every == 0) or self.stop:
             self.save_checkpoint()
-        if self.stop:
-            argv = [a for a in sys.argv if a not in ("--resume", "--overwrite")]
-            self.bar.close()
-            print(f"stopped by signal at step {self.step}; resume with:\n  python {shlex.join(argv)} --resume")
-            sys.exit(0)
+        self.interrupted = self.stop  # the stage's `for step in loop` ends here; it checks loop.interrupted
 
     def log(self, metrics):
         """One place per step, on rank 0: metrics.jsonl, --report-to, tqdm and a human line every --log-every."""
@@ -315,6 +319,10 @@ class Loop:
     def log_final(self, metrics):
         """The held-out metrics after the last step, logged as final_<name> at that step."""
         self.log({"step": self.step, **{f"final_{k}": v for k, v in metrics.items()}})
+
+    def write(self, text):
+        """A line in the log that leaves the progress bar intact."""
+        self.bar.write(text)
 
     def show_samples(self, prompts, responses, scores, label="score"):
         """A prompt -> response -> score table in the log (PPO and GRPO, every --sample-every iterations)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanorlhf.cli import UserError
-from nanorlhf.loop import Loop, Stream, TrainArgs, check_out, checkpoints, cosine_with_warmup
+from nanorlhf.loop import Loop, Stream, TrainArgs, adamw, check_out, checkpoints, cosine_with_warmup, total_steps
 
 
 def args_for(tmp_path, **kw):
@@ -15,6 +15,15 @@ def args_for(tmp_path, **kw):
                   log_every=100, **kw)
     check_out(a)
     return a
+
+
+def make_loop(args, modules, n_examples, groups=None):
+    """A Loop as a stage builds one: its own AdamW (one group, or `groups`) and warmup-cosine schedule."""
+    params = groups or [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    steps = total_steps(args.max_steps, args.epochs, n_examples, args.batch_size * args.grad_accum)
+    optimizer = adamw(params, args.optim, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))
+    return Loop(args, modules, optimizer, scheduler, n_examples, steps, args.max_grad_norm)
 
 
 def test_stream_visits_every_example_once_per_epoch_and_resumes():
@@ -39,7 +48,7 @@ def test_cosine_with_warmup_values():
 def test_nan_loss_skips_the_step_and_training_continues(tmp_path):
     args = args_for(tmp_path, max_bad_steps=2)
     layer = torch.nn.Linear(3, 1)
-    loop = Loop(args, {"layer": layer}, n_examples=4)
+    loop = make_loop(args, {"layer": layer}, n_examples=4)
     for step in loop:
         before = layer.weight.detach().clone()
         loss = layer(torch.ones(2, 3)).sum() * (float("nan") if step == 3 else 1.0)
@@ -55,7 +64,7 @@ def test_nan_loss_skips_the_step_and_training_continues(tmp_path):
 def test_too_many_bad_steps_stop_with_a_message(tmp_path):
     args = args_for(tmp_path, max_bad_steps=2)
     layer = torch.nn.Linear(3, 1)
-    loop = Loop(args, {"layer": layer}, n_examples=4)
+    loop = make_loop(args, {"layer": layer}, n_examples=4)
     with pytest.raises(UserError, match="2 optimizer steps in a row had a NaN/inf"):
         for _ in loop:
             (layer(torch.ones(2, 3)).sum() * float("inf")).backward()
@@ -65,7 +74,7 @@ def test_too_many_bad_steps_stop_with_a_message(tmp_path):
 def test_a_run_whose_every_step_was_skipped_is_an_error(tmp_path):
     """Fewer NaN steps than --max-bad-steps, but no step trained: not a finished run."""
     layer = torch.nn.Linear(3, 1)
-    loop = Loop(args_for(tmp_path, max_bad_steps=10), {"layer": layer}, n_examples=4)
+    loop = make_loop(args_for(tmp_path, max_bad_steps=10), {"layer": layer}, n_examples=4)
     steps = []
     with pytest.raises(UserError, match="all 6 optimizer steps had a NaN/inf loss or gradient and were skipped"):
         for step in loop:
@@ -78,7 +87,7 @@ def test_a_run_whose_every_step_was_skipped_is_an_error(tmp_path):
 def test_checkpoint_rotation_and_crash_mid_save(tmp_path, monkeypatch):
     args = args_for(tmp_path, save_every=2, keep_checkpoints=2)
     layer = torch.nn.Linear(3, 1)
-    loop = Loop(args, {"layer": layer}, n_examples=4)
+    loop = make_loop(args, {"layer": layer}, n_examples=4)
     for step in loop:
         layer(torch.ones(2, 3)).sum().backward()
         loop.end_step(loop.optimizer_step())
@@ -112,12 +121,13 @@ def test_out_folder_is_never_clobbered(tmp_path):
     assert not (out / "config.json").exists()
 
 
-def test_clip_groups_are_clipped_apart(tmp_path):
-    """A critic with a huge gradient must not shrink the policy's step: each group is clipped on its own."""
+def test_param_groups_are_clipped_apart(tmp_path):
+    """A critic with a huge gradient must not shrink the policy's step: each param group is clipped on its own."""
     args = args_for(tmp_path, max_grad_norm=1.0)
     policy, critic = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
-    loop = Loop(args, {"policy": policy, "critic": critic}, n_examples=4,
-                clip_groups={"policy": list(policy.parameters()), "critic": list(critic.parameters())})
+    loop = make_loop(args, {"policy": policy, "critic": critic}, n_examples=4,
+                     groups=[{"params": list(policy.parameters()), "name": "policy"},
+                             {"params": list(critic.parameters()), "name": "critic"}])
     policy.weight.grad = torch.tensor([[0.3, 0.4]])    # norm 0.5: under the limit, left alone
     critic.weight.grad = torch.tensor([[30.0, 40.0]])  # norm 50: scaled to 1
     seen = {}
@@ -135,7 +145,7 @@ def test_clip_groups_are_clipped_apart(tmp_path):
 
 def run_steps(args, n=3):
     layer = torch.nn.Linear(3, 1)
-    loop = Loop(args, {"layer": layer}, n_examples=4)
+    loop = make_loop(args, {"layer": layer}, n_examples=4)
     for step in loop:
         layer(torch.ones(2, 3)).sum().backward()
         loop.end_step({"loss": float(step), **loop.optimizer_step()})
