@@ -25,7 +25,7 @@ from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_data
 from nanorlhf.loop import Loop, adamw, check_out, cosine_with_warmup, total_steps
-from nanorlhf.model import load_policy
+from nanorlhf.model import load_policy, trainable
 from nanorlhf.preference import PreferenceArgs, Reference, summed_logprobs
 
 
@@ -122,10 +122,10 @@ def train(args):
     if args.precompute_ref:
         reference.precompute(batched_pairs(train_rows, args.batch_size), pairs)
     reference.precompute(batched_pairs(eval_rows, args.batch_size), pairs)
+    # The optimizer: AdamW on what is trainable, linear warmup then cosine decay to 0 over the run.
     steps = total_steps(args.max_steps, args.epochs, len(train_rows), args.batch_size * args.grad_accum)
-    optimizer = adamw([p for p in model.parameters() if p.requires_grad], args.optim, lr=args.lr,
-                      weight_decay=args.weight_decay)
-    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))  # warmup, then cosine decay to 0
+    optimizer = adamw(trainable(model), args.optim, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))
     loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm)
     if evaluating and not args.resume:
         loop.log({"step": 0, **evaluate(model, reference, eval_rows, args, pad_id)})

@@ -37,7 +37,7 @@ from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
 from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
-from nanorlhf.model import load_policy
+from nanorlhf.model import load_policy, trainable
 from nanorlhf.perf import Phases, shape
 from nanorlhf.rewards import Rewarder
 from nanorlhf.rollout import (batch_logprobs, gae, kl_penalty, masked, masked_mean, micro_batches, minibatches,
@@ -208,8 +208,7 @@ def train(args):
                         load_in_8bit=args.load_in_8bit)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
-    optimizer = adamw([p for p in model.parameters() if p.requires_grad], args.optim, lr=args.lr,
-                      weight_decay=args.weight_decay)
+    optimizer = adamw(trainable(model), args.optim, lr=args.lr, weight_decay=args.weight_decay)
     steps = total_steps(args.max_steps, args.epochs, len(prompts), args.rollout_batch_size)
     updates = args.ppo_epochs * (n // args.minibatch_size)
     scheduler = LambdaLR(optimizer, cosine_with_warmup(steps * updates, args.warmup))  # counts every update
@@ -296,10 +295,9 @@ def train(args):
             k = args.num_generations  # the first prompt's group
             loop.show_samples([p.messages[-1]["content"] for p in rows[:k]], texts[:k], scores[:k].tolist(), "reward")
         loop.end_step(metrics)
-    if loop.interrupted:  # a signal: the checkpoint holds the run; --resume continues it
-        return
 
-    M.save_model(model, tokenizer, args.out, adapter="policy")
+    if not loop.interrupted:  # after a signal the checkpoint holds the run, for --resume
+        M.save_model(model, tokenizer, args.out, adapter="policy")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from nanorlhf import model as M
 from nanorlhf.cli import arg, main
 from nanorlhf.data import load_data
 from nanorlhf.loop import Loop, adamw, check_out, cosine_with_warmup, total_steps
-from nanorlhf.model import load_policy
+from nanorlhf.model import load_policy, trainable
 from nanorlhf.preference import PreferenceArgs, Reference, summed_logprobs
 
 
@@ -165,10 +165,10 @@ def train(args):
     reference.precompute([(p, c) for p, c, _ in eval_rows], args.batch_size)
     reference.precompute(mismatched(eval_rows, args.max_length), args.batch_size)
     z0 = ReferencePoint()
+    # The optimizer: AdamW on what is trainable, linear warmup then cosine decay to 0 over the run.
     steps = total_steps(args.max_steps, args.epochs, len(train_rows), args.batch_size * args.grad_accum)
-    optimizer = adamw([p for p in model.parameters() if p.requires_grad], args.optim, lr=args.lr,
-                      weight_decay=args.weight_decay)
-    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))  # warmup, then cosine decay to 0
+    optimizer = adamw(trainable(model), args.optim, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))
     loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm,
                 stateful={"z0": z0})
     if evaluating and not args.resume:

@@ -316,10 +316,9 @@ def train(args):
             loop.show_samples([p.messages[-1]["content"] for p in info["prompts"][:3]], info["texts"][:3],
                               info["scores"][:3].tolist())
         loop.end_step(metrics)
-    if loop.interrupted:  # a signal: the checkpoint holds the run; --resume continues it
-        return
 
-    M.save_model(model, tokenizer, args.out, adapter="policy")
+    if not loop.interrupted:  # after a signal the checkpoint holds the run, for --resume
+        M.save_model(model, tokenizer, args.out, adapter="policy")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import collate, load_data, load_examples, tokenize
 from nanorlhf.loop import Loop, TrainArgs, adamw, check_out, cosine_with_warmup, total_steps
-from nanorlhf.model import load_policy
+from nanorlhf.model import load_policy, trainable
 
 
 @dataclass
@@ -145,9 +145,8 @@ def train(args):
     evaluating = dist.all_sum(len(eval_rows)) > 0  # decided from every rank's rows: all or none evaluate
     # The score head is trainable: the optimizer updates it and the Loop checkpoints it, with the adapter.
     steps = total_steps(args.max_steps, args.epochs, len(train_rows), args.batch_size * args.grad_accum)
-    optimizer = adamw([p for p in model.parameters() if p.requires_grad], args.optim, lr=args.lr,
-                      weight_decay=args.weight_decay)
-    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))  # warmup, then cosine decay to 0
+    optimizer = adamw(trainable(model), args.optim, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))
     loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm)
     eval_kw = dict(batch_size=args.batch_size, device=device, loss_type=args.loss, ranking_margin=args.ranking_margin)
     if evaluating and not args.resume:

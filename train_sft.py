@@ -16,7 +16,7 @@ from nanorlhf import model as M
 from nanorlhf.cli import arg, main
 from nanorlhf.data import collate, load_data
 from nanorlhf.loop import Loop, TrainArgs, adamw, check_out, cosine_with_warmup, total_steps
-from nanorlhf.model import load_policy
+from nanorlhf.model import load_policy, trainable
 
 
 @dataclass
@@ -53,10 +53,10 @@ def train(args):
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
     train_rows, eval_rows = load_data(args, "sft", tokenizer)
     evaluating = dist.all_sum(len(eval_rows)) > 0  # decided from every rank's rows: all or none evaluate
+    # The optimizer: AdamW on what is trainable, linear warmup then cosine decay to 0 over the run.
     steps = total_steps(args.max_steps, args.epochs, len(train_rows), args.batch_size * args.grad_accum)
-    optimizer = adamw([p for p in model.parameters() if p.requires_grad], args.optim, lr=args.lr,
-                      weight_decay=args.weight_decay)
-    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))  # warmup, then cosine decay to 0
+    optimizer = adamw(trainable(model), args.optim, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))
     loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm)
     if evaluating and not args.resume:
         loop.log({"step": 0, "eval_loss": evaluate(model, eval_rows, pad_id, args.batch_size, device)})

@@ -226,6 +226,11 @@ def load_policy(args, name=None, flag="--model", kind="causal", adapter="default
     return model, tokenizer
 
 
+def trainable(model):
+    """The parameters a stage optimises: its LoRA adapters (and a head it trains), or every weight at --lora-r 0."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def load_reward_model(name, flag="--rm", **kw):
     """A frozen reward model saved by train_rm.py (any *ForSequenceClassification with one label)."""
     from transformers import AutoConfig
