@@ -31,6 +31,7 @@ from nanorlhf.preference import PreferenceArgs, Reference, summed_logprobs
 
 @dataclass
 class Args(PreferenceArgs):
+    model: str = arg(M.DEFAULT_MODEL, "The SFT model to start from (train_sft.py --out); it is the reference too.")
     beta: float = arg(0.1, "β: the strength of the KL pull toward the reference; the implicit reward is "
                       "β·(log π - log π_ref). Lower lets the policy move further.", gt=0)
     loss: str = arg("sigmoid", "sigmoid: DPO (Rafailov et al. 2023); ipo: (h - 1/(2β))², which stops at a finite "
@@ -40,6 +41,24 @@ class Args(PreferenceArgs):
                     choices=["sigmoid", "ipo", "hinge", "robust"])
     label_smoothing: float = arg(0.0, "ε, the assumed fraction of flipped preference labels (0 <= ε < 0.5): "
                                  "conservative DPO for --loss sigmoid, or --loss robust.", ge=0)
+    max_steps: int | None = arg(None, "Optimizer steps to run; default: --epochs over the preference pairs.", gt=0)
+    epochs: float = arg(1.0, "Passes over the training preference pairs when --max-steps is not given.", gt=0)
+    batch_size: int = arg(4, "Pairs per micro-batch (per process under torchrun); chosen and rejected go through "
+                          "one forward.", gt=0)
+    grad_accum: int = arg(4, "Micro-batches per optimizer step: batch_size * grad_accum preference pairs a step.", gt=0)
+    lr: float = arg(5e-5, "Peak learning rate (cosine decay after warmup). LoRA: 5e-6 to 5e-5; full fine-tuning "
+                    "wants ~5e-7 (Zephyr).", gt=0)
+    warmup: float = arg(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.", ge=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0 = no clipping).", ge=0)
+    lora_dropout: float = arg(0.0, "Dropout on the LoRA input (the base model's dropout is always off).", ge=0)
+    max_length: int = arg(512, "Max tokens per prompt + reply, the longer of chosen and rejected; both are cut alike "
+                          "from the right, the prompt from the left.", gt=0)
+    eval_data: str | None = arg(None, "Held-out preference pairs file; default: hold out --eval-frac of --data.")
+    eval_frac: float = arg(0.05, "Fraction of the preference pairs held out for evaluation when --eval-data is not "
+                           "given.", ge=0)
+    eval_every: int = arg(0, "Evaluate loss, implicit rewards and accuracy every N steps (0 = only before and "
+                          "after training).", ge=0)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,

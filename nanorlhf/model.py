@@ -220,7 +220,7 @@ def load_policy(args, name=None, flag="--model", kind="causal", adapter="default
     model, tokenizer = load_model(name or args.model, kind=kind, device=args.device, dtype=args.dtype,
                                   load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
                                   gradient_checkpointing=args.gradient_checkpointing, flag=flag)
-    if args.lora_r:  # the RL stages (RunArgs) have no dropout at all
+    if args.lora_r:  # PPO and GRPO declare no --lora-dropout: they run without any
         add_lora(model, args.lora_r, args.lora_alpha, name=adapter, dropout=getattr(args, "lora_dropout", 0.0))
     model.train()
     return model, tokenizer

@@ -11,14 +11,12 @@ import torch
 from . import model as M
 from .cli import arg
 from .data import collate
-from .loop import TrainArgs
+from .loop import RunArgs
 
 
 @dataclass
-class PreferenceArgs(TrainArgs):
-    """The flags DPO and KTO share: both learn an implicit reward β·(log π - log π_ref) against a reference."""
-    lr: float = arg(5e-5, "Peak learning rate (cosine decay after warmup). LoRA: 5e-6 to 5e-5; full fine-tuning "
-                    "wants ~5e-7 for DPO (Zephyr) and ~1e-6 for KTO.", gt=0)
+class PreferenceArgs(RunArgs):
+    """The plumbing DPO and KTO share beyond RunArgs: where the reference logprobs come from."""
     precompute_ref: bool = arg(False, "Compute the reference logprobs of every training example once before training "
                                "(held-out ones always are): no reference forward per step for them, and in DPO with "
                                "--lora-r 0 no frozen copy in memory (KTO's mismatched z₀ pairs change every step, so "

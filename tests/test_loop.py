@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from nanorlhf.cli import UserError
-from nanorlhf.loop import Loop, Stream, TrainArgs, adamw, check_out, checkpoints, cosine_with_warmup, total_steps
+from nanorlhf.loop import Loop, Stream, adamw, check_out, checkpoints, cosine_with_warmup, total_steps
+from train_sft import Args
 
 
 def args_for(tmp_path, **kw):
-    a = TrainArgs(out=str(tmp_path / "run"), data="x", batch_size=2, grad_accum=1, max_steps=6, lr=0.1, warmup=0,
-                  log_every=100, **kw)
+    a = Args(out=str(tmp_path / "run"), data="x", batch_size=2, grad_accum=1, max_steps=6, lr=0.1, warmup=0,
+              log_every=100, **kw)
     check_out(a)
     return a
 
@@ -109,7 +110,7 @@ def test_out_folder_is_never_clobbered(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    a = TrainArgs(out=str(out), data="x")
+    a = Args(out=str(out), data="x")
     with pytest.raises(UserError, match="already holds a finished run; pass --resume .* or --overwrite"):
         check_out(a)
     a.resume = True
