@@ -1,11 +1,13 @@
 """nanorlhf: the package every train_*.py script imports, and the command-line tools around it.
 
 The core, in reading order (what the scripts import):
-    loop.py        shared flags, data stream, optimizer and schedule, NaN guard, checkpoints, resume, logging
-    model.py       loading (HF folder, GGUF, 4/8-bit), hidden states -> logprobs, reward scores, generation, saving
+    loop.py        the plumbing flags (RunArgs), data stream, guarded optimizer step, NaN guard, checkpoints, resume,
+                   logging; each script builds its own optimizer and schedule (adamw, cosine_with_warmup here)
+    model.py       loading (HF folder, GGUF, 4/8-bit; load_policy: base + LoRA), hidden states -> logprobs, reward
+                   scores, generation, saving
     kernels.py     the fused logprob/entropy kernel: never builds the (tokens, vocab) logits
     lora.py        LoRA layers with named adapters, merge, PEFT-format save and load
-    data.py        every data format, chat templates, truncation, batching
+    data.py        every data format, chat templates, truncation, batching; load_data: train and held-out rows
     preference.py  summed response logprobs and the one reference mechanism (DPO, KTO, evaluation)
     rollout.py     RL on samples: sampling, response logprobs, GAE, whitening, KL penalty and controller
     rewards.py     the reward composite: reward models and Python reward functions

@@ -97,6 +97,41 @@ def checkpoints(out):
     return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[11:]))]
 
 
+def write_checkpoint(out, step, state, keep):
+    """<out>/checkpoint-<step>/state.pt via a temporary folder, fsync and rename: a crash mid-save leaves the previous
+    checkpoint intact. Then only the newest `keep` checkpoints stay."""
+    final = os.path.join(out, f"checkpoint-{step}")
+    tmp = os.path.join(out, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "state.pt"), "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old)
+
+
+def read_checkpoint(path):
+    """A checkpoint's state, refused when another number of processes wrote it (each rank's RNG state is in it)."""
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    if state["world_size"] != dist.world():
+        raise UserError(f"--resume: {path} was written by {state['world_size']} process(es) and this run has "
+                        f"{dist.world()}; resume with the same torchrun --nproc_per_node")
+    return state
+
+
+def drop_metrics_after(path, step):
+    """A resumed run logs its steps again: drop the lines its previous life logged after the checkpoint."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line).get("step", 0) <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
 def reporter(args, step):
     """A function that sends a metrics dict to --report-to, or None. The package is imported only when asked."""
     if args.report_to == "tensorboard":
@@ -327,28 +362,11 @@ class Loop:
         """Write to a temporary folder, fsync, rename: a crash mid-save leaves the previous checkpoint intact."""
         state = self.state_dict()  # every rank takes part (their RNG states); rank 0 alone writes
         if dist.is_main():
-            self._write_checkpoint(state)
+            write_checkpoint(self.args.out, self.step, state, self.args.keep_checkpoints)
         dist.barrier()
 
-    def _write_checkpoint(self, state):
-        final = os.path.join(self.args.out, f"checkpoint-{self.step}")
-        tmp = os.path.join(self.args.out, f".tmp-checkpoint-{self.step}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, "state.pt"), "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(self.args.out)[:-self.args.keep_checkpoints]:
-            shutil.rmtree(old)
-
     def _load(self, path):
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-        if state["world_size"] != dist.world():
-            raise UserError(f"--resume: {path} was written by {state['world_size']} process(es) and this run has "
-                            f"{dist.world()}; resume with the same torchrun --nproc_per_node")
+        state = read_checkpoint(path)
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -358,9 +376,6 @@ class Loop:
         self.stream.load_state_dict(state["stream"])
         self.step, self.skipped = state["step"], state["skipped"]
         set_rng_state(state["rng"][dist.rank()])
-        if dist.is_main() and os.path.exists(self.metrics_path):  # drop lines logged after this checkpoint
-            with open(self.metrics_path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= self.step]
-            with open(self.metrics_path, "w") as f:
-                f.writelines(kept)
+        if dist.is_main():
+            drop_metrics_after(self.metrics_path, self.step)
         print(f"resumed from {path} at step {self.step}")
