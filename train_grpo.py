@@ -226,11 +226,11 @@ def aggregate(per_token, mask, loss_type, n_responses, n_tokens, max_new_tokens)
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
-def update(model, batch, variant, loop, args):
+def update(model, batch, variant, eps_high, loop, args):
     """4. --ppo-epochs passes of minibatches of --minibatch-size responses, --batch-size per forward; each minibatch's
-    loss aggregated by --loss-type. batch: the rollout with its advantages and loss_mask (N, R), and the old and
-    reference logprobs where the variant needs them. Returns lists of per-micro-batch and per-step stats."""
-    eps_high = args.cliprange_high or args.cliprange
+    loss aggregated by --loss-type, the ratio clipped to [1 - --cliprange, 1 + eps_high]. batch: the rollout with its
+    advantages and loss_mask (N, R), and the old and reference logprobs where the variant needs them. Returns lists
+    of per-micro-batch and per-step stats."""
     stats = {}
     for _ in range(args.ppo_epochs):
         for mb in minibatches(batch, args.minibatch_size):
@@ -290,6 +290,7 @@ def train(args):
     updates = args.ppo_epochs * (n // args.minibatch_size)
     loop = Loop(args, {"model": model}, len(prompts), per_step=args.rollout_batch_size,
                 updates_per_step=updates)
+    eps_high = args.cliprange_high or args.cliprange
     variant = resolve_variant(args, updates)  # what --advantage changes, decided once
     device = next(model.parameters()).device
     phases = Phases(device, M.pick_dtype(device, args.dtype))  # MFU against the peak in the compute dtype
@@ -322,7 +323,7 @@ def train(args):
 
         # 4. update: --ppo-epochs over the rollout
         with phases.time("update"):
-            stats |= update(model, batch, variant, loop, args)
+            stats |= update(model, batch, variant, eps_high, loop, args)
         count_flops(phases, policy, rms, batch, variant.needs_old_logprobs, variant.needs_ref_logprobs,
                     args.ppo_epochs)
 
