@@ -16,17 +16,20 @@ with DAPO's asymmetric clip (--cliprange-high) and overlong filtering (Yu et al.
 (--beta) enters where each paper puts it: grpo adds β·k3 to the loss (GRPO eq. 3); rloo subtracts β·Σ_t log π/π_ref
 from each response's reward before the leave-one-out baseline (Ahmadian et al. 2024 §3); reinforce++ puts -β·k1 on
 every token's reward. With --beta 0 (the default, as TRL) no reference pass runs.
-One frozen base serves the policy (LoRA adapter `policy`) and the reference (adapters off). Each iteration:
+One frozen base serves the policy (LoRA adapter `policy`) and the reference (adapters off). --advantage is
+resolved once, before the loop, into a `Variant`: its advantage function, the logprob passes it needs and the β of
+the loss. Each iteration, in train():
 
     1. rollout     --rollout-batch-size prompts, --num-generations responses each
-    2. score       the reward (each part logged) and, if β > 0, reference logprobs
-    3. advantages  group baselines, computed once for every group before any minibatch
-    4. update      clipped ratio over --ppo-epochs, aggregated by --loss-type
+    2. score       the reward (each part logged) and the old and reference logprobs where the variant needs them
+    3. advantages  the variant's, computed once for every group before any minibatch
+    4. update      clipped ratio over --ppo-epochs, aggregated by --loss-type (`update`)
     5. log + save
 
     python train_grpo.py --model out/sft --data data/arithmetic.jsonl --reward-fn nanorlhf.arithmetic:accuracy \\
         --out out/grpo
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +135,55 @@ def reinforce_pp_advantages(scores, logprobs, ref_logprobs, mask, beta):
     return whiten(returns, mask)
 
 
+def on_tokens(advantages, mask):
+    """Each response's advantage (N,) on every one of its tokens: (N, R), 0 on padding."""
+    return masked(advantages[:, None].expand_as(mask), mask)
+
+
+def grpo_token_advantages(scores, batch, args):
+    """GRPO's advantages (N, R): each response's score against its group's (Shao et al. 2024 §4.1.2); its KL is in
+    the loss (grpo_loss), not here."""
+    return on_tokens(group_advantages(scores, args.num_generations, "grpo", args.scale_rewards), batch["mask"]), {}
+
+
+def rloo_token_advantages(scores, batch, args):
+    """RLOO's advantages (N, R): the leave-one-out baseline (Ahmadian et al. 2024, eq. 7) of score - β·KL (§3), and
+    that KL to log, the mean k1 per token of the sampling policy."""
+    rewards, stats = scores, {}
+    if args.beta > 0:
+        rewards = rloo_rewards(scores, batch["logprobs"], batch["ref_logprobs"], batch["mask"], args.beta)
+        stats["kl"] = [masked_mean(batch["logprobs"] - batch["ref_logprobs"], batch["mask"]).item()]
+    return on_tokens(group_advantages(rewards, args.num_generations, "rloo"), batch["mask"]), stats
+
+
+def reinforce_pp_token_advantages(scores, batch, args):
+    """REINFORCE++'s advantages (N, R) (Hu 2025), per token already. With β = 0 no logprob pass may have run, and the
+    KL term is 0 whatever stands in for the logprobs."""
+    ref_logprobs = batch.get("ref_logprobs", torch.zeros_like(batch["mask"], dtype=torch.float))
+    logprobs = batch.get("logprobs", ref_logprobs)
+    return reinforce_pp_advantages(scores, logprobs, ref_logprobs, batch["mask"], args.beta), {}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What --advantage changes, resolved once before the loop (the module docstring has each one's math)."""
+    advantages: Callable      # 3.: (scores (N,), batch, args) -> advantages (N, R), stats to log
+    needs_old_logprobs: bool  # a scoring pass of the policy: the ratio's denominator, or the KL in the reward
+    needs_ref_logprobs: bool  # a scoring pass of the reference (adapters off)
+    loss_beta: float          # β of the k3 term in the loss (GRPO eq. 3); 0 where the KL is in the reward
+
+
+def resolve_variant(args, updates):
+    """The Variant of --advantage, for `updates` optimizer steps per iteration. GRPO puts β·k3 in the loss; RLOO and
+    REINFORCE++ put the KL in the reward, so with β > 0 they need the old logprobs. Otherwise one update on fresh
+    samples needs none: the old logprobs are the new ones, detached (ratio 1)."""
+    kl_in_reward = args.advantage != "grpo"
+    advantages = {"grpo": grpo_token_advantages, "rloo": rloo_token_advantages,
+                  "reinforce++": reinforce_pp_token_advantages}[args.advantage]
+    return Variant(advantages, needs_old_logprobs=updates > 1 or (kl_in_reward and args.beta > 0),
+                   needs_ref_logprobs=args.beta > 0, loss_beta=0.0 if kl_in_reward else args.beta)
+
+
 def grpo_loss(logprobs, old_logprobs, advantages, mask, cliprange, cliprange_high, ref_logprobs=None, beta=0.0,
               level="token"):
     """Per-token loss (B, R), 0 on padding: -min(ratio·A, clip(ratio, 1-ε, 1+ε_high)·A) + β·k3(π, π_ref).
@@ -180,11 +232,40 @@ def aggregate(per_token, mask, loss_type, n_responses, n_tokens, max_new_tokens)
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
-def count_flops(phases, policy, rms, data, need_old, need_ref, epochs):
+def update(model, batch, variant, eps_high, loop, args):
+    """4. --ppo-epochs passes of minibatches of --minibatch-size responses, --batch-size per forward; each minibatch's
+    loss aggregated by --loss-type, the ratio clipped to [1 - --cliprange, 1 + eps_high]. batch: the rollout with its
+    advantages and loss_mask (N, R), and the old and reference logprobs where the variant needs them. Returns lists
+    of per-micro-batch and per-step stats."""
+    stats = {}
+    for _ in range(args.ppo_epochs):
+        for mb in minibatches(batch, args.minibatch_size):
+            # normalisers over every rank's minibatch: summed gradients are one process's
+            n_responses, n_tokens = dist.all_sum(len(mb["mask"])), dist.all_sum(mb["loss_mask"].sum())
+            mb_loss = 0.0
+            for _, micro in micro_batches(mb, args.batch_size):
+                logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
+                old_logprobs = micro["logprobs"] if variant.needs_old_logprobs else logprobs.detach()
+                per_token, s = grpo_loss(logprobs, old_logprobs, micro["advantages"], micro["loss_mask"],
+                                         args.cliprange, eps_high, micro.get("ref_logprobs"), variant.loss_beta,
+                                         args.importance_sampling_level)
+                loss = aggregate(per_token, micro["loss_mask"], args.loss_type, n_responses, n_tokens,
+                                 args.max_new_tokens)
+                loss.backward()
+                mb_loss += loss.item()
+                s["entropy"] = masked_mean(entropy, micro["mask"]).detach()
+                for k, v in s.items():
+                    stats.setdefault(k, []).append(float(v))
+            for k, v in ({"loss": dist.all_sum(mb_loss)} | loop.optimizer_step()).items():
+                stats.setdefault(k, []).append(v)
+    return stats
+
+
+def count_flops(phases, policy, rms, batch, need_old, need_ref, epochs):
     """Tokens and model FLOPs of this iteration's passes (nanorlhf/perf.py): sampling; scoring with each RM and,
     when needed, the old policy and the reference; per epoch a forward and backward of the policy. Sequence lengths
     are real tokens, prompt and response: padding is not model work."""
-    prompts, responses = data["query_mask"].sum(1).tolist(), data["mask"].sum(1).tolist()
+    prompts, responses = batch["query_mask"].sum(1).tolist(), batch["mask"].sum(1).tolist()
     lengths = [p + r for p, r in zip(prompts, responses)]
     tokens = sum(lengths)
     phases.add("generate", tokens, policy.generate(prompts, responses, "policy"))
@@ -218,10 +299,7 @@ def train(args):
     scheduler = LambdaLR(optimizer, cosine_with_warmup(steps * updates, args.warmup))  # counts every update
     loop = Loop(args, {"model": model}, optimizer, scheduler, len(prompts), steps, args.max_grad_norm)
     eps_high = args.cliprange_high or args.cliprange
-    # One update on fresh samples: the old logprobs are the new ones, detached (ratio 1), so skip their pass;
-    # REINFORCE++ and RLOO need them for the KL in their reward.
-    need_old = updates > 1 or (args.advantage in ("reinforce++", "rloo") and args.beta > 0)
-    need_ref = args.beta > 0
+    variant = resolve_variant(args, updates)  # what --advantage changes, decided once
     device = next(model.parameters()).device
     phases = Phases(device, M.pick_dtype(device, args.dtype))  # MFU against the peak in the compute dtype
     policy, rms = shape(model), [shape(rm) for rm, _, _ in rewarder.rms]
@@ -232,61 +310,30 @@ def train(args):
         rows = [p for p in picked for _ in range(args.num_generations)]  # each with its columns, for the reward
         queries = [p.ids for p in rows]
         with phases.time("generate"):
-            data, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature,
-                                          args.top_p)
-        mask = data["mask"]
+            batch, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature,
+                                           args.top_p)
+        mask = batch["mask"]
 
         # 2. score: the reward (one scalar per response) and the logprobs the update compares against
         with phases.time("score"):
-            response_ids = [r[:k].tolist() for r, k in zip(data["responses"].cpu(), lengths.cpu())]
+            response_ids = [r[:n].tolist() for r, n in zip(batch["responses"].cpu(), lengths.cpu())]
             scores, parts, texts = rewarder(rows, queries, response_ids, ended.cpu(), args.batch_size)
-            if need_old:
-                data["logprobs"] = batch_logprobs(model, data, args.temperature, "policy", args.batch_size)
-            if need_ref:
-                data["ref_logprobs"] = batch_logprobs(model, data, args.temperature, None, args.batch_size)
+            if variant.needs_old_logprobs:
+                batch["logprobs"] = batch_logprobs(model, batch, args.temperature, "policy", args.batch_size)
+            if variant.needs_ref_logprobs:
+                batch["ref_logprobs"] = batch_logprobs(model, batch, args.temperature, None, args.batch_size)
 
-        # 3. advantages: per response (N,), then on each of its tokens (N, R)
-        scores, stats = scores.to(mask.device), {}
-        if args.advantage == "reinforce++":
-            ref = data.get("ref_logprobs", torch.zeros_like(mask, dtype=torch.float))
-            old = data.get("logprobs", ref)  # with β = 0 the KL term is 0 whatever these hold
-            data["advantages"] = reinforce_pp_advantages(scores, old, ref, mask, args.beta)
-        else:
-            rewards = scores
-            if args.advantage == "rloo" and args.beta > 0:
-                rewards = rloo_rewards(scores, data["logprobs"], data["ref_logprobs"], mask, args.beta)
-                stats["kl"] = [masked_mean(data["logprobs"] - data["ref_logprobs"], mask).item()]  # k1 per token
-            advantages = group_advantages(rewards, args.num_generations, args.advantage, args.scale_rewards)
-            data["advantages"] = masked(advantages[:, None].expand_as(mask), mask)
-        if args.mask_truncated:  # overlong filtering: truncated responses leave the loss
-            data["loss_mask"] = mask * ended[:, None].to(mask.dtype)
-        else:
-            data["loss_mask"] = mask
+        # 3. advantages (N, R), computed once for every group before any minibatch
+        scores = scores.to(mask.device)
+        batch["advantages"], stats = variant.advantages(scores, batch, args)
+        # DAPO's overlong filtering: truncated responses count in their group's baseline but not in the loss
+        batch["loss_mask"] = mask * ended[:, None].to(mask.dtype) if args.mask_truncated else mask
 
-        # 4. update: minibatches of --minibatch-size responses, micro-batches of --batch-size
+        # 4. update: --ppo-epochs over the rollout
         with phases.time("update"):
-            for _ in range(args.ppo_epochs):
-                for mb in minibatches(data, args.minibatch_size):
-                    # normalisers over every rank's minibatch: summed gradients are one process's
-                    n_responses, n_tokens = dist.all_sum(len(mb["mask"])), dist.all_sum(mb["loss_mask"].sum())
-                    mb_loss = 0.0
-                    for _, micro in micro_batches(mb, args.batch_size):
-                        logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
-                        old = micro["logprobs"] if need_old else logprobs.detach()
-                        per_token, s = grpo_loss(logprobs, old, micro["advantages"], micro["loss_mask"],
-                                                 args.cliprange, eps_high, micro.get("ref_logprobs"),
-                                                 args.beta if args.advantage == "grpo" else 0.0,
-                                                 args.importance_sampling_level)
-                        loss = aggregate(per_token, micro["loss_mask"], args.loss_type, n_responses, n_tokens,
-                                         args.max_new_tokens)
-                        loss.backward()
-                        mb_loss += loss.item()
-                        s["entropy"] = masked_mean(entropy, micro["mask"]).detach()
-                        for k, v in s.items():
-                            stats.setdefault(k, []).append(float(v))
-                    for k, v in ({"loss": dist.all_sum(mb_loss)} | loop.optimizer_step()).items():
-                        stats.setdefault(k, []).append(v)
-        count_flops(phases, policy, rms, data, need_old, need_ref, args.ppo_epochs)
+            stats |= update(model, batch, variant, eps_high, loop, args)
+        count_flops(phases, policy, rms, batch, variant.needs_old_logprobs, variant.needs_ref_logprobs,
+                    args.ppo_epochs)
 
         # 5. log + save
         groups = scores.view(-1, args.num_generations)

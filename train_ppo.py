@@ -3,18 +3,19 @@ details of the N+ reproduction (Huang et al. 2024, arXiv 2403.17031; docs/ppo-de
 
 One frozen base carries three roles: the actor (LoRA adapter `policy`), the reference (every
 adapter disabled) and the critic (adapter `value` + a linear value head). Each iteration is
-five functions, called in order by train():
+five steps in train(), each a function or a few lines that name what they compute:
 
-    1. rollout      sample responses to a batch of prompts, cut after the first EOS
-    2. score        the old and reference logprobs and the values of every response token; then
-                    reward = -β·KL(π‖π_ref) per token, plus the RM score on the last token
-    3. advantages   GAE (γ, λ) advantages and returns, advantages whitened
-    4. update       clipped policy and value losses over shuffled minibatches, --ppo-epochs times
+    1. rollout      sample responses to a batch of prompts, cut after the first EOS (`sample`)
+    2. score        the old and reference logprobs and the values of every response token (`score_tokens`),
+                    the score of each response; then reward = -β·KL(π‖π_ref) per token, plus the score on
+                    the last token (`shape_rewards`)
+    3. advantages   GAE (γ, λ) advantages and returns, advantages whitened (`advantages`)
+    4. update       clipped policy and value losses over shuffled minibatches, --ppo-epochs times (`update`)
     5. log          one metrics dict; the Loop logs it and checkpoints
 
     python train_ppo.py --actor out/sft --rm out/rm --data data/hh_harmless.jsonl --out out/ppo
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,8 +30,8 @@ from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, t
 from nanorlhf.model import load_policy
 from nanorlhf.perf import Phases, shape
 from nanorlhf.rewards import Rewarder
-from nanorlhf.rollout import (KLController, RolloutBuffer, batch_inputs, gae, kl_penalty, masked, masked_mean,
-                              masked_var, micro_batches, response_logprobs, response_slice, sample, shape_rewards,
+from nanorlhf.rollout import (KLController, batch_inputs, gae, kl_penalty, masked, masked_mean, masked_var,
+                              micro_batches, minibatches, response_logprobs, response_slice, sample, shape_rewards,
                               whiten)
 
 
@@ -171,45 +172,23 @@ def make_critic(model, rewarder, args):
     return critic, value_head
 
 
-def rollout(model, tokenizer, picked, args):
-    """1. Responses to this iteration's prompts [data.Prompt]. Returns the batch (B, ...) tensors and what
-    the score needs (the prompts' columns too, for reward functions)."""
-    queries = [p.ids for p in picked]
-    batch, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature, args.top_p)
-    return batch, {"prompts": picked, "queries": queries, "lengths": lengths, "ended": ended}
-
-
-def score(model, critic, value_head, batch, info, rewarder, kl_coef, args):
-    """2. Every per-token quantity the update compares against (old and reference logprobs, values), the score
-    of each response (RMs and/or a reward function, the missing-EOS rule), then the per-token rewards: -β·KL
-    everywhere and the score on the last real token."""
-    batch["logprobs"], batch["entropy"], batch["ref_logprobs"], batch["values"] = score_tokens(
-        model, critic, value_head, batch, args)
-    ids = [r[:n].tolist() for r, n in zip(batch["responses"].cpu(), info["lengths"].cpu())]
-    info["scores_raw"], info["parts"], info["texts"] = rewarder(info["prompts"], info["queries"], ids,
-                                                                info["ended"].cpu(), args.batch_size)
-    info["scores"] = missing_eos_scores(info["scores_raw"], info["ended"].cpu(), args)
-    batch["rewards"] = shape_rewards(info["scores"].to(batch["mask"].device), batch["logprobs"], batch["ref_logprobs"],
-                                     batch["mask"], kl_coef, args.kl_estimator)
-
-
-def advantages(batch, args):
-    """3. GAE on the masked response tokens, advantages whitened over the batch (every rank's under torchrun)."""
-    rewards, mask = batch["rewards"], batch["mask"]
+def advantages(rewards, values, mask, args):
+    """3. GAE (Schulman et al. 2016, eq. 16) on the response tokens, the advantages whitened over the batch (every
+    rank's under torchrun); rewards, values, mask (B, R). Returns advantages, returns: (B, R)."""
     if args.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False)
-    batch["advantages"], batch["returns"] = gae(rewards, batch["values"], mask, args.gamma, args.lam)
-    batch["advantages"] = whiten(batch["advantages"], mask)
+    advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
+    return whiten(advantages, mask), returns
 
 
 def update(model, critic, value_head, batch, loop, args):
     """4. --ppo-epochs passes of minibatches of --minibatch-size rollouts, --batch-size per forward; each loss
-    is the token mean over its minibatch. Returns lists of per-micro-batch and per-step stats."""
-    buffer = RolloutBuffer(**{f.name: batch[f.name] for f in fields(RolloutBuffer)})
+    is the token mean over its minibatch. batch: the rollout with the old logprobs, values, advantages and returns
+    (B, R) of steps 2 and 3. Returns lists of per-micro-batch and per-step stats."""
     stats = {}
     for epoch in range(args.ppo_epochs):
         epoch_kl = []
-        for mb in buffer.minibatches(args.minibatch_size):
+        for mb in minibatches(batch, args.minibatch_size):
             n_tokens = dist.all_sum(mb["mask"].sum())  # every rank's minibatch: one process's, split
             for _, micro in micro_batches(mb, args.batch_size):
                 logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
@@ -246,21 +225,6 @@ def count_flops(phases, shapes, batch, epochs_run):
     train = (policy.forward(lengths, True, "policy") + policy.backward(lengths, True, "policy")
              + critic.forward(lengths, False, "value") + critic.backward(lengths, False, "value"))
     phases.add("update", tokens * 2 * epochs_run, train * epochs_run)
-
-
-def log_metrics(batch, info, stats, kl_ctl, args):
-    """5. One metrics dict for the Loop; the KL controller sees this iteration's (global) KL."""
-    mask = batch["mask"]
-    kl = dist.all_sum(masked(kl_penalty(batch["logprobs"], batch["ref_logprobs"], "k1"), mask).sum(1).mean().item())
-    kl /= dist.world()  # every rank's mean over an equal share: the global mean
-    kl_ctl.update(kl, args.rollout_batch_size * dist.world())
-    residual_var = masked_var(batch["returns"] - batch["values"], mask)
-    return {k: sum(v) / len(v) for k, v in stats.items() if k != "ppo_epochs_run"} | {
-        "score": info["scores"].mean(), "score_raw": info["scores_raw"].mean(), "kl": kl, "kl_coef": kl_ctl.value,
-        **{f"score/{k}": v.nanmean() for k, v in info["parts"].items()},
-        "entropy": masked_mean(batch["entropy"], mask), "response_length": info["lengths"].float().mean(),
-        "eos_frac": info["ended"].float().mean(), "ppo_epochs_run": stats["ppo_epochs_run"][-1],
-        "explained_variance": 1 - residual_var / masked_var(batch["returns"], mask), "tokens": int(mask.sum())}
 
 
 def train(args):
@@ -301,24 +265,50 @@ def train(args):
     warned_eos = False
 
     for step in loop:
+        # 1. rollout: one response to each of this rank's prompts, cut after the first EOS
         picked = [prompts[i] for i in loop.take(args.rollout_batch_size)]  # this rank's share
+        queries = [p.ids for p in picked]
         with phases.time("generate"):
-            batch, info = rollout(model, tokenizer, picked, args)                           # 1. rollout
+            batch, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature, args.top_p)
+        mask = batch["mask"]
+
+        # 2. score: per token (B, R) what the update compares against; per response (B,) the score (RMs and/or
+        # reward functions, then the missing-EOS rule); then the rewards (B, R), -β·KL everywhere and the score on
+        # the last real token (Ziegler et al. 2019, eq. 2)
         with phases.time("score"):
-            score(model, critic, value_head, batch, info, rewarder, kl_ctl.value, args)     # 2. score + KL
-            advantages(batch, args)                                                          # 3. GAE
+            batch["logprobs"], entropy, batch["ref_logprobs"], batch["values"] = score_tokens(
+                model, critic, value_head, batch, args)
+            response_ids = [r[:n].tolist() for r, n in zip(batch["responses"].cpu(), lengths.cpu())]
+            scores_raw, parts, texts = rewarder(picked, queries, response_ids, ended.cpu(), args.batch_size)
+            scores = missing_eos_scores(scores_raw, ended.cpu(), args)
+            rewards = shape_rewards(scores.to(mask.device), batch["logprobs"], batch["ref_logprobs"], mask,
+                                    kl_ctl.value, args.kl_estimator)
+            batch["advantages"], batch["returns"] = advantages(rewards, batch["values"], mask, args)  # 3. GAE
+
+        # 4. update: --ppo-epochs over the rollout
         with phases.time("update"):
-            stats = update(model, critic, value_head, batch, loop, args)                     # 4. PPO epochs
+            stats = update(model, critic, value_head, batch, loop, args)
         count_flops(phases, shapes, batch, stats["ppo_epochs_run"][-1])
-        metrics = log_metrics(batch, info, stats, kl_ctl, args) | phases.metrics()           # 5. log + save
+
+        # 5. log + save; the KL controller sees this iteration's mean sequence KL over every rank
+        kl = dist.all_sum(masked(kl_penalty(batch["logprobs"], batch["ref_logprobs"], "k1"), mask).sum(1).mean().item())
+        kl /= dist.world()  # every rank's mean over an equal share: the global mean
+        kl_ctl.update(kl, args.rollout_batch_size * dist.world())
+        residual_var = masked_var(batch["returns"] - batch["values"], mask)
+        metrics = {k: sum(v) / len(v) for k, v in stats.items() if k != "ppo_epochs_run"} | {
+            "score": scores.mean(), "score_raw": scores_raw.mean(), "kl": kl, "kl_coef": kl_ctl.value,
+            **{f"score/{k}": v.nanmean() for k, v in parts.items()},
+            "entropy": masked_mean(entropy, mask), "response_length": lengths.float().mean(),
+            "eos_frac": ended.float().mean(), "ppo_epochs_run": stats["ppo_epochs_run"][-1],
+            "explained_variance": 1 - residual_var / masked_var(batch["returns"], mask),
+            "tokens": int(mask.sum())} | phases.metrics()
         if args.missing_eos != "none" and metrics["eos_frac"] < 0.5 and not warned_eos:
             warned_eos = True
             loop.write(f"warning: only {metrics['eos_frac']:.0%} of responses ended with EOS within "
                            f"--max-new-tokens {args.max_new_tokens}, so --missing-eos {args.missing_eos} sets most "
                            "scores; raise --max-new-tokens or pass --missing-eos none")
         if args.sample_every and step % args.sample_every == 0:
-            loop.show_samples([p.messages[-1]["content"] for p in info["prompts"][:3]], info["texts"][:3],
-                              info["scores"][:3].tolist())
+            loop.show_samples([p.messages[-1]["content"] for p in picked[:3]], texts[:3], scores[:3].tolist())
         loop.end_step(metrics)
 
     if not loop.interrupted:  # after a signal the checkpoint holds the run, for --resume

@@ -1,13 +1,11 @@
 """RL on sampled responses, shared by PPO and the critic-free stage: sampling, the response-slice logprobs,
-masked statistics, GAE, the KL controller, the rollout buffer and its micro-batches.
+masked statistics, GAE, the KL controller, and the minibatches and micro-batches of a rollout batch.
 
 A rollout batch is a dict: queries (B, P) left-padded with query_mask, and responses (B, R) right-padded with
 mask, 1 on real response tokens (up to and including the first EOS) and 0 on padding. Every other (B, R)
 tensor is aligned with the response tokens. Padding must be inert: each function ignores what padded
 positions hold (docs/ppo-details.md §2).
 """
-from dataclasses import dataclass, fields
-
 import torch
 
 from . import dist
@@ -176,32 +174,10 @@ class KLController:
         self.value = state["value"]
 
 
-@dataclass
-class RolloutBuffer:
-    """One iteration's rollouts. Shapes: queries (B, P) left-padded, everything else (B, R)."""
-    queries: torch.Tensor
-    query_mask: torch.Tensor
-    responses: torch.Tensor
-    mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-
-    def __len__(self):
-        return self.responses.shape[0]
-
-    def minibatches(self, size, generator=None):
-        """Shuffled minibatches (dicts of tensors); each sample appears exactly once per call."""
-        return minibatches({f.name: getattr(self, f.name) for f in fields(self)}, size, generator)
-
-
-def minibatches(batch, size, generator=None):
+def minibatches(batch, size):
     """Shuffled minibatches of a dict of (B, ...) tensors; each row appears exactly once per call."""
     n = len(next(iter(batch.values())))
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n)
     for start in range(0, n, size):
         idx = order[start:start + size]
         yield {k: v[idx] for k, v in batch.items()}

@@ -86,6 +86,28 @@ def test_reinforce_pp_hand_computed():
     assert out[~mask.bool()].eq(0).all()
 
 
+@pytest.mark.parametrize("advantage, beta, updates, expected", [
+    ("grpo", 0.1, 1, (False, True, 0.1)),        # one update on fresh samples: old = new, detached; KL in the loss
+    ("grpo", 0.0, 2, (True, False, 0.0)),        # a second update needs the ratio's denominator
+    ("rloo", 0.1, 1, (True, True, 0.0)),         # the KL is in the reward: old logprobs, no β in the loss
+    ("rloo", 0.0, 1, (False, False, 0.0)),
+    ("reinforce++", 0.1, 1, (True, True, 0.0)),
+    ("reinforce++", 0.0, 2, (True, False, 0.0))])
+def test_variant_is_resolved_once_from_the_flags(advantage, beta, updates, expected):
+    variant = train_grpo.resolve_variant(train_grpo.Args(advantage=advantage, beta=beta), updates)
+    assert (variant.needs_old_logprobs, variant.needs_ref_logprobs, variant.loss_beta) == expected
+
+
+def test_reinforce_pp_without_logprob_passes_is_the_score_alone():
+    """β = 0 and one update: neither pass ran, and the advantages are the whitened score-to-go of each token."""
+    scores, mask = torch.tensor([1.0, -1.0]), torch.tensor([[1, 1, 1], [1, 0, 0]])
+    args = train_grpo.Args(advantage="reinforce++")
+    out, stats = train_grpo.reinforce_pp_token_advantages(scores, {"mask": mask}, args)
+    returns = torch.tensor([1.0, 1.0, 1.0, -1.0])  # the score on every token up to the end (γ = 1)
+    torch.testing.assert_close(out[mask.bool()], (returns - returns.mean()) / returns.std(), atol=1e-5, rtol=1e-5)
+    assert out[~mask.bool()].eq(0).all() and stats == {}
+
+
 def test_grpo_loss_hand_computed_forward_and_backward():
     # ratios 1.5 (A = +1, clipped at 1 + ε_high = 1.3), 1.1 (A = +1, inside), 0.5 (A = -1, clipped at 0.8), padding
     logprobs = torch.log(torch.tensor([[1.5, 1.1, 0.5, 9.0]])).requires_grad_()

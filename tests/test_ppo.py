@@ -12,7 +12,7 @@ import train_ppo
 from nanorlhf import model as M
 from nanorlhf import rollout
 from nanorlhf.lora import add_lora, lora_layers
-from nanorlhf.rollout import KLController, RolloutBuffer, gae, whiten
+from nanorlhf.rollout import KLController, gae, minibatches, whiten
 
 WORDS = [" the", " cat", " dog", " red", " blue", " sun", " tree", " fish", " bird", " car", " book", " milk",
          " rain", " king", " moon", " star"]
@@ -57,14 +57,18 @@ def test_whiten_uses_only_masked_positions():
     torch.testing.assert_close(whiten(x, mask, shift_mean=False)[mask.bool()], expected + 3.0, atol=1e-6, rtol=1e-6)
 
 
-def test_buffer_visits_each_sample_once_per_epoch():
+def test_minibatches_visit_each_sample_once_per_epoch():
+    """PPO's and GRPO's update: each epoch's shuffled minibatches of the rollout batch cover every row once, and a
+    row's tensors stay together."""
     B = 10
     t = torch.arange(B, dtype=torch.float)[:, None].expand(B, 3)
-    buffer = RolloutBuffer(*([t.clone()] * 10))
+    batch = {k: t.clone() for k in ("queries", "query_mask", "responses", "mask", "logprobs", "advantages")}
     for _ in range(3):
-        seen = torch.cat([mb["responses"][:, 0] for mb in buffer.minibatches(4)])
+        mbs = list(minibatches(batch, 4))
+        seen = torch.cat([mb["responses"][:, 0] for mb in mbs])
         assert sorted(seen.long().tolist()) == list(range(B))
-    sizes = [len(mb["mask"]) for mb in buffer.minibatches(4)]
+        assert all(torch.equal(mb[k], mb["responses"]) for mb in mbs for k in batch)
+    sizes = [len(mb["mask"]) for mb in minibatches(batch, 4)]
     assert sizes == [4, 4, 2]
 
 
