@@ -344,7 +344,7 @@ def train(args):
             "eos_frac": ended.float().mean(), "tokens": int(mask.sum())} | phases.metrics()
         if args.sample_every and step % args.sample_every == 0:
             k = args.num_generations  # the first prompt's group
-            loop.show_samples([p.messages[-1]["content"] for p in rows[:k]], texts[:k], scores[:k].tolist(), "reward")
+            loop.log.samples([p.messages[-1]["content"] for p in rows[:k]], texts[:k], scores[:k].tolist(), "reward")
         loop.end_step(metrics)
 
     if not loop.interrupted:  # after a signal the checkpoint holds the run, for --resume

@@ -189,7 +189,7 @@ def train(args):
     loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm,
                 stateful={"z0": z0})
     if evaluating and not args.resume:
-        loop.log({"step": 0, **evaluate(model, reference, eval_rows, z0, args, pad_id)})
+        loop.log.metrics({"step": 0, **evaluate(model, reference, eval_rows, z0, args, pad_id)})
 
     for step in loop:
         batches = loop.batches(args.batch_size, args.grad_accum)
@@ -214,7 +214,7 @@ def train(args):
 
     if evaluating:
         final = evaluate(model, reference, eval_rows, z0, args, pad_id)
-        loop.log_final(final)
+        loop.log.final(loop.step, final)
     M.save_model(model, tokenizer, args.out)
 
 

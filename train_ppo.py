@@ -304,11 +304,11 @@ def train(args):
             "tokens": int(mask.sum())} | phases.metrics()
         if args.missing_eos != "none" and metrics["eos_frac"] < 0.5 and not warned_eos:
             warned_eos = True
-            loop.write(f"warning: only {metrics['eos_frac']:.0%} of responses ended with EOS within "
+            loop.log.write(f"warning: only {metrics['eos_frac']:.0%} of responses ended with EOS within "
                            f"--max-new-tokens {args.max_new_tokens}, so --missing-eos {args.missing_eos} sets most "
                            "scores; raise --max-new-tokens or pass --missing-eos none")
         if args.sample_every and step % args.sample_every == 0:
-            loop.show_samples([p.messages[-1]["content"] for p in picked[:3]], texts[:3], scores[:3].tolist())
+            loop.log.samples([p.messages[-1]["content"] for p in picked[:3]], texts[:3], scores[:3].tolist())
         loop.end_step(metrics)
 
     if not loop.interrupted:  # after a signal the checkpoint holds the run, for --resume

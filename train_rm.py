@@ -168,7 +168,7 @@ def train(args):
     loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm)
     eval_kw = dict(batch_size=args.batch_size, device=device, loss_type=args.loss, ranking_margin=args.ranking_margin)
     if evaluating and not args.resume:
-        loop.log({"step": 0, **evaluate(model, eval_rows, pad_id, **eval_kw)})
+        loop.log.metrics({"step": 0, **evaluate(model, eval_rows, pad_id, **eval_kw)})
 
     # 2. Train: each micro-batch scores chosen and rejected replies in one forward.
     for step in loop:
@@ -195,12 +195,12 @@ def train(args):
 
     if evaluating:
         final = evaluate(model, eval_rows, pad_id, **eval_kw)
-        loop.log_final(final)
+        loop.log.final(loop.step, final)
     # 3. Reward-normalisation statistics travel with the model in config.json (docs/ppo-details.md §8).
     seqs = norm_sequences(args, tokenizer, train_rows)
     mean, std = reward_stats(model, seqs, pad_id, 2 * args.batch_size)
     model.config.reward_mean, model.config.reward_std = mean, std
-    loop.log({"step": loop.step, "reward_mean": mean, "reward_std": std, "norm_samples": float(len(seqs))})
+    loop.log.metrics({"step": loop.step, "reward_mean": mean, "reward_std": std, "norm_samples": float(len(seqs))})
     M.save_model(model, tokenizer, args.out)
     print(f"its config.json holds reward_mean {mean:.4g} and reward_std {std:.4g} over {len(seqs)} completions")
 

@@ -76,7 +76,7 @@ def train(args):
     scheduler = LambdaLR(optimizer, cosine_with_warmup(steps, args.warmup))
     loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm)
     if evaluating and not args.resume:
-        loop.log({"step": 0, "eval_loss": evaluate(model, eval_rows, pad_id, args.batch_size, device)})
+        loop.log.metrics({"step": 0, "eval_loss": evaluate(model, eval_rows, pad_id, args.batch_size, device)})
 
     for step in loop:
         batches = [collate([train_rows[i] for i in idx], pad_id) for idx in loop.batches(args.batch_size, args.grad_accum)]
@@ -98,7 +98,7 @@ def train(args):
 
     if evaluating:
         eval_loss = evaluate(model, eval_rows, pad_id, args.batch_size, device)
-        loop.log_final({"eval_loss": eval_loss})
+        loop.log.final(loop.step, {"eval_loss": eval_loss})
     M.save_model(model, tokenizer, args.out)
     prompts = [row[0] for row in (eval_rows or train_rows)[:args.samples]]
     if prompts and dist.is_main():

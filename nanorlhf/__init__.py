@@ -1,8 +1,9 @@
 """nanorlhf: the package every train_*.py script imports, and the command-line tools around it.
 
 The core, in reading order (what the scripts import):
-    loop.py        the plumbing flags (RunArgs), data stream, guarded optimizer step, NaN guard, checkpoints, resume,
-                   logging; each script builds its own optimizer and schedule (adamw, cosine_with_warmup here)
+    loop.py        the plumbing flags (RunArgs), data stream, guarded optimizer step, NaN guard, checkpoints, resume;
+                   each script builds its own optimizer and schedule (adamw, cosine_with_warmup here)
+    log.py         where the numbers go (loop.log): progress bar, metrics.jsonl, --report-to, samples
     model.py       loading (HF folder, GGUF, 4/8-bit; load_policy: base + LoRA), hidden states -> logprobs, reward
                    scores, generation, saving
     kernels.py     the fused logprob/entropy kernel: never builds the (tokens, vocab) logits

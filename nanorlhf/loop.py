@@ -1,13 +1,13 @@
 """The training plumbing every stage shares, written once: the plumbing flags, output folder, the data stream,
-NaN guard, atomic checkpoints, exact resume, signals and logging.
+NaN guard, atomic checkpoints, exact resume and signals. Where the numbers go is nanorlhf/log.py's Log.
 
 A stage builds its optimizer and schedule itself, hands them to the Loop, and calls, per optimizer step:
 
     for step in loop:                                 # resumes, stops after `steps` or on SIGTERM
         for idx in loop.batches(args.batch_size, args.grad_accum):  # micro-batches of example indices
             (loss / args.grad_accum).backward()
-        metrics |= loop.optimizer_step()              # clip, skip NaN/inf, step, schedule
-        loop.end_step(metrics)                        # tqdm + one human line + metrics.jsonl, checkpoint
+        metrics |= loop.optimizer_step()              # GuardedStep: clip, skip NaN/inf, step, schedule
+        loop.end_step(metrics)                        # log it (loop.log: tqdm, metrics.jsonl), checkpoint
     if loop.interrupted:                              # a signal: the checkpoint holds the run, no final save
         return
 """
@@ -23,11 +23,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
-
 from . import dist
 from .cli import UserError, arg
 from .data import FORMATS
+from .log import Log
 from .perf import peak_memory_gb
 
 
@@ -123,42 +122,6 @@ def read_checkpoint(path):
     return state
 
 
-def drop_metrics_after(path, step):
-    """A resumed run logs its steps again: drop the lines its previous life logged after the checkpoint."""
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line).get("step", 0) <= step]
-        with open(path, "w") as f:
-            f.writelines(kept)
-
-
-def reporter(args, step):
-    """A function that sends a metrics dict to --report-to, or None. The package is imported only when asked."""
-    if args.report_to == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("--report-to tensorboard needs tensorboard: pip install -e '.[tensorboard]'") from None
-        # purge_step: a resumed run drops the events its previous life logged after the checkpoint
-        writer = SummaryWriter(os.path.join(args.out, "runs"), purge_step=step + 1 if step else None)
-
-        def send(metrics):
-            for k, v in metrics.items():
-                if k != "step":
-                    writer.add_scalar(k, v, metrics["step"])
-            writer.flush()
-        return send
-    if args.report_to == "wandb":
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--report-to wandb needs wandb: pip install -e '.[wandb]'") from None
-        run = wandb.init(project="nanorlhf", name=os.path.basename(os.path.normpath(args.out)), config=asdict(args),
-                         dir=args.out, resume="allow")
-        return lambda metrics: run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
-    return None
-
-
 def rng_state():
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -222,64 +185,19 @@ class Stream:
         self.epoch, self.pos = s["epoch"], s["pos"]
 
 
-class Loop:
-    """Everything about a run but the algorithm and its optimizer: the data stream, the guarded optimizer step,
-    logging, checkpoints, signals and resume. `modules` are checkpointed by their trainable parameters; the
-    stage's `optimizer` and `scheduler` by their state_dicts; `stateful` objects (e.g. a KL controller) too."""
+class GuardedStep:
+    """The optimizer step with its guard: the gradient summed over ranks, each param group clipped to max_grad_norm
+    (0 = never) on its own, and a NaN/inf gradient (from a NaN loss too) skipping the step instead of poisoning the
+    weights; max_bad_steps of those in a row stop the run."""
 
-    def __init__(self, args, modules, optimizer, scheduler, n_examples, steps, max_grad_norm=0.0, stateful=None):
-        """steps: optimizer steps (PPO and GRPO: iterations) to run, see total_steps. Each param group of the
-        optimizer is clipped to max_grad_norm (0 = never) on its own, and logged as grad_norm/<its "name">."""
-        self.args, self.modules, self.stateful = args, modules, dict(stateful or {})
+    def __init__(self, optimizer, scheduler, max_grad_norm, max_bad_steps, out):
         self.optimizer, self.scheduler, self.max_grad_norm = optimizer, scheduler, max_grad_norm
-        self.stream = Stream(n_examples, args.seed)  # the same order on every rank; each takes its own share
-        self.total_steps = steps
-        self.device = next(p for m in modules.values() for p in m.parameters()).device  # whose memory to report
+        self.max_bad_steps, self.out = max_bad_steps, out  # out: where to point at the last good checkpoint
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.step, self.bad_steps, self.skipped, self.stop, self.interrupted = 0, 0, 0, False, False
-        self.metrics_path = os.path.join(args.out, "metrics.jsonl")
-        if dist.rank():  # a stage builds the Loop after its last initialisation, drawn from the shared --seed so
-            # that every rank starts equal; from here each rank needs its own stream, or ranks given the same prompt
-            # sample the same responses. Rank 0 keeps its stream: one process runs as it always did.
-            torch.manual_seed(args.seed + dist.rank())
-        if args.resume:  # restores every rank's own RNG state
-            self._load(checkpoints(args.out)[-1])
-        elif dist.is_main():
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(asdict(args) | {"world_size": dist.world()}, f, indent=2)
-        self.old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        self.report = reporter(args, self.step) if dist.is_main() else None
-        self.bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, file=sys.stdout,
-                        disable=not dist.is_main())
-        self.t_step = time.perf_counter()
+        self.bad_steps, self.skipped = 0, 0
 
-    def __iter__(self):
-        """Yields the 1-based number of the step about to run."""
-        self.t_step = time.perf_counter()  # an evaluation before step 1 is not part of step 1's time
-        while self.step < self.total_steps and not self.interrupted:
-            yield self.step + 1
-        self.bar.close()
-        for sig, handler in self.old_handlers.items():
-            signal.signal(sig, handler)
-        if self.interrupted:  # the stage returns without its final save: the checkpoint holds the run
-            argv = [a for a in sys.argv if a not in ("--resume", "--overwrite")]
-            print(f"stopped by signal at step {self.step}; resume with:\n  python {shlex.join(argv)} --resume")
-            return
-        # the scheduler steps once per optimizer step, skipped or not, and is checkpointed: it counts them all
-        if self.skipped and self.skipped == self.scheduler.last_epoch:  # the stage's save comes after this loop
-            raise UserError(f"all {self.skipped} optimizer steps had a NaN/inf loss or gradient and were skipped: "
-                            "nothing was trained, so no model is saved. Check the data and rewards, or lower --lr.")
-
-    def take(self, n):
-        """This rank's n example indices at the stream's position (the stream advances n × world size)."""
-        return dist.shard(self.stream.take(n * dist.world()))
-
-    def batches(self, batch_size, grad_accum):
-        """grad_accum micro-batches of batch_size example indices for this rank."""
-        return [self.take(batch_size) for _ in range(grad_accum)]
-
-    def optimizer_step(self):
-        """Clip and step; a NaN/inf gradient (from a NaN loss too) skips the step instead of poisoning weights."""
+    def __call__(self):
+        """Clip and step; the metrics: grad_norm (per named param group), lr and the skipped steps so far."""
         dist.all_sum_grads(self.params)  # each rank's loss was scaled by global counts: the sum is the global gradient
         max_norm = self.max_grad_norm or float("inf")
         norms = {group.get("name", ""): torch.nn.utils.clip_grad_norm_(group["params"], max_norm)
@@ -292,12 +210,78 @@ class Loop:
             self.bad_steps, self.skipped = self.bad_steps + 1, self.skipped + 1
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.bad_steps >= self.args.max_bad_steps:
-            last = checkpoints(self.args.out)
+        if self.bad_steps >= self.max_bad_steps:
+            last = checkpoints(self.out)
             raise UserError(f"{self.bad_steps} optimizer steps in a row had a NaN/inf loss or gradient; stopped. "
                             f"Last good checkpoint: {last[-1] if last else 'none'}. Try a lower --lr.")
         grad_norms = {f"grad_norm/{name}" if name else "grad_norm": float(n) for name, n in norms.items()}
         return grad_norms | {"lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped}
+
+    def nothing_trained(self):
+        """Every step so far was skipped (the scheduler steps once per step, skipped or not, and is checkpointed)."""
+        return 0 < self.skipped == self.scheduler.last_epoch
+
+    def state_dict(self):
+        return {"skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped = state["skipped"]
+
+
+class Loop:
+    """Everything about a run but the algorithm and its optimizer: the data stream, the guarded optimizer step
+    (`loop.optimizer_step()`), checkpoints, signals and resume; every step goes to its Log, `loop.log`. `modules` are
+    checkpointed by their trainable parameters; `stateful` objects (e.g. a KL controller) by their state_dicts."""
+
+    def __init__(self, args, modules, optimizer, scheduler, n_examples, steps, max_grad_norm=0.0, stateful=None):
+        """steps: optimizer steps (PPO and GRPO: iterations) to run, see total_steps; max_grad_norm: see GuardedStep,
+        which logs each param group's norm as grad_norm/<its "name">."""
+        self.args, self.modules, self.stateful = args, modules, dict(stateful or {})
+        self.optimizer_step = GuardedStep(optimizer, scheduler, max_grad_norm, args.max_bad_steps, args.out)
+        self.stream = Stream(n_examples, args.seed)  # the same order on every rank; each takes its own share
+        self.total_steps = steps
+        self.device = next(p for m in modules.values() for p in m.parameters()).device  # whose memory to report
+        self.step, self.stop, self.interrupted = 0, False, False
+        if dist.rank():  # a stage builds the Loop after its last initialisation, drawn from the shared --seed so
+            # that every rank starts equal; from here each rank needs its own stream, or ranks given the same prompt
+            # sample the same responses. Rank 0 keeps its stream: one process runs as it always did.
+            torch.manual_seed(args.seed + dist.rank())
+        if args.resume:  # restores every rank's own RNG state
+            self._load(checkpoints(args.out)[-1])
+        elif dist.is_main():
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(asdict(args) | {"world_size": dist.world()}, f, indent=2)
+        self.log = Log(args, self.step, steps)  # the stage's own lines go through loop.log too
+        self.old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.t_step = time.perf_counter()
+
+    def __iter__(self):
+        """Yields the 1-based number of the step about to run."""
+        self.t_step = time.perf_counter()  # an evaluation before step 1 is not part of step 1's time
+        while self.step < self.total_steps and not self.interrupted:
+            yield self.step + 1
+        self.log.close()
+        for sig, handler in self.old_handlers.items():
+            signal.signal(sig, handler)
+        if self.interrupted:  # the stage returns without its final save: the checkpoint holds the run
+            argv = [a for a in sys.argv if a not in ("--resume", "--overwrite")]
+            print(f"stopped by signal at step {self.step}; resume with:\n  python {shlex.join(argv)} --resume")
+            return
+        if self.optimizer_step.nothing_trained():  # the stage's save comes after this loop
+            raise UserError(f"all {self.optimizer_step.skipped} optimizer steps had a NaN/inf loss or gradient and "
+                            "were skipped: nothing was trained, so no model is saved. Check the data and rewards, "
+                            "or lower --lr.")
+
+    def take(self, n):
+        """This rank's n example indices at the stream's position (the stream advances n × world size)."""
+        return dist.shard(self.stream.take(n * dist.world()))
+
+    def batches(self, batch_size, grad_accum):
+        """grad_accum micro-batches of batch_size example indices for this rank."""
+        return [self.take(batch_size) for _ in range(grad_accum)]
 
     def end_step(self, metrics):
         """Count the step, log it everywhere once, checkpoint when due or when a signal asked to stop."""
@@ -309,50 +293,23 @@ class Loop:
             metrics["tokens_per_s"] = metrics.pop("tokens") / metrics["step_time"]
         metrics["peak_mem_gb"] = peak_memory_gb(self.device)
         self.t_step = now
-        self.log(metrics)
+        self.log.metrics(metrics)
         self.stop = dist.all_sum(float(self.stop)) > 0  # a signal seen by any rank stops them all at this step
         if (self.args.save_every and self.step % self.args.save_every == 0) or self.stop:
             self.save_checkpoint()
         self.interrupted = self.stop  # the stage's `for step in loop` ends here; it checks loop.interrupted
 
-    def log(self, metrics):
-        """One place per step, on rank 0: metrics.jsonl, --report-to, tqdm and a human line every --log-every."""
-        if not dist.is_main():
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.report:
-            self.report(metrics)
-        self.bar.update(metrics["step"] - self.bar.n)
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "score", "kl", "lr")})
-        if metrics["step"] % self.args.log_every == 0 or metrics["step"] == self.total_steps:
-            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-
-    def log_final(self, metrics):
-        """The held-out metrics after the last step, logged as final_<name> at that step."""
-        self.log({"step": self.step, **{f"final_{k}": v for k, v in metrics.items()}})
-
-    def write(self, text):
-        """A line in the log that leaves the progress bar intact."""
-        self.bar.write(text)
-
-    def show_samples(self, prompts, responses, scores, label="score"):
-        """A prompt -> response -> score table in the log (PPO and GRPO, every --sample-every iterations)."""
-        for prompt, response, score in zip(prompts, responses, scores):
-            self.bar.write(f"--- prompt: {prompt[:200]!r}\n    response: {response[:300]!r}\n    {label}: {score:.3f}")
-
     def _on_signal(self, signum, frame):
         if self.stop:  # a second Ctrl-C means now
             raise KeyboardInterrupt
         self.stop = True
-        self.bar.write(f"signal {signum}: finishing this step, then checkpointing")
+        self.log.write(f"signal {signum}: finishing this step, then checkpointing")
 
     def state_dict(self):
         """Everything a resume needs; `rng` holds every rank's generators (sampling differs per rank)."""
         return {
-            "step": self.step, "skipped": self.skipped, "stream": self.stream.state_dict(),
-            "rng": dist.gather(rng_state()), "world_size": dist.world(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step": self.step, "stream": self.stream.state_dict(), "rng": dist.gather(rng_state()),
+            "world_size": dist.world(), **self.optimizer_step.state_dict(),
             "modules": {k: {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
                         for k, m in self.modules.items()},
             "stateful": {k: s.state_dict() for k, s in self.stateful.items()},
@@ -369,13 +326,10 @@ class Loop:
         state = read_checkpoint(path)
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer_step.load_state_dict(state)
         for k, s in self.stateful.items():
             s.load_state_dict(state["stateful"][k])
         self.stream.load_state_dict(state["stream"])
-        self.step, self.skipped = state["step"], state["skipped"]
+        self.step = state["step"]
         set_rng_state(state["rng"][dist.rank()])
-        if dist.is_main():
-            drop_metrics_after(self.metrics_path, self.step)
         print(f"resumed from {path} at step {self.step}")

@@ -132,12 +132,12 @@ def test_param_groups_are_clipped_apart(tmp_path):
     policy.weight.grad = torch.tensor([[0.3, 0.4]])    # norm 0.5: under the limit, left alone
     critic.weight.grad = torch.tensor([[30.0, 40.0]])  # norm 50: scaled to 1
     seen = {}
-    real_step = loop.optimizer.step
+    real_step = loop.optimizer_step.optimizer.step
 
     def spy():
         seen["policy"], seen["critic"] = policy.weight.grad.clone(), critic.weight.grad.clone()
         real_step()
-    loop.optimizer.step = spy
+    loop.optimizer_step.optimizer.step = spy
     metrics = loop.optimizer_step()
     torch.testing.assert_close(seen["policy"], torch.tensor([[0.3, 0.4]]))
     torch.testing.assert_close(seen["critic"], torch.tensor([[0.6, 0.8]]))
