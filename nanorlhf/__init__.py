@@ -8,7 +8,8 @@ The core, in reading order (what the scripts import):
                    scores, generation, saving
     kernels.py     the fused logprob/entropy kernel: never builds the (tokens, vocab) logits
     lora.py        LoRA layers with named adapters, merge, PEFT-format save and load
-    data.py        every data format, chat templates, truncation, batching; load_data: train and held-out rows
+    data.py        examples -> chat template, truncation, batching; load_data: train and held-out rows
+    formats.py     reading .json/.jsonl/hub data and the eight record formats (alpaca ... ranked, prompt)
     preference.py  summed response logprobs and the one reference mechanism (DPO, KTO, evaluation)
     rollout.py     RL on samples: sampling, response logprobs, GAE, whitening, KL penalty and controller
     rewards.py     the reward composite: reward models and Python reward functions

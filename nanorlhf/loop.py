@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from . import dist
 from .cli import UserError, arg
-from .data import FORMATS
+from .formats import FORMATS
 from .log import Log
 from .perf import peak_memory_gb
 

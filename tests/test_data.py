@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from nanorlhf.cli import UserError
-from nanorlhf.data import (PLAIN_GENERATION_PROMPT, PairExample, PromptExample, SFTExample, UnpairedExample,
-                           collate, load_examples, render_prompt, tokenize)
+from nanorlhf.data import PLAIN_GENERATION_PROMPT, collate, load_examples, render_prompt, tokenize
+from nanorlhf.formats import PairExample, PromptExample, SFTExample, UnpairedExample
 
 SHARED = Path(__file__).resolve().parents[1] / "data"  # the copies of ../shared/data the repository ships
 
@@ -307,7 +307,7 @@ def test_prompts_keep_rows_that_differ_in_a_column_and_refuse_a_column_json_cann
                                        {"prompt": "2+2?", "answer": "four"}])
     assert [e.columns for e in load_examples(path, "prompts")] == [{"answer": 4}, {"answer": "four"}]
     import nanorlhf.data as D
-    monkeypatch.setattr(D, "_read_records", lambda path: [("hub row 0", {"prompt": "p", "image": b"\x89PNG"})])
+    monkeypatch.setattr(D, "read_records", lambda path: [("hub row 0", {"prompt": "p", "image": b"\x89PNG"})])
     with pytest.raises(UserError, match=r"^hub row 0: column 'image' holds a bytes; expected a number"):
         load_examples("some/hub", "prompts")
 
