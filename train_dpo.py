@@ -86,7 +86,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 def pair_seqs(rows):
     """(prompt, completion) rows for one concatenated forward: every chosen row, then every rejected row."""
-    return [(p, c) for p, c, _, _ in rows] + [(p, r) for p, _, r, _ in rows]
+    return [(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows]
 
 
 def dpo_step(model, reference, rows, args, pad_id):
@@ -158,7 +158,7 @@ def train(args):
             losses, sums = dpo_step(model, reference, rows, args, pad_id)
             (losses.sum() / n_pairs).backward()
             totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
-            tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r, _ in rows)
+            tokens += sum(2 * len(r.prompt) + len(r.chosen) + len(r.rejected) for r in rows)
         metrics = {k: dist.all_sum(v) / n_pairs for k, v in totals.items()} | {"tokens": tokens}
         metrics |= loop.optimizer_step()
         if evaluating and args.eval_every and step % args.eval_every == 0:

@@ -77,10 +77,10 @@ def mismatched(rows, max_length):
     from the left to fit max_length.
     """
     seqs = []
-    for i, (prompt_i, completion, _) in enumerate(rows):
-        prompt = rows[(i + 1) % len(rows)][0]
-        if prompt != prompt_i:
-            seqs.append((prompt[max(0, len(prompt) + len(completion) - max_length):], completion))
+    for i, row in enumerate(rows):
+        prompt = rows[(i + 1) % len(rows)].prompt
+        if prompt != row.prompt:
+            seqs.append((prompt[max(0, len(prompt) + len(row.completion) - max_length):], row.completion))
     return seqs
 
 
@@ -120,9 +120,9 @@ class ReferencePoint:
 
 def kto_step(model, reference, rows, kl, args, pad_id):
     """Per-example losses (B,) of unpaired rows, and sums and counts of the logged metrics; kl: z₀."""
-    seqs = [(p, c) for p, c, _ in rows]
+    seqs = [(r.prompt, r.completion) for r in rows]
     logprobs = summed_logprobs(model, seqs, pad_id)  # (B,)
-    labels = torch.tensor([label for _, _, label in rows], device=logprobs.device)  # (B,) bool
+    labels = torch.tensor([r.label for r in rows], device=logprobs.device)  # (B,) bool
     losses, rewards = kto_loss(logprobs, reference(seqs), labels, kl, args.beta, args.desirable_weight,
                                args.undesirable_weight)
     sums = {"loss": losses.detach().sum(), "rewards/chosen": rewards[labels].sum(), "n/chosen": labels.sum(),
@@ -163,7 +163,7 @@ def train(args):
     pad_id = tokenizer.pad_token_id
     train_rows, eval_rows = load_data(args, "unpaired", tokenizer)
     evaluating = dist.all_sum(len(eval_rows)) > 0  # decided from every rank's rows: all or none evaluate
-    n_d, n_u = sum(label for *_, label in train_rows), sum(not label for *_, label in train_rows)
+    n_d, n_u = sum(r.label for r in train_rows), sum(not r.label for r in train_rows)
     if n_d and n_u:
         ratio = args.desirable_weight * n_d / (args.undesirable_weight * n_u)
         print(f"{n_d} desirable, {n_u} undesirable examples: λ_D·n_D / (λ_U·n_U) = {ratio:.3g} (Ethayarajh et al. "
@@ -178,8 +178,8 @@ def train(args):
     # Held-out examples and their mismatched pairs are fixed: scored once, in the batches evaluate() uses.
     reference = Reference(model, pad_id)
     if args.precompute_ref:
-        reference.precompute([(p, c) for p, c, _ in train_rows], args.batch_size)
-    reference.precompute([(p, c) for p, c, _ in eval_rows], args.batch_size)
+        reference.precompute([(r.prompt, r.completion) for r in train_rows], args.batch_size)
+    reference.precompute([(r.prompt, r.completion) for r in eval_rows], args.batch_size)
     reference.precompute(mismatched(eval_rows, args.max_length), args.batch_size)
     z0 = ReferencePoint()
     # The optimizer: AdamW on what is trainable, linear warmup then cosine decay to 0 over the run.
@@ -204,7 +204,7 @@ def train(args):
             (losses.sum() / n_step).backward()  # the mean over the step's examples (on every rank)
             totals = add(totals, sums)
         metrics = means(totals, len(step_rows)) | {"kl": kl, "kl_fallbacks": z0.fallbacks}
-        metrics["tokens"] = sum(len(p) + len(c) for p, c, _ in step_rows)
+        metrics["tokens"] = sum(len(r.prompt) + len(r.completion) for r in step_rows)
         metrics |= loop.optimizer_step()
         if evaluating and args.eval_every and step % args.eval_every == 0:
             metrics |= evaluate(model, reference, eval_rows, z0, args, pad_id)

@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
-from nanorlhf.data import collate, load_data, load_examples, tokenize
+from nanorlhf.data import PairRow, collate, load_data, load_examples, tokenize
 from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy, trainable
 
@@ -98,10 +98,10 @@ def reward_loss(chosen_rewards, rejected_rewards, margin=None, loss_type="sigmoi
 
 def pair_rewards(model, rows, pad_id, device):
     """(chosen (B,), rejected (B,), margin (B,), tokens) for pair rows; both replies in one forward."""
-    batch = collate([(p, c) for p, c, r, m in rows] + [(p, r) for p, c, r, m in rows], pad_id)
+    batch = collate([(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows], pad_id)
     mask = batch["attention_mask"].to(device)
     scores = M.reward_scores(model, batch["input_ids"].to(device), mask)  # (2B,): chosen rows, then rejected rows
-    margin = torch.tensor([m or 0.0 for *_, m in rows], device=device)
+    margin = torch.tensor([r.margin or 0.0 for r in rows], device=device)
     return scores[:len(rows)], scores[len(rows):], margin, int(mask.sum())
 
 
@@ -110,7 +110,8 @@ def evaluate(model, rows, pad_id, batch_size, device, loss_type="sigmoid", ranki
     """Mean loss and pairwise accuracy (the share of pairs with r_c > r_r) over `rows`: this rank's share of the
     held-out pairs, totals summed over ranks."""
     n = dist.all_sum(len(rows))
-    rows = sorted(rows, key=lambda r: len(r[0]) + max(len(r[1]), len(r[2])))  # similar lengths: less padding
+    # similar lengths: less padding
+    rows = sorted(rows, key=lambda r: len(r.prompt) + max(len(r.chosen), len(r.rejected)))
     total, correct = 0.0, 0
     for i in range(0, len(rows), batch_size):
         chosen, rejected, margin, _ = pair_rewards(model, rows[i:i + batch_size], pad_id, device)
@@ -129,7 +130,10 @@ def norm_sequences(args, tokenizer, train_rows):
         except UserError:  # not pair data: score its SFT completions (a real error is raised again below)
             examples = load_examples(args.norm_data, "sft")
         rows = tokenize(examples, tokenizer, args.max_length, args.norm_data)[0]
-    seqs = [(r[0], r[1]) for r in rows] + [(r[0], r[2]) for r in rows if len(r) == 4]
+    if rows and isinstance(rows[0], PairRow):
+        seqs = [(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows]
+    else:
+        seqs = [(r.prompt, r.completion) for r in rows]
     if args.norm_samples and len(seqs) > args.norm_samples:
         pick = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(args.seed))[:args.norm_samples]
         seqs = [seqs[i] for i in sorted(pick.tolist())]

@@ -100,7 +100,7 @@ def train(args):
         eval_loss = evaluate(model, eval_rows, pad_id, args.batch_size, device)
         loop.log.final(loop.step, {"eval_loss": eval_loss})
     M.save_model(model, tokenizer, args.out)
-    prompts = [row[0] for row in (eval_rows or train_rows)[:args.samples]]
+    prompts = [row.prompt for row in (eval_rows or train_rows)[:args.samples]]
     if prompts and dist.is_main():
         out = M.generate(model, tokenizer, prompts, args.max_new_tokens, temperature=0)
         for prompt, response, n in zip(prompts, out["responses"], out["lengths"]):

@@ -34,6 +34,27 @@ PLAIN_TURN = "### {role}:\n{content}\n\n"
 PLAIN_GENERATION_PROMPT = "### Assistant:\n"
 
 
+class SFTRow(NamedTuple):
+    """A tokenised SFTExample: token ids; the completion ends with EOS."""
+    prompt: list
+    completion: list
+
+
+class PairRow(NamedTuple):
+    """A tokenised PairExample: both replies end with EOS."""
+    prompt: list
+    chosen: list
+    rejected: list
+    margin: float | None
+
+
+class UnpairedRow(NamedTuple):
+    """A tokenised UnpairedExample: the completion ends with EOS; label True = desirable."""
+    prompt: list
+    completion: list
+    label: bool
+
+
 class Prompt(NamedTuple):
     """What load_prompts returns per prompt: the messages, their token ids, and the PromptExample's columns and
     conversational flag, which the Rewarder hands to reward functions."""
@@ -130,10 +151,10 @@ def _fit(prompt, outs, max_length):
 def tokenize(examples, tokenizer, max_length=None, source="the dataset"):
     """Token ids of `examples` (all of one kind) and TokenStats. One row per kept example:
 
-        SFTExample       (prompt_ids, completion_ids)
-        PairExample      (prompt_ids, chosen_ids, rejected_ids, margin)
-        UnpairedExample  (prompt_ids, completion_ids, label)
-        PromptExample    prompt_ids
+        SFTExample       SFTRow(prompt, completion)
+        PairExample      PairRow(prompt, chosen, rejected, margin)
+        UnpairedExample  UnpairedRow(prompt, completion, label)
+        PromptExample    the prompt's ids
 
     Completions end with EOS. `source` names the data in the all-skipped error.
     """
@@ -155,11 +176,11 @@ def tokenize(examples, tokenizer, max_length=None, source="the dataset"):
         prompt, outs, truncated = fitted
         stats.truncated += truncated
         if isinstance(ex, PairExample):
-            rows.append((prompt, outs[0], outs[1], ex.margin))
+            rows.append(PairRow(prompt, outs[0], outs[1], ex.margin))
         elif isinstance(ex, UnpairedExample):
-            rows.append((prompt, outs[0], ex.label))
+            rows.append(UnpairedRow(prompt, outs[0], ex.label))
         else:
-            rows.append((prompt, outs[0]) if outs else prompt)
+            rows.append(SFTRow(prompt, outs[0]) if outs else prompt)
     stats.kept = len(rows)
     if examples and not rows:
         raise UserError(f"all {len(examples)} examples in {source} are longer than --max-length {max_length}")
@@ -195,8 +216,8 @@ def collate(seqs, pad_id):
     Returns long tensors (B, T): input_ids, attention_mask, and targets where targets[b, t] is
     input_ids[b, t + 1] when that is a completion token (EOS included) and -100 otherwise, so
     hidden[:, t] predicts targets[:, t]. Masks come from lengths, never from pad_id, because pad
-    may equal EOS (SmolLM2). For pairs, stack chosen rows then rejected rows:
-        collate([(p, c) for p, c, r, m in rows] + [(p, r) for p, c, r, m in rows], pad_id)
+    may equal EOS (SmolLM2). For PairRows, stack the chosen rows then the rejected ones:
+        collate([(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows], pad_id)
     """
     B, T = len(seqs), max(len(p) + len(c) for p, c in seqs)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nanorlhf.cli import UserError
-from nanorlhf.data import PLAIN_GENERATION_PROMPT, collate, load_examples, render_prompt, tokenize
+from nanorlhf.data import (PLAIN_GENERATION_PROMPT, PairRow, SFTRow, UnpairedRow, collate, load_examples, render_prompt,
+                           tokenize)
 from nanorlhf.formats import PairExample, PromptExample, SFTExample, UnpairedExample
 
 SHARED = Path(__file__).resolve().parents[1] / "data"  # the copies of ../shared/data the repository ships
@@ -182,7 +183,8 @@ def test_real_files_parse():
 
 def test_chat_template_and_eos(tokenizer):
     rows, stats = tokenize([SFTExample([user("What is 2+2?")], "4")], tokenizer, max_length=None)
-    [(prompt, completion)] = rows
+    [row] = rows
+    prompt, completion = row.prompt, row.completion
     assert tokenizer.decode(prompt).endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
     assert completion == tokenizer("4", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     assert (stats.kept, stats.truncated, stats.skipped) == (1, 0, 0)
@@ -198,8 +200,8 @@ def test_row_shapes_per_kind(tokenizer):
     p = [user("q")]
     pair, unpaired, prompt = (tokenize([e], tokenizer)[0][0] for e in
                               (PairExample(p, "a", "b", 1.5), UnpairedExample(p, "a", False), PromptExample(p)))
-    assert len(pair) == 4 and pair[3] == 1.5 and pair[0] == prompt
-    assert unpaired[2] is False and unpaired[1] == pair[1]
+    assert type(pair) is PairRow and pair.margin == 1.5 and pair.prompt == prompt
+    assert type(unpaired) is UnpairedRow and unpaired.label is False and unpaired.completion == pair.chosen
     assert prompt == render_prompt(tokenizer, p)
 
 
@@ -217,6 +219,7 @@ def test_collate_masks_exactly(tokenizer):
     rows, _ = tokenize([SFTExample([user("hi")], "Hello there!"), SFTExample([user("a longer question")], "ok")],
                        tokenizer)
     batch = collate(rows, tokenizer.pad_token_id)
+    assert all(type(r) is SFTRow for r in rows)
     for b, (p, c) in enumerate(rows):
         t = batch["targets"][b]
         assert (t[:len(p) - 1] == -100).all() and (t[len(p) + len(c) - 1:] == -100).all()
@@ -233,7 +236,7 @@ def test_truncation_counts_and_directions(tokenizer):
     rows, stats = tokenize([fits, long_answer, long_prompt], tokenizer, max_length=L, source="x.json")
     assert (stats.kept, stats.truncated, stats.skipped) == (2, 1, 1)
     assert str(stats) == f"kept 2 (1 truncated), skipped 1 (prompt longer than --max-length {L})"
-    prompt, completion = rows[1]
+    prompt, completion = rows[1].prompt, rows[1].completion
     full = tokenizer(long_answer.completion, add_special_tokens=False).input_ids
     assert prompt == render_prompt(tokenizer, long_answer.prompt)
     assert completion == full[:L - plen] and len(prompt) + len(completion) == L  # cut from the right, no EOS
@@ -244,7 +247,8 @@ def test_truncation_keeps_the_end_of_a_long_prompt(tokenizer):
     full = render_prompt(tokenizer, ex.prompt)
     L = len(full) + 10
     longest = len(tokenizer(ex.rejected, add_special_tokens=False).input_ids) + 1
-    [(prompt, chosen, rejected, _)], stats = tokenize([ex], tokenizer, max_length=L)
+    [row], stats = tokenize([ex], tokenizer, max_length=L)
+    prompt, chosen, rejected = row.prompt, row.chosen, row.rejected
     assert stats.truncated == 1 and len(prompt) == max(L - longest, min(len(full), L // 2))
     assert prompt == full[-len(prompt):]  # left truncation: the generation prompt survives
     assert len(chosen) <= L - len(prompt) and len(rejected) == L - len(prompt)  # both cut to one budget

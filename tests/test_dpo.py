@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import train_dpo
 from nanorlhf import model as M
 from nanorlhf.cli import build_parser, main
+from nanorlhf.data import PairRow
 
 # Two pairs with β = 0.5. Pair 1: chosen log-ratio -1 - (-1.5) = 0.5, rejected -2 - (-1.5) = -0.5, so h = 1
 # and βh = 0.5. Pair 2: chosen -3 - (-2) = -1, rejected -1 - (-2) = 1, so h = -2 and βh = -1.
@@ -184,7 +185,8 @@ def test_ipo_uses_mean_token_logprobs_hand_computed(tiny_dir):
     for i, (_, m) in enumerate(lora_layers(model)):  # a policy that differs from its reference
         torch.nn.init.normal_(m.lora_B["default"].weight, std=0.1, generator=torch.Generator().manual_seed(i))
     prompt = [5, 6, 7]
-    rows = [(prompt, [11, 12, 2], [13, 2], None), (prompt, [14, 2], [15, 16, 17, 18, 2], None)]  # lengths 3|2, 2|5
+    rows = [PairRow(prompt, [11, 12, 2], [13, 2], None),  # lengths 3|2
+            PairRow(prompt, [14, 2], [15, 16, 17, 18, 2], None)]  # 2|5
     args = train_dpo.Args(loss="ipo", beta=0.5)
     reference = Reference(model, tok.pad_token_id)
     losses, _ = train_dpo.dpo_step(model, reference, rows, args, tok.pad_token_id)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import train_kto
 from nanorlhf.cli import build_parser
+from nanorlhf.data import UnpairedRow
 
 
 def labelled(path, n=16):
@@ -58,12 +59,13 @@ def test_kto_loss_and_gradient_hand_computed():
 
 
 def test_mismatched_pairs_skip_matched_ones_and_fit_max_length():
-    rows = [([1, 2, 3], [10], True), ([4, 5], [11, 12], False), ([1, 2, 3], [13], True)]
+    rows = [UnpairedRow([1, 2, 3], [10], True), UnpairedRow([4, 5], [11, 12], False),
+            UnpairedRow([1, 2, 3], [13], True)]
     # completion i after prompt i+1; the last row wraps to row 0, which has its own prompt: left out
     assert train_kto.mismatched(rows, max_length=100) == [([4, 5], [10]), ([1, 2, 3], [11, 12])]
     assert train_kto.mismatched(rows, max_length=4) == [([4, 5], [10]), ([2, 3], [11, 12])]  # prompt cut on the left
     assert train_kto.mismatched(rows[:1], max_length=100) == []  # one example: no z₀
-    same = [([7], [10], True), ([7], [11], False)]
+    same = [UnpairedRow([7], [10], True), UnpairedRow([7], [11], False)]
     assert train_kto.mismatched(same, max_length=100) == []  # one prompt only: no z₀
 
 

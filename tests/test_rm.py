@@ -145,7 +145,8 @@ def test_rm_separates_pairs_and_saves_a_loadable_model(tiny_dir, tokenizer, tmp_
         AutoConfig.from_pretrained(tiny_dir))
     hf = AutoModelForSequenceClassification.from_pretrained(out)
     rows = tokenize(load_examples(data, "pairs"), tokenizer, 64)[0]
-    batch = collate([(p, c) for p, c, r, m in rows] + [(p, r) for p, c, r, m in rows], hf.config.pad_token_id)
+    batch = collate([(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows],
+                    hf.config.pad_token_id)
     assert len(set(batch["attention_mask"].sum(-1).tolist())) > 3
     with torch.no_grad():
         theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
