@@ -199,8 +199,8 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, cliprange, cliprange_hig
 
     The two directions of the KL term: on tokens sampled from π, k3's value estimates KL(π‖π_ref) per token, and
     that is the logged `kl`; but its gradient, E_π[(1 - π_ref/π)·∇log π] = -Σ_y π_ref(y)·∇log π(y), is the gradient
-    of KL(π_ref‖π), so the loss pulls π towards covering π_ref (GRPO eq. 3, as TRL). (RLOO's `kl`, logged in
-    train(), is the mean k1 of the sampling policy: KL(π_old‖π_ref) per token.)
+    of KL(π_ref‖π), so the loss pulls π towards covering π_ref (GRPO eq. 3, as TRL). (RLOO's `kl`, logged by
+    rloo_token_advantages, is the mean k1 of the sampling policy: KL(π_old‖π_ref) per token.)
     """
     log_ratio = masked(logprobs - old_logprobs, mask)  # padding: ratio 1, never exp(garbage)
     if level == "sequence":  # the response's mean log-ratio on each of its tokens (padding masked out below)
@@ -316,7 +316,7 @@ def train(args):
 
         # 2. score: the reward (one scalar per response) and the logprobs the update compares against
         with phases.time("score"):
-            response_ids = [r[:n].tolist() for r, n in zip(batch["responses"].cpu(), lengths.cpu())]
+            response_ids = [r[:length].tolist() for r, length in zip(batch["responses"].cpu(), lengths.cpu())]
             scores, parts, texts = rewarder(rows, queries, response_ids, ended.cpu(), args.batch_size)
             if variant.needs_old_logprobs:
                 batch["logprobs"] = batch_logprobs(model, batch, args.temperature, "policy", args.batch_size)

@@ -278,7 +278,7 @@ def train(args):
         with phases.time("score"):
             batch["logprobs"], entropy, batch["ref_logprobs"], batch["values"] = score_tokens(
                 model, critic, value_head, batch, args)
-            response_ids = [r[:n].tolist() for r, n in zip(batch["responses"].cpu(), lengths.cpu())]
+            response_ids = [r[:length].tolist() for r, length in zip(batch["responses"].cpu(), lengths.cpu())]
             scores_raw, parts, texts = rewarder(picked, queries, response_ids, ended.cpu(), args.batch_size)
             scores = missing_eos_scores(scores_raw, ended.cpu(), args)
             rewards = shape_rewards(scores.to(mask.device), batch["logprobs"], batch["ref_logprobs"], mask,

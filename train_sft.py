@@ -79,7 +79,8 @@ def train(args):
         loop.log.metrics({"step": 0, "eval_loss": evaluate(model, eval_rows, pad_id, args.batch_size, device)})
 
     for step in loop:
-        batches = [collate([train_rows[i] for i in idx], pad_id) for idx in loop.batches(args.batch_size, args.grad_accum)]
+        batches = [collate([train_rows[i] for i in idx], pad_id)
+                   for idx in loop.batches(args.batch_size, args.grad_accum)]
         n_tokens = dist.all_sum(sum(int((b["targets"] != -100).sum()) for b in batches))  # the global step's
         metrics = {"loss": 0.0, "tokens": sum(int(b["attention_mask"].sum()) for b in batches)}
         for batch in batches:

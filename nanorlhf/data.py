@@ -187,7 +187,7 @@ def tokenize(examples, tokenizer, max_length=None, source="the dataset"):
     return rows, stats
 
 
-# ---------------------------------------------------------------- batching
+# ---------------------------------------------------------------- a stage's rows
 
 
 def load_data(args, kind, tokenizer):
@@ -208,6 +208,9 @@ def load_data(args, kind, tokenizer):
     print(f"train data {args.data}: {stats}")
     eval_rows = tokenize(held_out, tokenizer, args.max_length, args.eval_data or args.data)[0] if held_out else []
     return train_rows, eval_rows[dist.rank()::dist.world()]
+
+
+# ---------------------------------------------------------------- batching
 
 
 def collate(seqs, pad_id):

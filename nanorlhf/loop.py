@@ -226,7 +226,11 @@ class GuardedStep:
                 "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # e.g. a PPO checkpoint from before the critic had a parameter group of its own
+            raise UserError(f"--resume: the checkpoint's optimizer does not fit this run's ({e}); it was written by "
+                            "another version or with other flags, so start a new --out") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped = state["skipped"]
 

@@ -144,6 +144,18 @@ def test_param_groups_are_clipped_apart(tmp_path):
     assert metrics["grad_norm/policy"] == pytest.approx(0.5) and metrics["grad_norm/critic"] == pytest.approx(50.0)
 
 
+def test_resuming_with_another_optimizer_layout_is_a_one_line_error(tmp_path):
+    """A checkpoint whose optimizer had one group (PPO before its critic had its own) does not fit two groups."""
+    layer, head = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    one = make_loop(args_for(tmp_path), {"layer": layer, "head": head}, n_examples=4)
+    state = one.optimizer_step.state_dict()
+    two = make_loop(args_for(tmp_path / "b"), {"layer": layer, "head": head}, n_examples=4,
+                    groups=[{"params": list(layer.parameters()), "name": "policy"},
+                            {"params": list(head.parameters()), "name": "critic"}])
+    with pytest.raises(UserError, match="--resume: the checkpoint's optimizer does not fit"):
+        two.optimizer_step.load_state_dict(state)
+
+
 def run_steps(args, n=3):
     layer = torch.nn.Linear(3, 1)
     loop = make_loop(args, {"layer": layer}, n_examples=4)
