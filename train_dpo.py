@@ -36,8 +36,8 @@ class Args(PreferenceArgs):
                       "β·(log π - log π_ref). Lower lets the policy move further.", gt=0)
     loss: str = arg("sigmoid", "sigmoid: DPO (Rafailov et al. 2023); ipo: (h - 1/(2β))², which stops at a finite "
                     "margin (Azar et al. 2023), on each completion's mean token logprob (TRL's form, confirmed by "
-                    "the IPO authors), so β means what it means elsewhere; hinge: relu(1 - β·h) (SLiC, Zhao et al. 2023); robust: unbiased "
-                    "under a label-flip rate --label-smoothing (Chowdhury et al. 2024).",
+                    "the IPO authors), so β means what it means elsewhere; hinge: relu(1 - β·h) (SLiC, Zhao et al. "
+                    "2023); robust: unbiased under a label-flip rate --label-smoothing (Chowdhury et al. 2024).",
                     choices=["sigmoid", "ipo", "hinge", "robust"])
     label_smoothing: float = arg(0.0, "ε, the assumed fraction of flipped preference labels (0 <= ε < 0.5): "
                                  "conservative DPO for --loss sigmoid, or --loss robust.", ge=0)
