@@ -87,7 +87,7 @@ def peak_flops(device, dtype, seconds=1.0):
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         best, start = 0.0, time.perf_counter()
         a @ b  # warm-up: the first call pays for kernel selection
-        while time.perf_counter() - start < seconds:
+        while best == 0.0 or time.perf_counter() - start < seconds:  # at least one timing on a slow or busy machine
             sync()
             t0 = time.perf_counter()
             for _ in range(4):

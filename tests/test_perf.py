@@ -1,5 +1,6 @@
 """The FLOP estimate behind every MFU number, against a count by hand and torch's own FLOP counter; peak memory
 that is the process's own."""
+import math
 import subprocess
 import sys
 
@@ -104,3 +105,15 @@ def test_measuring_the_peak_leaves_the_random_stream_alone(monkeypatch):
     torch.manual_seed(0)
     perf.peak_flops(torch.device("cpu"), torch.float32, seconds=0.05)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_the_peak_is_measured_even_when_the_warm_up_outlasts_the_budget(monkeypatch):
+    """On a busy machine the first matmul can take longer than `seconds`; the peak must still be a rate, never 0
+    (a 0 divided every MFU by zero and crashed a demo's PPO stage after its first iteration)."""
+    monkeypatch.setattr(perf, "_PEAK", {})
+    peak = perf.peak_flops(torch.device("cpu"), torch.float32, seconds=0.0)
+    assert peak > 1e8  # any CPU does 1024³ matmuls faster than 0.1 GFLOP/s
+    phases = perf.Phases(torch.device("cpu"), torch.float32)
+    with phases.time("update"):
+        phases.add("update", tokens=10, flops=1e6)
+    assert math.isfinite(phases.metrics()["perf/update_mfu"])
