@@ -249,9 +249,8 @@ class Loop:
         self.total_steps = steps
         self.device = next(p for m in modules.values() for p in m.parameters()).device  # whose memory to report
         self.step, self.stop, self.interrupted = 0, False, False
-        if dist.rank():  # a stage builds the Loop after its last initialisation, drawn from the shared --seed so
-            # that every rank starts equal; from here each rank needs its own stream, or ranks given the same prompt
-            # sample the same responses. Rank 0 keeps its stream: one process runs as it always did.
+        if dist.rank():  # every rank initialised from the shared --seed; from here each samples its own responses
+            # (rank 0 keeps its stream, so one process runs as it always did)
             torch.manual_seed(args.seed + dist.rank())
         if args.resume:  # restores every rank's own RNG state
             self._load(checkpoints(args.out)[-1])
@@ -260,7 +259,6 @@ class Loop:
                 json.dump(asdict(args) | {"world_size": dist.world()}, f, indent=2)
         self.log = Log(args, self.step, steps)  # the stage's own lines go through loop.log too
         self.old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        self.t_step = time.perf_counter()
 
     def __iter__(self):
         """Yields the 1-based number of the step about to run."""
