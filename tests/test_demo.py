@@ -71,6 +71,7 @@ def moody_dir(tokenizer, tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow  # about 100 s of the suite's 10 min; .ci/run runs the main job from a clone on every CI run
 def test_demo_smoke_from_a_clone_with_nothing_beside_it(moody_dir, tmp_path):
     """The repository copied alone into an empty folder (no ../shared, as a clone from GitHub) runs the main job end
     to end: every stage, the evaluation, the table and the frontier, at tiny budgets on a tiny model."""
