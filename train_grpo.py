@@ -42,7 +42,7 @@ from nanorlhf.data import load_prompts
 from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy, trainable
 from nanorlhf.perf import Phases, shape
-from nanorlhf.rewards import Rewarder
+from nanorlhf.rewards import Rewarder, part_means
 from nanorlhf.rollout import (batch_logprobs, gae, kl_penalty, masked, masked_mean, micro_batches, minibatches,
                               response_logprobs, sample, shape_rewards, whiten)
 
@@ -339,7 +339,7 @@ def train(args):
         groups = scores.view(-1, args.num_generations)
         metrics = {k: sum(v) / len(v) for k, v in stats.items()} | {
             "reward": scores.mean(), "reward_std": scores.std(),
-            **{f"reward/{k}": v.nanmean() for k, v in parts.items()},  # a function's None samples are NaN: left out
+            **part_means(parts, "reward"),  # a function's None samples are left out, on every rank
             "frac_groups_tied": (groups.std(1) == 0).float().mean(), "response_length": lengths.float().mean(),
             "eos_frac": ended.float().mean(), "tokens": int(mask.sum())} | phases.metrics()
         if args.sample_every and step % args.sample_every == 0:

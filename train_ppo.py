@@ -29,7 +29,7 @@ from nanorlhf.lora import add_lora, use_adapter
 from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy
 from nanorlhf.perf import Phases, shape
-from nanorlhf.rewards import Rewarder
+from nanorlhf.rewards import Rewarder, part_means
 from nanorlhf.rollout import (KLController, batch_inputs, gae, kl_penalty, masked, masked_mean, masked_var,
                               micro_batches, minibatches, response_logprobs, response_slice, sample, shape_rewards,
                               whiten)
@@ -297,7 +297,7 @@ def train(args):
         residual_var = masked_var(batch["returns"] - batch["values"], mask)
         metrics = {k: sum(v) / len(v) for k, v in stats.items() if k != "ppo_epochs_run"} | {
             "score": scores.mean(), "score_raw": scores_raw.mean(), "kl": kl, "kl_coef": kl_ctl.value,
-            **{f"score/{k}": v.nanmean() for k, v in parts.items()},
+            **part_means(parts, "score"),
             "entropy": masked_mean(entropy, mask), "response_length": lengths.float().mean(),
             "eos_frac": ended.float().mean(), "ppo_epochs_run": stats["ppo_epochs_run"][-1],
             "explained_variance": 1 - residual_var / masked_var(batch["returns"], mask),

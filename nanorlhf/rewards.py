@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from . import dist
 from . import model as M
 from .cli import UserError
 from .data import Prompt, render_prompt
@@ -101,6 +102,18 @@ class RewardFunction:
         return scores
 
 
+def part_means(parts, prefix):
+    """{prefix/part: mean} of each judge's part over every rank's samples where it applies (a reward function's
+    None is NaN there and left out), so that a rank whose share no function applied to does not make the logged
+    mean NaN. A part that applied nowhere this step is left out. The same on every rank."""
+    out = {}
+    for name, part in parts.items():
+        total, n = dist.all_sum(torch.stack([part.float().nansum(), (~part.isnan()).sum().float()]))
+        if n:
+            out[f"{prefix}/{name}"] = (total / n).item()
+    return out
+
+
 class Rewarder:
     """score = Σ_i w_i · RM_i(prompt, response), normalised with each RM's stored statistics, + Σ_j v_j · f_j.
 
@@ -163,10 +176,13 @@ class Rewarder:
             scores = scores + f.weight * part.nan_to_num(0.0)  # None: no contribution (TRL's nansum)
         if self.fns and not self.rms:
             unscored = torch.stack([parts[f.name] for f in self.fns]).isnan().all(0)
-            if unscored.any():  # TRL warns too; a 0 that no function gave would otherwise pass for a verdict
-                first = rows[int(unscored.nonzero()[0])].messages[-1]["content"]
-                print(f"warning: no --reward-fn applies to {int(unscored.sum())} of {len(texts)} responses (every "
-                      f"function returned None), so they score 0; e.g. the prompt {first[:80]!r}", file=sys.stderr)
+            # counted over every rank and said once (torchrun: each rank holds its share of the batch)
+            n_unscored, n = (int(x) for x in dist.all_sum(torch.tensor([unscored.sum().item(), len(texts)])))
+            if n_unscored and dist.is_main():  # TRL warns too; a 0 that no function gave would pass for a verdict
+                first = (f"; e.g. the prompt {rows[int(unscored.nonzero()[0])].messages[-1]['content'][:80]!r}"
+                         if unscored.any() else "")
+                print(f"warning: no --reward-fn applies to {n_unscored} of {n} responses (every function returned "
+                      f"None), so they score 0{first}", file=sys.stderr)
         if self.gold is not None:  # logged, never optimised
             parts["gold"] = self.gold(rows, texts, ids)
         return scores, parts, texts

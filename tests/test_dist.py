@@ -225,20 +225,31 @@ def test_bad_input_on_two_ranks_is_one_line_from_one_rank(tiny_dir, tmp_path):
 
 
 def test_columns_travel_with_their_prompts_on_two_ranks(tiny_dir, tmp_path):
-    """A TRL-style reward reading an `answer` column under 2 gloo ranks: each rank gets its own prompts' answers."""
+    """A TRL-style reward reading an `answer` column under 2 gloo ranks: each rank gets its own prompts' answers.
+    Neither function applies (None) to rank 0's 4 samples, nor to rank 1's first: the warning counts both ranks, once,
+    and each function's logged mean is over the samples it applies to on any rank, not NaN from rank 0."""
     (tmp_path / "record.py").write_text(
         "import json, os\n"
+        "RANK = os.environ['RANK']\n"
         "def reward(prompts, completions, answer, **kwargs):\n"
-        "    with open(f'seen.{os.environ[\"RANK\"]}.json', 'w') as f:\n"
+        "    with open(f'seen.{RANK}.json', 'w') as f:\n"
         "        json.dump(list(zip(prompts, answer)), f)\n"
-        "    return [0.0] * len(completions)\n")
+        "    return [None if RANK == '0' or i == 0 else 0.5 for i in range(len(completions))]\n"
+        "def half(prompts, completions, **kwargs):\n"
+        "    return [None if RANK == '0' or i == 0 else 1.5 for i in range(len(completions))]\n")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}.", "answer": i}) + "\n" for i in range(8)))
     r = run(TORCHRUN + [os.path.join(ROOT, "train_grpo.py"), "--actor", tiny_dir, "--data", str(prompts),
                         "--max-steps", "1", "--rollout-batch-size", "2", "--num-generations", "2",
-                        "--max-new-tokens", "2", "--reward-fn", "record:reward", "--sample-every", "0",
+                        "--max-new-tokens", "2", "--reward-fn", "record:reward", "record:half", "--sample-every", "0",
                         "--out", str(tmp_path / "out")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if "no --reward-fn applies" in line]
+    assert len(warnings) == 1 and "applies to 5 of 8 responses" in warnings[0], warnings
+    with open(tmp_path / "out" / "metrics.jsonl") as f:
+        (metrics,) = [m for m in map(json.loads, f) if "reward/half" in m]
+    assert (metrics["reward/reward"], metrics["reward/half"]) == (0.5, 1.5)
+    assert metrics["reward"] == 3 * (0.5 + 1.5) / 8  # the score: 0 for the 5 samples no function applied to
     seen = [json.loads((tmp_path / f"seen.{rank}.json").read_text()) for rank in range(2)]
     assert all(p == f"Say {a}." for rank in seen for p, a in rank)  # every answer with its own prompt
     answers = [{a for _, a in rank} for rank in seen]

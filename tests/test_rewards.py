@@ -14,7 +14,7 @@ from test_grpo import actor_dir, make_args  # noqa: F401  (actor_dir is a fixtur
 import train_grpo
 from nanorlhf.cli import UserError
 from nanorlhf.data import load_prompts
-from nanorlhf.rewards import Rewarder
+from nanorlhf.rewards import Rewarder, part_means
 
 # Written here with the signatures of TRL's documented examples (a length reward, a regex format reward, an
 # accuracy reward reading a column); `text` lets one function serve standard (strings) and conversational data
@@ -261,3 +261,12 @@ def test_a_generator_of_scores_is_read_once(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     f = RewardFunction("gen_reward:reward")
     assert f._check((v for v in [1, 2, None]), 3).tolist()[:2] == [1.0, 2.0]
+
+
+def test_part_means_leave_out_none_and_parts_that_applied_nowhere():
+    """A judge's logged mean is over the samples it applies to: (1 + 3) / 2, not NaN; one that applied to none of
+    them this step is left out of the metrics, not logged as NaN (metrics.jsonl would hold invalid JSON)."""
+    nan = float("nan")
+    parts = {"rm": torch.tensor([0.5, -1.5, 2.5]), "maybe": torch.tensor([1.0, nan, 3.0]),
+             "never": torch.tensor([nan, nan, nan])}
+    assert part_means(parts, "score") == {"score/rm": 0.5, "score/maybe": 2.0}
