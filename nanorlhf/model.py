@@ -285,13 +285,14 @@ def reward_scores(model, input_ids, attention_mask):
 
 @torch.no_grad()
 def score_sequences(rm, seqs, pad_id, batch_size, normalise=True):
-    """Scores (B,) of token-id lists, right-padded in batches; normalised with the statistics train_rm.py
+    """Scores (B,) of token-id lists, right-padded in batches of similar length; normalised with the statistics train_rm.py
     stored in the RM's config (docs/ppo-details.md §8), (score - reward_mean) / reward_std, unless told not to."""
     device, scores = next(rm.parameters()).device, []
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: little padding
     for i in range(0, len(seqs), batch_size):
-        batch = collate([(s, []) for s in seqs[i:i + batch_size]], pad_id)
+        batch = collate([(seqs[j], []) for j in order[i:i + batch_size]], pad_id)
         scores.append(reward_scores(rm, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
-    scores = torch.cat(scores)
+    scores = torch.cat(scores)[torch.argsort(torch.tensor(order))]  # back in the order given
     if not normalise:
         return scores
     return (scores - getattr(rm.config, "reward_mean", 0.0)) / getattr(rm.config, "reward_std", 1.0)

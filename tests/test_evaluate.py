@@ -70,6 +70,20 @@ def test_summed_logprobs_in_sorted_batches_equals_one_batch(tiny_dir):
     torch.testing.assert_close(sorted_batches, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_rm_scores_in_sorted_batches_equal_one_row_at_a_time(tiny_rm_dir):
+    """The RM's length-sorted batches give each sequence its own score, in the order given, as scoring each one
+    alone (no padding at all) does."""
+    import torch
+
+    from nanorlhf import model as M
+    rm, tokenizer = M.load_reward_model(tiny_rm_dir)
+    seqs = [[5 + i] * n for i, n in enumerate((4, 9, 2, 7, 3, 8, 1))]
+    alone = torch.cat([M.score_sequences(rm, [s], tokenizer.pad_token_id, 1) for s in seqs])
+    batched = M.score_sequences(rm, seqs, tokenizer.pad_token_id, 3)
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    assert alone.unique().numel() == len(seqs)  # distinct scores: a row given another's score would show
+
+
 def test_judge_stats_skip_prompts_a_judge_does_not_apply_to():
     """A reward function's None (NaN) leaves that prompt out of the judge's numbers instead of making them NaN."""
     import torch
