@@ -42,3 +42,22 @@ def test_bench_torchrun_arguments():
     stage = script.removeprefix("train_").removesuffix(".py")
     args = parse(importlib.import_module(f"train_{stage}").Args, argv + ["--batch-size", "4", "--out", "o"])
     assert (args.max_steps, args.grad_accum, args.eval_frac, args.samples) == (8, 1, 0.0, 0)
+
+
+def test_bench_eval_batches_counts_padding_and_runs(tiny_dir, tiny_rm_dir, tmp_path):
+    """Its padding count, by hand: lengths 1, 2, 3, 10 in sorted batches of 2 compute 2·2 + 2·10 = 24 tokens; and
+    it runs end to end on tiny models, so the evaluation calls it times cannot drift from the real ones."""
+    import json
+    import subprocess
+    import sys
+    assert bench("bench_eval_batches").padded([10, 1, 3, 2], 2) == 24
+    assert bench("bench_eval_batches").padded([10, 1, 3, 2], 4) == 40
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i} things."}) + "\n" for i in range(4)))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "benchmarks", "bench_eval_batches.py"),
+                        "--baseline", tiny_dir, "--model", tiny_dir, "--rm", tiny_rm_dir, "--data", str(data),
+                        "--limit", "4", "--rows", "4,2", "--batch-size", "4", "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = [line for line in r.stdout.splitlines() if line.startswith("| 4 |") or line.startswith("| 2 |")]
+    assert len(table) == 2 and table[0].endswith("| 1.00 |")  # the first setting is the ratios' reference
