@@ -40,8 +40,9 @@ class Args:
     batch_size: int = arg(8, "Prompts per generation batch.", gt=0)
     score_batch_size: int = arg(16, "Rows per forward when the RM judges and for the KL. A forward pays for the "
                                 "padding up to its longest row, while a decode step costs about the same for more "
-                                "rows, so this is smaller than --batch-size (the demo's KL pass over 128 held-out "
-                                "rows on 2 CPU cores: 29 s at 64 rows, 15 s at 16).", gt=0)
+                                "rows, so this is smaller than --batch-size (the demo's RM and KL passes over 128 "
+                                "held-out rows on 2 CPU cores: 66 s at 64 rows, 38 s at 16; docs/benchmarks.md).",
+                                gt=0)
     seed: int = arg(0, "Sampling seed, reset before each model so all see the same random stream.")
     device: str = arg("auto", "cuda, cpu or auto.")
     dtype: str = arg("auto", "Compute dtype; auto = bf16 on GPUs that support it, else fp32.",

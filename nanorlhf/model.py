@@ -285,8 +285,9 @@ def reward_scores(model, input_ids, attention_mask):
 
 @torch.no_grad()
 def score_sequences(rm, seqs, pad_id, batch_size, normalise=True):
-    """Scores (B,) of token-id lists, right-padded in batches of similar length; normalised with the statistics train_rm.py
-    stored in the RM's config (docs/ppo-details.md §8), (score - reward_mean) / reward_std, unless told not to."""
+    """Scores (B,) of token-id lists, right-padded in batches of similar length; normalised with the statistics
+    train_rm.py stored in the RM's config (docs/ppo-details.md §8), (score - reward_mean) / reward_std, unless told
+    not to."""
     device, scores = next(rm.parameters()).device, []
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: little padding
     for i in range(0, len(seqs), batch_size):
