@@ -233,3 +233,11 @@ def collate(seqs, pad_id):
         start = max(len(p) - 1, 0)  # the last prompt position predicts the first completion token
         targets[b, start:n - 1] = input_ids[b, start + 1:n]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+
+
+def by_length(fn, rows, length, batch_size):
+    """fn over `rows` in batches of `batch_size` rows of similar length(row) (sorted, stable), so that little of a
+    forward is padding; fn's (n,) outputs concatenated, back in the rows' order."""
+    order = sorted(range(len(rows)), key=lambda i: length(rows[i]))
+    out = torch.cat([fn([rows[j] for j in order[i:i + batch_size]]) for i in range(0, len(rows), batch_size)])
+    return out[torch.argsort(torch.tensor(order, device=out.device))]

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import dist
 from .cli import UserError
-from .data import collate
+from .data import by_length, collate
 from .kernels import token_logprobs
 from .lora import adapter_context_fn, add_lora, lora_layers, merge, save_adapter, use_adapter
 
@@ -288,12 +288,12 @@ def score_sequences(rm, seqs, pad_id, batch_size, normalise=True):
     """Scores (B,) of token-id lists, right-padded in batches of similar length; normalised with the statistics
     train_rm.py stored in the RM's config (docs/ppo-details.md §8), (score - reward_mean) / reward_std, unless told
     not to."""
-    device, scores = next(rm.parameters()).device, []
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: little padding
-    for i in range(0, len(seqs), batch_size):
-        batch = collate([(seqs[j], []) for j in order[i:i + batch_size]], pad_id)
-        scores.append(reward_scores(rm, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
-    scores = torch.cat(scores)[torch.argsort(torch.tensor(order))]  # back in the order given
+    device = next(rm.parameters()).device
+
+    def score(rows):
+        batch = collate([(s, []) for s in rows], pad_id)
+        return reward_scores(rm, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
+    scores = by_length(score, seqs, len, batch_size)
     if not normalise:
         return scores
     return (scores - getattr(rm.config, "reward_mean", 0.0)) / getattr(rm.config, "reward_std", 1.0)

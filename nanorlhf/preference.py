@@ -10,7 +10,7 @@ import torch
 
 from . import model as M
 from .cli import arg
-from .data import collate
+from .data import by_length, collate
 from .loop import RunArgs
 
 
@@ -39,10 +39,8 @@ def summed_logprobs(model, seqs, pad_id, temperature=1.0, batch_size=None):
     temperature)."""
     if not batch_size or batch_size >= len(seqs):
         return _forward(model, seqs, pad_id, temperature)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
-    out = torch.cat([_forward(model, [seqs[j] for j in order[i:i + batch_size]], pad_id, temperature)
-                     for i in range(0, len(seqs), batch_size)])
-    return out[torch.argsort(torch.tensor(order, device=out.device))]  # back in the rows' order
+    return by_length(lambda rows: _forward(model, rows, pad_id, temperature), seqs, lambda s: len(s[0]) + len(s[1]),
+                     batch_size)
 
 
 def _key(seq):
