@@ -2,8 +2,9 @@
 details of the N+ reproduction (Huang et al. 2024, arXiv 2403.17031; docs/ppo-details.md).
 
 One frozen base carries three roles: the actor (LoRA adapter `policy`), the reference (every
-adapter disabled) and the critic (adapter `value` + a linear value head). Each iteration is
-five steps in train(), each a function or a few lines that name what they compute:
+adapter disabled) and the critic (adapter `value` + a linear value head; with --critic head the
+value head alone, reading the reference pass's hidden states). Each iteration is five steps in
+train(), each a function or a few lines that name what they compute:
 
     1. rollout      sample responses to a batch of prompts, cut after the first EOS (`sample`)
     2. score        the old and reference logprobs and the values of every response token (`score_tokens`),
@@ -51,6 +52,11 @@ class Args(RunArgs):
     gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `score/gold` beside the score PPO "
                                      "optimises, never optimised: with a known true reward it shows when the policy "
                                      "starts to exploit the RM (Gao et al. 2023).")
+    critic: str = arg("adapter", "The critic: 'adapter', a LoRA adapter of its own on the actor's base and a linear "
+                      "value head (N+); 'head', the value head alone, on the frozen base's final hidden states, "
+                      "which the reference pass computes anyway. 'head' runs no critic forward or backward (a "
+                      "third of an iteration's model FLOPs, and the value adapter's activations) for a linear "
+                      "critic of fixed features.", choices=["adapter", "head"])
     critic_from_rm: bool = arg(False, "Start the critic from the first --rm (its weights, and its head scaled by "
                                "its --rm-weight) instead of a zero value head on the actor's base; the other --rm "
                                "models and --reward-fn are not in its start. Costs a second base in memory.")
@@ -126,37 +132,50 @@ def missing_eos_scores(scores, ended, args):
 
 
 def critic_values(critic, value_head, batch):
-    """(B, R) values V(s_t) of the states before each response token, from the `value` adapter + head."""
-    input_ids, attention_mask, _ = batch_inputs(batch)
-    with use_adapter(critic, "value"):
-        hidden = response_slice(M.hidden_states(critic, input_ids, attention_mask), batch)  # (B, R, H)
+    """(B, R) values V(s_t) of the states before each response token: the `value` adapter + head, or with
+    --critic head (critic None) the head on the reference pass's hidden states, batch["features"] (B, R, H)."""
+    if critic is None:
+        hidden = batch["features"]
+    else:
+        input_ids, attention_mask, _ = batch_inputs(batch)
+        with use_adapter(critic, "value"):
+            hidden = response_slice(M.hidden_states(critic, input_ids, attention_mask), batch)  # (B, R, H)
     return value_head(hidden.float()).squeeze(-1)
 
 
 @torch.no_grad()
 def score_tokens(model, critic, value_head, data, args):
     """Old logprobs and entropy (policy), reference logprobs (adapters off), values (critic): each (B, R), 0 on
-    padding, all at the sampling temperature so the KL and the PPO ratio compare like with like."""
+    padding, all at the sampling temperature so the KL and the PPO ratio compare like with like. With --critic head
+    (critic None) also the reference pass's hidden states (B, R, H) the values came from, else None."""
     out = [torch.zeros_like(data["mask"], dtype=torch.float) for _ in range(4)]
+    features = None
     for idx, c in micro_batches(data, args.batch_size):
         logprobs, entropy = response_logprobs(model, c, args.temperature, "policy", return_entropy=True)
-        ref_logprobs = response_logprobs(model, c, args.temperature, adapter=None)
+        ref_logprobs, hidden = response_logprobs(model, c, args.temperature, adapter=None, return_hidden=True)
+        if critic is None:  # --critic head reads these (B, R, H) features
+            c["features"] = hidden
+            if features is None:
+                features = hidden.new_zeros(*data["mask"].shape, hidden.shape[-1])
+            features[idx, :hidden.shape[1]] = hidden
         for t, x in zip(out, (logprobs, entropy, ref_logprobs, critic_values(critic, value_head, c))):
             t[idx, :x.shape[1]] = x
-    return tuple(out)
+    return (*out, features)
 
 
 def make_critic(model, rewarder, args):
     """(critic model, value head): the `value` adapter on the actor's base with a zero head (it starts predicting
     0), or with --critic-from-rm a second base from the first RM, its score head turned into the value head
-    (N+ and TRL do this: the critic starts knowing what the reward rewards), scaled as that RM is in the score."""
+    (N+ and TRL do this: the critic starts knowing what the reward rewards), scaled as that RM is in the score.
+    With --critic head: (None, a zero head), which reads the reference pass's hidden states."""
     device = next(model.parameters()).device
     if not args.critic_from_rm:
-        add_lora(model, args.lora_r, args.lora_alpha, name="value")
+        if args.critic == "adapter":
+            add_lora(model, args.lora_r, args.lora_alpha, name="value")
         value_head = nn.Linear(model.config.hidden_size, 1).to(device)
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
-        return model, value_head
+        return (model if args.critic == "adapter" else None), value_head
     if not rewarder.same_tokenizer(0):  # the critic reads the actor's token ids
         raise UserError(f"--critic-from-rm: --rm {args.rm[0]} has another tokenizer or chat template than the "
                         "actor, so it cannot read the actor's tokens; drop --critic-from-rm")
@@ -213,18 +232,19 @@ def update(model, critic, value_head, batch, loop, args):
 def count_flops(phases, shapes, batch, epochs_run):
     """Tokens and model FLOPs of this iteration's passes (nanorlhf/perf.py): sampling; scoring with the policy,
     the reference (the base alone), the critic and each RM; and per PPO epoch a forward and backward of the policy
-    and of the critic. Sequence lengths are real tokens, prompt and response: padding is not model work."""
+    and of the critic. With --critic head (critic None) the critic's passes are its head alone, 2·H FLOPs a token
+    each way, left out. Sequence lengths are real tokens, prompt and response: padding is not model work."""
     prompts, responses = batch["query_mask"].sum(1).tolist(), batch["mask"].sum(1).tolist()
     lengths = [p + r for p, r in zip(prompts, responses)]
     policy, critic, rms = shapes
-    tokens = sum(lengths)
+    tokens, passes = sum(lengths), 1 + (critic is not None)
     phases.add("generate", tokens, policy.generate(prompts, responses, "policy"))
-    phases.add("score", tokens * (3 + len(rms)), policy.forward(lengths, True, "policy")
-               + policy.forward(lengths, True, None) + critic.forward(lengths, False, "value")
-               + sum(rm.forward(lengths, False) for rm in rms))
-    train = (policy.forward(lengths, True, "policy") + policy.backward(lengths, True, "policy")
-             + critic.forward(lengths, False, "value") + critic.backward(lengths, False, "value"))
-    phases.add("update", tokens * 2 * epochs_run, train * epochs_run)
+    critic_flops = (critic.forward(lengths, False, "value"), critic.backward(lengths, False, "value")) if critic \
+        else (0, 0)
+    phases.add("score", tokens * (1 + passes + len(rms)), policy.forward(lengths, True, "policy")
+               + policy.forward(lengths, True, None) + critic_flops[0] + sum(rm.forward(lengths, False) for rm in rms))
+    train = policy.forward(lengths, True, "policy") + policy.backward(lengths, True, "policy") + sum(critic_flops)
+    phases.add("update", tokens * passes * epochs_run, train * epochs_run)
 
 
 def train(args):
@@ -236,6 +256,8 @@ def train(args):
         raise UserError("--rollout-batch-size must be a multiple of --minibatch-size, and that of --batch-size")
     if args.critic_from_rm and not args.rm:
         raise UserError("--critic-from-rm starts the critic from the first --rm; give one (--rm FOLDER)")
+    if args.critic_from_rm and args.critic == "head":
+        raise UserError("--critic-from-rm starts an adapter critic from the RM's weights; --critic head has none")
     check_out(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
@@ -243,7 +265,7 @@ def train(args):
                         device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
                         load_in_8bit=args.load_in_8bit)
     critic, value_head = make_critic(model, rewarder, args)
-    for m in (model, critic):  # LoRA's dropout too: with any dropout the ratio is not 1 at the first update
+    for m in (model, critic or model):  # LoRA's dropout too: with any dropout the ratio is not 1 at the first update
         M.disable_dropout(m)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
@@ -251,17 +273,18 @@ def train(args):
     # The optimizer: policy and critic are a param group each, so each is clipped on its own (the critic's large
     # early gradients must not set the policy's step) and could take its own lr. The schedule counts every update.
     policy_params = [p for n, p in model.named_parameters() if ".policy." in n]
-    critic_params = [p for n, p in critic.named_parameters() if ".value." in n] + list(value_head.parameters())
+    critic_params = [p for n, p in (critic.named_parameters() if critic else []) if ".value." in n]
+    critic_params += list(value_head.parameters())
     optimizer = adamw([{"params": policy_params, "name": "policy"}, {"params": critic_params, "name": "critic"}],
                       args.optim, lr=args.lr, weight_decay=args.weight_decay)
     steps = total_steps(args.max_steps, args.epochs, len(prompts), args.rollout_batch_size)
     updates = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
     scheduler = LambdaLR(optimizer, cosine_with_warmup(steps * updates, args.warmup))
-    modules = {"model": model, "value_head": value_head} | ({"critic": critic} if critic is not model else {})
+    modules = {"model": model, "value_head": value_head} | ({"critic": critic} if critic not in (model, None) else {})
     loop = Loop(args, modules, optimizer, scheduler, len(prompts), steps, args.max_grad_norm, stateful={"kl": kl_ctl})
     device = next(model.parameters()).device
     phases = Phases(device, M.pick_dtype(device, args.dtype))  # MFU against the peak in the compute dtype
-    shapes = (shape(model), shape(critic), [shape(rm) for rm, _, _ in rewarder.rms])
+    shapes = (shape(model), critic and shape(critic), [shape(rm) for rm, _, _ in rewarder.rms])
     warned_eos = False
 
     for step in loop:
@@ -276,8 +299,10 @@ def train(args):
         # reward functions, then the missing-EOS rule); then the rewards (B, R), -β·KL everywhere and the score on
         # the last real token (Ziegler et al. 2019, eq. 2)
         with phases.time("score"):
-            batch["logprobs"], entropy, batch["ref_logprobs"], batch["values"] = score_tokens(
+            batch["logprobs"], entropy, batch["ref_logprobs"], batch["values"], features = score_tokens(
                 model, critic, value_head, batch, args)
+            if features is not None:  # --critic head: the value head's inputs, fixed for this iteration
+                batch["features"] = features
             response_ids = [r[:length].tolist() for r, length in zip(batch["responses"].cpu(), lengths.cpu())]
             scores_raw, parts, texts = rewarder(picked, queries, response_ids, ended.cpu(), args.batch_size)
             scores = missing_eos_scores(scores_raw, ended.cpu(), args)

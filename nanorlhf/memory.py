@@ -146,11 +146,12 @@ class Breakdown(dict):
 
 def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, batch_size=4, max_length=512,
              max_new_tokens=64, rollout_batch_size=16, num_generations=4, gradient_checkpointing=False,
-             optim="adamw", dtype="bf16", device="cuda", reward_models=1, critic_from_rm=False, precompute_ref=False,
-             padded=True, nproc=1):
+             optim="adamw", dtype="bf16", device="cuda", reward_models=1, critic="adapter", critic_from_rm=False,
+             precompute_ref=False, padded=True, nproc=1):
     """Peak memory of `stage` as a Breakdown (component -> bytes, plus "total"). Lengths as the scripts take them:
     --max-length bounds prompt+response, except for PPO and GRPO where it bounds the prompt (+ --max-new-tokens).
-    GRPO is PPO without the critic (no value adapter, head or passes), sampling num_generations per prompt.
+    GRPO is PPO without the critic (no value adapter, head or passes), sampling num_generations per prompt; PPO's
+    --critic head is a value head alone on the reference pass's hidden states, which it keeps for the update.
     Per rank under torchrun (nproc > 1): the same, plus the flat fp32 buffer dist.all_sum_grads reduces."""
     H, L, qd, kvd, I, V, nh = _dims(cfg)
     s, bits = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype], 4 if load_in_4bit else 8 if load_in_8bit else 16
@@ -163,7 +164,8 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
         f"; embeddings/lm_head {dtype}" if bits < 16 else "")
     state = 4 + (8 if optim == "adamw" else 2)  # fp32 grad + two Adam moments (1 byte each with adamw8bit)
     if lora:
-        P = lora_params(cfg, lora_r) * (2 if stage == "ppo" else 1) + (H + 1) * (stage in ("rm", "ppo"))
+        adapters = 2 if stage == "ppo" and critic == "adapter" else 1  # PPO's value adapter
+        P = lora_params(cfg, lora_r) * adapters + (H + 1) * (stage in ("rm", "ppo"))
         b["lora"], n["lora"] = P * (4 + state), f"{P / 1e6:.1f}M fp32 params × {4 + state} B (weight, grad, AdamW)"
     else:
         P = b["weights"] / s
@@ -177,8 +179,10 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
         rm = weight_bytes(cfg, s, bits, lm_head=False)  # reward models like the policy, frozen, no lm_head
         b["reward_model"], n["reward_model"] = reward_models * rm, f"{reward_models} × frozen, same size/bits"
     if stage == "ppo":
-        b["critic"] = rm if critic_from_rm else 0
-        n["critic"] = "2nd base from --rm (--critic-from-rm)" if critic_from_rm else "value adapter on policy base"
+        features = rollout_batch_size * max_new_tokens * H * s  # --critic head: (B, R, H) reference hidden states
+        b["critic"] = rm if critic_from_rm else features if critic == "head" else 0
+        n["critic"] = ("2nd base from --rm (--critic-from-rm)" if critic_from_rm else "value adapter on policy base"
+                       if critic == "adapter" else "--critic head: the rollout's reference hidden states")
 
     # A step's moments; the peak is the largest. Each forward with grad sees N tokens (RM and DPO stack the
     # chosen and rejected rows); what it saves lives until backward, temporaries only at their moment.
@@ -199,7 +203,7 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
                                                   + kernel_bytes(cfg, N, s, 1))
     # RL's no-grad passes (PPO's scoring, GRPO's reference and old logprobs) end before the update and save
     # nothing: less than a forward with grad, so no moment of their own.
-    if stage == "ppo":  # the critic's forward adds its activations and value-head input to the policy's
+    if stage == "ppo" and critic == "adapter":  # the critic's forward adds its activations and value-head input
         moments["critic forward + backward"] = (2 * saved + N * F32 * H, bwd)
     b.peak = max(moments, key=lambda k: sum(moments[k]))
     b["activations"], b["row_grads"], b["transient"] = moments[b.peak][0], rows, moments[b.peak][1]
@@ -275,6 +279,8 @@ class Args:
     gpu_gb: float = cli.arg(24.0, "GPU memory in GiB.", gt=0)
     reward_models: int = cli.arg(1, "PPO, GRPO: frozen reward models (same architecture and bits as --model); "
                                  "0 for a Python reward.", ge=0)
+    critic: str = cli.arg("adapter", "PPO's --critic: a value adapter of its own, or a value head alone on the "
+                          "reference pass's hidden states.", choices=["adapter", "head"])
     critic_from_rm: bool = cli.arg(False, "PPO: the critic is a second base loaded from the reward model.")
     precompute_ref: bool = cli.arg(False, "DPO/KTO --precompute-ref.")
     padding: bool = cli.arg(True, "Batches hold padding (the usual case; --no-padding for equal-length rows).")

@@ -263,9 +263,11 @@ def hidden_states(model, input_ids, attention_mask):
     return out.last_hidden_state
 
 
-def logprobs(model, input_ids, attention_mask, targets, temperature=1.0, return_entropy=False):
-    """log π(targets) per token (B, T), 0 where targets == -100; with return_entropy also (B, T) entropy."""
-    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+def logprobs(model, input_ids, attention_mask, targets, temperature=1.0, return_entropy=False, hidden=None):
+    """log π(targets) per token (B, T), 0 where targets == -100; with return_entropy also (B, T) entropy. hidden:
+    this model's final hidden states of these inputs (B, T, H), when the caller has them already."""
+    if hidden is None:
+        hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
     weight, scale = lm_head(model)
     return token_logprobs(hidden, weight, targets, temperature / scale, return_entropy=return_entropy)
 

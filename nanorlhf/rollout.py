@@ -43,12 +43,17 @@ def response_slice(x, batch):
     return x[:, batch["queries"].shape[1] - 1:-1]
 
 
-def response_logprobs(model, batch, temperature, adapter="policy", return_entropy=False):
+def response_logprobs(model, batch, temperature, adapter="policy", return_entropy=False, return_hidden=False):
     """(B, R) log π(response tokens) at `temperature` under adapter `adapter` (None: every adapter off, the
-    reference), 0 on padding; with return_entropy also the (B, R) entropy."""
+    reference), 0 on padding; with return_entropy also the (B, R) entropy, with return_hidden also the (B, R, H) final
+    hidden states they came from (the state before each response token, as a value head reads it)."""
+    input_ids, attention_mask, targets = batch_inputs(batch)
     with use_adapter(model, adapter):
-        out = M.logprobs(model, *batch_inputs(batch), temperature, return_entropy)
-    return tuple(response_slice(t, batch) for t in out) if return_entropy else response_slice(out, batch)
+        hidden = M.hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+        out = M.logprobs(model, input_ids, attention_mask, targets, temperature, return_entropy, hidden=hidden)
+    out = (out if return_entropy else (out,)) + ((hidden,) if return_hidden else ())
+    out = tuple(response_slice(t, batch) for t in out)
+    return out if len(out) > 1 else out[0]
 
 
 def masked(x, mask):

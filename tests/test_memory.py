@@ -144,6 +144,22 @@ def test_grpo_is_ppo_without_the_critic(capsys):
     assert "generation, 32 × 128 tokens" in out and "critic" not in out and "fits in 24 GiB: yes" in out
 
 
+def test_head_critic_drops_the_value_adapter_and_its_pass():
+    """PPO --critic head: one adapter + the value head, the GRPO-sized activations (no critic forward), and the
+    rollout's reference hidden states (rollout × response tokens × H in the compute dtype) on the critic line."""
+    cfg = memory.load_config("8b")
+    H, kw = cfg["hidden_size"], dict(load_in_4bit=True, gradient_checkpointing=True, batch_size=4, max_length=1024,
+                                     max_new_tokens=256, rollout_batch_size=32)
+    adapter, head = memory.estimate(cfg, "ppo", **kw), memory.estimate(cfg, "ppo", critic="head", **kw)
+    grpo = memory.estimate(cfg, "grpo", **(kw | {"rollout_batch_size": 8}))
+    assert head["lora"] == 16 * (memory.lora_params(cfg, 16) + H + 1) == grpo["lora"] + 16 * (H + 1)
+    assert head["critic"] == 32 * 256 * H * 2 and adapter["critic"] == 0
+    assert head["activations"] == grpo["activations"] and "critic" not in head.notes["transient"]
+    assert head["total"] < adapter["total"]
+    with pytest.raises(SystemExit):  # a choice it does not know: one line, exit 2
+        memory.main(["--stage", "ppo", "--critic", "shared"])
+
+
 def test_bad_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not a preset"):
         memory.load_config(str(tmp_path / "nope"))

@@ -187,7 +187,8 @@ def test_logprob_temperature_is_the_sampling_temperature(actor_dir, tmp_path, mo
     monkeypatch.setattr(model, "generate", spy)
     queries = [tok("Hello there", add_special_tokens=False).input_ids, tok("Hi", add_special_tokens=False).input_ids]
     data, lengths, _ = train_ppo.sample(model, tok, queries, args.max_new_tokens, args.temperature)
-    logprobs, entropy, ref_logprobs, values = train_ppo.score_tokens(model, model, head, data, args)
+    logprobs, entropy, ref_logprobs, values, features = train_ppo.score_tokens(model, model, head, data, args)
+    assert features is None  # only --critic head keeps the reference pass's hidden states
     assert seen["temperature"] == args.temperature
     P = data["queries"].shape[1]
     ids, attn, _ = rollout.join(**data)
@@ -242,7 +243,48 @@ def test_critic_from_rm_starts_at_the_first_rms_weighted_share(actor_dir, tiny_r
     torch.testing.assert_close(values, 0.5 * torch.stack(expected), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("extra", [[], ["--load-in-4bit", "--critic-from-rm"]])
+def test_head_critic_reads_the_reference_pass(actor_dir, tmp_path):
+    """--critic head: the values are the head applied to the final hidden states of the base with every adapter
+    off (here from transformers' own output_hidden_states, an independent pass), the same states the reference
+    logprobs come from; no value adapter exists, and the update trains the head on the stored features."""
+    model, tok = M.load_model(actor_dir)
+    add_lora(model, 4, 8, name="policy")
+    args = make_args(tmp_path, actor_dir, critic="head", batch_size=2)
+    critic, head = train_ppo.make_critic(model, None, args)
+    assert critic is None and torch.count_nonzero(head.weight) == 0
+    torch.nn.init.normal_(head.weight, std=0.1)
+    queries = [tok(t, add_special_tokens=False).input_ids for t in ("Hello there", "Hi", "A longer prompt here")]
+    data, _, _ = train_ppo.sample(model, tok, queries, args.max_new_tokens, args.temperature)
+    logprobs, _, ref_logprobs, values, features = train_ppo.score_tokens(model, critic, head, data, args)
+    P, (B, R) = data["queries"].shape[1], data["mask"].shape
+    ids, attn, _ = rollout.join(**data)
+    from nanorlhf.lora import use_adapter
+    with use_adapter(model, None), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                    output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, P - 1:-1]  # (B, R, H): the state before each response token
+    mask = data["mask"][..., None]
+    assert features.shape == (B, R, 64)
+    torch.testing.assert_close(features * mask, hidden * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, (head(hidden).squeeze(-1)) * data["mask"], atol=1e-5, rtol=1e-5)
+    lp = torch.log_softmax(out.logits[:, P - 1:-1], -1).gather(-1, data["responses"][..., None])[..., 0]
+    torch.testing.assert_close(ref_logprobs, lp * data["mask"], atol=1e-5, rtol=1e-5)
+    assert not any(".value." in n for n, _ in model.named_parameters())
+    # one update step: the head learns from the stored features, the policy from its own pass
+    batch = dict(data, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, features=features,
+                 advantages=torch.randn(B, R) * data["mask"], returns=torch.ones(B, R) * data["mask"])
+    losses = []
+
+    class Steps:  # the one thing update needs from the Loop: an optimizer step after each minibatch
+        def optimizer_step(self):
+            losses.append(head.weight.grad.abs().sum().item())
+            return {}
+    train_ppo.update(model, critic, head, batch, Steps(), args)
+    assert losses and losses[0] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".policy." in n)
+
+
+@pytest.mark.parametrize("extra", [[], ["--load-in-4bit", "--critic-from-rm"], ["--critic", "head"]])
 def test_ppo_script_smoke(actor_dir, tiny_rm_dir, tmp_path, extra):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n" for w in WORDS))
