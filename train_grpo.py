@@ -261,20 +261,6 @@ def update(model, batch, variant, eps_high, loop, args):
     return stats
 
 
-def count_flops(phases, policy, rms, batch, need_old, need_ref, epochs):
-    """Tokens and model FLOPs of this iteration's passes (nanorlhf/perf.py): sampling; scoring with each RM and,
-    when needed, the old policy and the reference; per epoch a forward and backward of the policy. Sequence lengths
-    are real tokens, prompt and response: padding is not model work."""
-    prompts, responses = batch["query_mask"].sum(1).tolist(), batch["mask"].sum(1).tolist()
-    lengths = [p + r for p, r in zip(prompts, responses)]
-    tokens = sum(lengths)
-    phases.add("generate", tokens, policy.generate(prompts, responses, "policy"))
-    phases.add("score", tokens * (need_old + need_ref + len(rms)), need_old * policy.forward(lengths, True, "policy")
-               + need_ref * policy.forward(lengths) + sum(rm.forward(lengths, False) for rm in rms))
-    phases.add("update", tokens * 2 * epochs,
-               epochs * (policy.forward(lengths, True, "policy") + policy.backward(lengths, True, "policy")))
-
-
 def train(args):
     if not args.lora_r:
         raise UserError("--lora-r 0: the reference is the base with adapters off; this stage needs LoRA")
@@ -302,7 +288,11 @@ def train(args):
     variant = resolve_variant(args, updates)  # what --advantage changes, decided once
     device = next(model.parameters()).device
     phases = Phases(device, M.pick_dtype(device, args.dtype))  # MFU against the peak in the compute dtype
-    policy, rms = shape(model), [shape(rm) for rm, _, _ in rewarder.rms]
+    # Each pass of an iteration as (Shape, with the lm_head, adapter), for its tokens and model FLOPs
+    policy = shape(model)
+    score_passes = ([(policy, True, "policy")] * variant.needs_old_logprobs
+                    + [(policy, True, None)] * variant.needs_ref_logprobs
+                    + [(shape(rm), False, None) for rm, _, _ in rewarder.rms])
 
     for step in loop:
         # 1. rollout: each prompt k times, side by side, so rows g·k .. g·k+k-1 are group g
@@ -332,8 +322,7 @@ def train(args):
         # 4. update: --ppo-epochs over the rollout
         with phases.time("update"):
             stats |= update(model, batch, variant, eps_high, loop, args)
-        count_flops(phases, policy, rms, batch, variant.needs_old_logprobs, variant.needs_ref_logprobs,
-                    args.ppo_epochs)
+        phases.add_iteration(batch, policy, score_passes, [(policy, True, "policy")], args.ppo_epochs)
 
         # 5. log + save
         groups = scores.view(-1, args.num_generations)

@@ -229,24 +229,6 @@ def update(model, critic, value_head, batch, loop, args):
     return stats
 
 
-def count_flops(phases, shapes, batch, epochs_run):
-    """Tokens and model FLOPs of this iteration's passes (nanorlhf/perf.py): sampling; scoring with the policy,
-    the reference (the base alone), the critic and each RM; and per PPO epoch a forward and backward of the policy
-    and of the critic. With --critic head (critic None) the critic's passes are its head alone, 2·H FLOPs a token
-    each way, left out. Sequence lengths are real tokens, prompt and response: padding is not model work."""
-    prompts, responses = batch["query_mask"].sum(1).tolist(), batch["mask"].sum(1).tolist()
-    lengths = [p + r for p, r in zip(prompts, responses)]
-    policy, critic, rms = shapes
-    tokens, passes = sum(lengths), 1 + (critic is not None)
-    phases.add("generate", tokens, policy.generate(prompts, responses, "policy"))
-    critic_flops = (critic.forward(lengths, False, "value"), critic.backward(lengths, False, "value")) if critic \
-        else (0, 0)
-    phases.add("score", tokens * (1 + passes + len(rms)), policy.forward(lengths, True, "policy")
-               + policy.forward(lengths, True, None) + critic_flops[0] + sum(rm.forward(lengths, False) for rm in rms))
-    train = policy.forward(lengths, True, "policy") + policy.backward(lengths, True, "policy") + sum(critic_flops)
-    phases.add("update", tokens * passes * epochs_run, train * epochs_run)
-
-
 def train(args):
     if not args.lora_r:
         raise UserError("--lora-r 0: PPO shares one frozen base between actor, reference and critic; it needs LoRA")
@@ -284,7 +266,13 @@ def train(args):
     loop = Loop(args, modules, optimizer, scheduler, len(prompts), steps, args.max_grad_norm, stateful={"kl": kl_ctl})
     device = next(model.parameters()).device
     phases = Phases(device, M.pick_dtype(device, args.dtype))  # MFU against the peak in the compute dtype
-    shapes = (shape(model), critic and shape(critic), [shape(rm) for rm, _, _ in rewarder.rms])
+    # Each pass of an iteration as (Shape, with the lm_head, adapter), for its tokens and model FLOPs: the critic's
+    # (none with --critic head, whose head alone is 2·H FLOPs a token) beside the policy's, the reference, each RM
+    policy = shape(model)
+    critic_passes = [(shape(critic), False, "value")] if critic else []
+    score_passes = [(policy, True, "policy"), (policy, True, None), *critic_passes,
+                    *[(shape(rm), False, None) for rm, _, _ in rewarder.rms]]
+    train_passes = [(policy, True, "policy"), *critic_passes]
     warned_eos = False
 
     for step in loop:
@@ -313,7 +301,7 @@ def train(args):
         # 4. update: --ppo-epochs over the rollout
         with phases.time("update"):
             stats = update(model, critic, value_head, batch, loop, args)
-        count_flops(phases, shapes, batch, stats["ppo_epochs_run"][-1])
+        phases.add_iteration(batch, policy, score_passes, train_passes, stats["ppo_epochs_run"][-1])
 
         # 5. log + save; the KL controller sees this iteration's mean sequence KL over every rank
         kl = dist.all_sum(masked(kl_penalty(batch["logprobs"], batch["ref_logprobs"], "k1"), mask).sum(1).mean().item())

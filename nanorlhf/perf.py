@@ -113,6 +113,19 @@ class Phases:
     def time(self, phase):
         return _Timer(self, phase)
 
+    def add_iteration(self, batch, policy, score, train, epochs):
+        """One RL iteration's tokens and model FLOPs (PPO, GRPO): sampling with `policy`'s adapter "policy"; the
+        no-grad passes `score`; per epoch a forward and a backward of each of `train`. A pass is (Shape, with the
+        lm_head, adapter). A sequence's tokens count once per pass, a forward with its backward being one pass.
+        Lengths are real tokens, prompt and response: padding is not model work."""
+        prompts, responses = batch["query_mask"].sum(1).tolist(), batch["mask"].sum(1).tolist()
+        lengths = [p + r for p, r in zip(prompts, responses)]
+        tokens = sum(lengths)
+        self.add("generate", tokens, policy.generate(prompts, responses, "policy"))
+        self.add("score", tokens * len(score), sum(m.forward(lengths, h, a) for m, h, a in score))
+        self.add("update", tokens * len(train) * epochs,
+                 epochs * sum(m.forward(lengths, h, a) + m.backward(lengths, h, a) for m, h, a in train))
+
     def metrics(self):
         out = {}
         for phase, s in self.seconds.items():

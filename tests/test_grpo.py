@@ -308,6 +308,7 @@ def test_grpo_script_4bit_writes_a_merged_model_and_adapter(actor_dir, tiny_rm_d
                 *[f"perf/{p}_{m}" for p in ("generate", "score", "update") for m in ("tokens", "tokens_per_s", "mfu")]):
         assert all(math.isfinite(row[key]) for row in rows), key
     assert all(row["perf/score_tokens"] == 3 * row["perf/generate_tokens"] for row in rows)  # old, ref and RM passes
+    assert all(row["perf/update_tokens"] == 2 * row["perf/generate_tokens"] for row in rows)  # the policy, 2 epochs
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 49152
     base = AutoModelForCausalLM.from_pretrained(actor_dir)

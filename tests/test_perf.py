@@ -85,6 +85,24 @@ def test_phases_report_tokens_rate_and_mfu():
     assert phases.metrics() == {}  # reset for the next iteration
 
 
+def test_an_iterations_passes_by_hand(monkeypatch):
+    """Two sequences of 2 + 1 and 1 + 2 tokens (prompt + response) through a made-up Shape: base 10 weights, lm_head
+    5, adapter 2, one layer, attention width 1. A forward of T tokens is 2·n·T + 2·T·(T + 1), a backward through
+    the frozen base 2·n_frozen·T + 4·n_lora·T + 4·T·(T + 1); tokens count once per pass."""
+    policy = perf.Shape(base=10, head=5, lora={"policy": 2}, layers=1, attn_dim=1)
+    batch = {"query_mask": torch.tensor([[1, 1], [0, 1]]), "mask": torch.tensor([[1, 0], [1, 1]])}
+    monkeypatch.setattr(perf, "peak_flops", lambda device, dtype: 1.0)  # the counts alone: no peak to measure
+    phases = perf.Phases(torch.device("cpu"), torch.float32)
+    phases.add_iteration(batch, policy, [(policy, True, "policy"), (policy, True, None)], [(policy, True, "policy")],
+                         epochs=2)
+    # generate: every token without the lm_head (n = 12: 2·12·3 + 24 = 96 a sequence) + the lm_head on 3 responses
+    assert phases.flops["generate"] == 2 * 96 + 2 * 5 * 3 and phases.tokens["generate"] == 6
+    # score: the policy with its head (n = 17: 126 a sequence), the reference (n = 15: 114)
+    assert phases.flops["score"] == 2 * 126 + 2 * 114 and phases.tokens["score"] == 12
+    # update, 2 epochs: forward 126 + backward 2·15·3 + 4·2·3 + 4·12 = 162, a sequence
+    assert phases.flops["update"] == 2 * 2 * (126 + 162) and phases.tokens["update"] == 12
+
+
 def test_peak_memory_is_the_processs_own():
     """A child started by a parent that holds 1.5 GiB reports its own peak (VmHWM starts afresh in a new program),
     not the parent's (ru_maxrss carries it across fork and exec)."""

@@ -302,6 +302,10 @@ def test_ppo_script_smoke(actor_dir, tiny_rm_dir, tmp_path, extra):
                 "response_length", "eos_frac", "tokens_per_s", "peak_mem_gb", "time/generate", "time/update",
                 *[f"perf/{p}_{m}" for p in ("generate", "score", "update") for m in ("tokens", "tokens_per_s", "mfu")]):
         assert all(math.isfinite(r[key]) for r in rows), key
+    critic = "head" not in extra  # the adapter critic's passes: one in scoring, one in the update
+    for r in rows:  # scoring: policy, reference, (critic,) RM; the update: policy (and critic), one epoch
+        assert r["perf/score_tokens"] == (3 + critic) * r["perf/generate_tokens"]
+        assert r["perf/update_tokens"] == (1 + critic) * r["perf/generate_tokens"]
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 49152
 
