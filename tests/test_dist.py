@@ -124,9 +124,10 @@ def test_ppo_and_grpo_run_on_two_ranks(tiny_dir, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(8)))
     common = ["--actor", tiny_dir, "--data", str(prompts), "--max-steps", "2", "--max-new-tokens", "4",
               "--reward-fn", "lengthy:reward", "--sample-every", "0", "--log-every", "100"]
-    for script, extra in (("train_ppo.py", ["--rollout-batch-size", "2", "--minibatch-size", "2", "--ppo-epochs", "2"]),
+    ppo = ["--rollout-batch-size", "2", "--minibatch-size", "2", "--ppo-epochs", "2"]
+    for script, extra in (("train_ppo.py", ppo), ("train_ppo.py", ppo + ["--critic", "head"]),
                           ("train_grpo.py", ["--rollout-batch-size", "1", "--num-generations", "2", "--beta", "0.1"])):
-        out = tmp_path / script
+        out = tmp_path / (script + "".join(extra[-2:]))
         # run from tmp_path, where the reward module is
         r = run(TORCHRUN + [os.path.join(ROOT, script)] + common + extra + ["--out", str(out)], cwd=tmp_path)
         assert r.returncode == 0, (script, r.stderr[-3000:])
