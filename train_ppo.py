@@ -247,15 +247,16 @@ def train(args):
                         device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
                         load_in_8bit=args.load_in_8bit)
     critic, value_head = make_critic(model, rewarder, args)
-    for m in (model, critic or model):  # LoRA's dropout too: with any dropout the ratio is not 1 at the first update
-        M.disable_dropout(m)
+    for m in (model, critic):  # LoRA's dropout too: with any dropout the ratio is not 1 at the first update
+        if m is not None:  # --critic head has no critic model
+            M.disable_dropout(m)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
     kl_ctl = KLController(args.kl_coef, args.target_kl, args.kl_horizon)
     # The optimizer: policy and critic are a param group each, so each is clipped on its own (the critic's large
     # early gradients must not set the policy's step) and could take its own lr. The schedule counts every update.
     policy_params = [p for n, p in model.named_parameters() if ".policy." in n]
-    critic_params = [p for n, p in (critic.named_parameters() if critic else []) if ".value." in n]
+    critic_params = [p for n, p in critic.named_parameters() if ".value." in n] if critic is not None else []
     critic_params += list(value_head.parameters())
     optimizer = adamw([{"params": policy_params, "name": "policy"}, {"params": critic_params, "name": "critic"}],
                       args.optim, lr=args.lr, weight_decay=args.weight_decay)
@@ -269,7 +270,7 @@ def train(args):
     # Each pass of an iteration as (Shape, with the lm_head, adapter), for its tokens and model FLOPs: the critic's
     # (none with --critic head, whose head alone is 2·H FLOPs a token) beside the policy's, the reference, each RM
     policy = shape(model)
-    critic_passes = [(shape(critic), False, "value")] if critic else []
+    critic_passes = [(shape(critic), False, "value")] if critic is not None else []
     score_passes = [(policy, True, "policy"), (policy, True, None), *critic_passes,
                     *[(shape(rm), False, None) for rm, _, _ in rewarder.rms]]
     train_passes = [(policy, True, "policy"), *critic_passes]
