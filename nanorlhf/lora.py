@@ -88,7 +88,8 @@ class LoRALinear(nn.Module):
         if name is None or name not in self.lora_A:
             return y
         A, B = self.lora_A[name], self.lora_B[name]
-        return y + (B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]).to(y.dtype)
+        # The scale multiplies the r-wide A x, not the out-wide B A x: the same product, a fraction of the work
+        return y + B(A(self.lora_dropout[name](x.to(A.weight.dtype))) * self.scaling[name]).to(y.dtype)
 
 
 def lora_layers(model):

@@ -198,6 +198,11 @@ def load_model(name, *, kind="causal", device="auto", dtype="auto", load_in_4bit
         raise UserError(f"{flag} {name}: could not load ({str(e).splitlines()[0]})")
     set_pad_token(tokenizer, model)
     disable_dropout(model)
+    if kind == "causal":
+        # transformers slices the last position, hidden[:, -1:], before the lm_head at a prefill. torch 2.13 on CPU
+        # runs a frozen Linear on such a non-contiguous (B, 1, H) view as a bmm over B copies of the weight: for
+        # SmolLM2 in bf16 at B = 32 that is 1.6 s instead of 9 ms (tests/benchmarks/bench_generate.py).
+        model.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
     one_4bit_path(model)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen base whose inputs need no grad, and its
