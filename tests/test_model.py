@@ -213,6 +213,50 @@ def test_sampling_ignores_the_models_generation_config(meddling_dir):
     assert out["responses"][0, :out["lengths"][0]].tolist() == ids[3:3 + int(out["lengths"][0])]
 
 
+def test_sample_token_draws_from_the_softmax_and_its_nucleus():
+    """40,000 draws per row against the distribution worked out by hand: softmax(logits / T), and with top_p 0.8 the
+    three likeliest tokens renormalised (their masses 0.563, 0.207, 0.126 first reach 0.8). The vocabulary is out of
+    order, so the nucleus must map back to the right ids; a -inf logit is never drawn; temperature 0 is the argmax."""
+    logits = torch.tensor([0.5, -1.0, 2.0, float("-inf"), 0.0, 1.0])  # likeliest first: ids 2, 5, 0, 4, 1
+    e = {i: math.exp(x) for i, x in enumerate(logits.tolist()) if x > float("-inf")}
+    full = {i: v / sum(e.values()) for i, v in e.items()}
+    nucleus = {i: e[i] / (e[2] + e[5] + e[0]) for i in (2, 5, 0)}
+    cooled = {i: math.exp(x / 0.5) for i, x in enumerate(logits.tolist()) if x > float("-inf")}
+    cooled = {i: v / sum(cooled.values()) for i, v in cooled.items()}
+    n = 40000
+    torch.manual_seed(0)
+    for temperature, top_p, expected in ((1.0, 1.0, full), (1.0, 0.8, nucleus), (0.5, 1.0, cooled)):
+        counts = torch.bincount(M.sample_token(logits.expand(n, -1), temperature, top_p), minlength=6).tolist()
+        for i in range(6):
+            p = expected.get(i, 0.0)
+            assert abs(counts[i] - n * p) <= 4 * math.sqrt(n * p * (1 - p)), (temperature, top_p, i, counts, p)
+    assert M.sample_token(torch.stack([logits, -logits.nan_to_num(neginf=0)]), 0).tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generate_left_padded_batch_decodes_each_prompt_as_alone(tokenizer, arch):
+    """The KV-cache loop over a left-padded batch (positions from the mask, the cache passed under each transformers
+    version's name) gives each prompt the greedy tokens a cache-free forward of that prompt alone picks."""
+    from conftest import tiny_llama
+    from transformers import GPT2Config, GPT2LMHeadModel
+    if arch == "llama":
+        model = tiny_llama(len(tokenizer))
+    else:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=64))
+    model.eval()
+    prompts = [[5, 6], [7, 8, 9, 10, 11], [12, 13, 14]]
+    out = M.generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0)
+    assert out["queries"].shape == (3, 5) and out["query_mask"].sum(1).tolist() == [2, 5, 3]
+    for b, p in enumerate(prompts):
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        n = int(out["lengths"][b])
+        assert out["responses"][b, :n].tolist() == ids[len(p):len(p) + n], (arch, b)
+
+
 def test_native_bf16_reads_the_cpu_flags(tmp_path):
     """Both paths, whatever this machine's CPU: flags with AVX512-BF16 or AMX-BF16 mean native bf16, without not."""
     for flags, expected in (("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),

@@ -178,13 +178,13 @@ def test_logprob_temperature_is_the_sampling_temperature(actor_dir, tmp_path, mo
     model, tok, head = policy_and_critic(actor_dir)
     args = make_args(tmp_path, actor_dir, temperature=0.6)
     seen = {}
-    real_generate = model.generate
+    real_sample_token = M.sample_token
 
-    def spy(*a, **k):
-        seen["temperature"] = k["generation_config"].temperature  # generate passes our settings as one config
-        return real_generate(*a, **k)
+    def spy(logits, temperature, top_p=1.0):
+        seen["temperature"] = temperature  # every decoding step draws through sample_token
+        return real_sample_token(logits, temperature, top_p)
 
-    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(M, "sample_token", spy)
     queries = [tok("Hello there", add_special_tokens=False).input_ids, tok("Hi", add_special_tokens=False).input_ids]
     data, lengths, _ = train_ppo.sample(model, tok, queries, args.max_new_tokens, args.temperature)
     logprobs, entropy, ref_logprobs, values, features = train_ppo.score_tokens(model, model, head, data, args)
