@@ -158,15 +158,17 @@ def last_metric(folder, key):
 
 
 def results_table(out, evaluation, names, times):
-    """Markdown: per model the gold reward, its win rate and gain against SFT, the RM's view, KL, length, EOS."""
+    """Markdown: per model the gold reward, its win rate and gain against SFT, the RM's view (its win rate, and how
+    often it orders the model's and SFT's responses as gold does: its held-out pairwise accuracy), KL, length, EOS."""
     head = ("| model | gold reward ± se | win rate vs SFT (gold) ± se | gold gain ± se | RM win rate ± se | "
-            "KL to SFT ± se | length | EOS rate | train s |")
-    lines = [head, "|" + "---|" * 9]
+            "RM agrees with gold ± se (pairs) | KL to SFT ± se | length | EOS rate | train s |")
+    lines = [head, "|" + "---|" * 10]
     for name in names:
         r = evaluation[os.path.join(out, name)]
         g, rm = r["judges"][GOLD_PART], r["judges"].get("rm")
         lines.append(f"| {name} | {g['mean']:.3f} ± {g['se']:.3f} | {g['win_rate']:.2f} ± {g['win_se']:.2f} | "
                      f"{g['gain']:+.3f} ± {g['gain_se']:.3f} | {rm['win_rate']:.2f} ± {rm['win_se']:.2f} | "
+                     f"{rm['agreement']:.2f} ± {rm['agreement_se']:.2f} ({rm['agreement_n']}) | "
                      f"{r['kl']:.2f} ± {r['kl_se']:.2f} | "
                      f"{r['length']:.1f} | {r['eos_rate']:.2f} | {times.get(name, 0):.0f} |")
     return "\n".join(lines)
@@ -215,8 +217,8 @@ def demo(args):
               f"SFT: gold {base['mean']:.3f} ± {base['se']:.3f}, EOS rate "
               f"{evaluation[os.path.join(out, 'sft')]['eos_rate']:.2f}. Labels: {label['pairs']} pairs (mean gold "
               f"margin {label['mean_margin']:.2f}), {label['desirable']} desirable / {label['undesirable']} "
-              f"undesirable KTO examples from {label['responses']} samples. Reward model: held-out pairwise accuracy "
-              f"{'n/a' if rm_accuracy is None else f'{rm_accuracy:.2f}'}.\n\nWhole demo: {minutes:.1f} min (scale {args.scale}); stage seconds: "
+              f"undesirable KTO examples from {label['responses']} samples. Reward model: pairwise accuracy "
+              f"{'n/a' if rm_accuracy is None else f'{rm_accuracy:.2f}'} on its eval split of the labelled pairs.\n\nWhole demo: {minutes:.1f} min (scale {args.scale}); stage seconds: "
               + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report)

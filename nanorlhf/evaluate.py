@@ -8,7 +8,9 @@ For the baseline and each model, on the same prompts and seed: each judge's mean
 response to the same prompt (ties count half; the A/B test of Stiennon et al. 2020) and the mean paired
 gain over it ± standard error; then KL to the baseline on the model's own samples, mean response length,
 distinct-1/2 (Li et al. 2016) and EOS rate. The first judge (--reward-fn if given, else --rm) fills the
-`score` and `win_rate` fields. Writes JSON (--out) and prints a markdown table.
+`score` and `win_rate` fields, and every other judge's `agreement` says how often it orders the model's and the
+baseline's responses as the first judge does (for an RM against the gold reward: its held-out pairwise accuracy,
+on the responses that matter). Writes JSON (--out) and prints a markdown table.
 """
 import json
 import math
@@ -76,6 +78,18 @@ def judge_stats(scores, base):
     return {"mean": mean, "se": se, "win_rate": win, "win_se": win_se, "gain": gain, "gain_se": gain_se}
 
 
+def agreement(scores, base, ref_scores, ref_base):
+    """How often a judge orders a model's response and the baseline's as a reference judge (the gold reward) does:
+    the mean over prompts where the reference strictly prefers one (and both judges scored both) of 1 when the judge
+    prefers the same one, ½ on its tie, else 0; ± se, and that number of prompts. For an RM, its pairwise accuracy on
+    held-out pairs labelled by the reference, on the responses the evaluated models give."""
+    both = scores.isfinite() & base.isfinite() & ref_scores.isfinite() & ref_base.isfinite()
+    ref = torch.sign(ref_scores - ref_base)[both]
+    judged = torch.sign(scores - base)[both][ref != 0]
+    right = (judged == ref[ref != 0]).float() + 0.5 * (judged == 0).float()
+    return (*mean_se(right), len(right)) if len(right) else (float("nan"), 0.0, 0)
+
+
 def evaluate(args):
     if not (args.model and args.baseline and args.data and (args.rm or args.reward_fn)):
         raise UserError("--model (one or more), --baseline, --data and a judge (--reward-fn and/or --rm) are required")
@@ -96,7 +110,11 @@ def evaluate(args):
 
     def summary(responses, ended, texts, parts, base_parts):
         judges = {j: judge_stats(parts[j], base_parts[j]) for j in parts}
-        first = judges[rewarder.fns[0].name if rewarder.fns else "rm"]
+        reference = rewarder.fns[0].name if rewarder.fns else "rm"
+        for j in judges.keys() - {reference}:  # e.g. the RM against the gold reward, on this model's pairs
+            judges[j]["agreement"], judges[j]["agreement_se"], judges[j]["agreement_n"] = agreement(
+                parts[j], base_parts[j], parts[reference], base_parts[reference])
+        first = judges[reference]
         return {"score": first["mean"], "win_rate": first["win_rate"], "judges": judges,
                 "length": sum(map(len, responses)) / len(responses), "distinct_1": distinct(texts, 1),
                 "distinct_2": distinct(texts, 2), "eos_rate": sum(ended) / len(ended),
@@ -128,8 +146,11 @@ def evaluate(args):
 def table(results, names):
     """Markdown: per judge mean ± se, win rate and paired gain vs the baseline; then KL, length, diversity, EOS."""
     judges = list(results[names[0]]["judges"])
+    ref = JUDGES.get(judges[0], judges[0])  # the first judge; the others' agreement is with it
+    agreeing = [j for j in judges if "agreement" in results[names[0]]["judges"][j]]
     head = ["model"] + [f"{JUDGES.get(j, j)} {c}" for j in judges for c in ("score ± se", "win rate vs baseline",
                                                                     "gain ± se")]
+    head += [f"{JUDGES.get(j, j)} agrees with {ref} ± se" for j in agreeing]
     head += ["KL to baseline", "length", "distinct-1", "distinct-2", "EOS rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
@@ -139,6 +160,10 @@ def table(results, names):
             s = r["judges"][j]
             cells += [f"{s['mean']:.3f} ± {s['se']:.3f}", f"{s['win_rate']:.2f} ± {s['win_se']:.2f}",
                       f"{s['gain']:+.3f} ± {s['gain_se']:.3f}"]
+        for j in agreeing:
+            s = r["judges"][j]
+            cells.append(f"{s['agreement']:.2f} ± {s['agreement_se']:.2f} ({s['agreement_n']})" if s["agreement_n"]
+                         else "n/a")
         cells += ["n/a" if r["kl"] is None else f"{r['kl']:.2f} ± {r['kl_se']:.2f}", f"{r['length']:.1f}",
                   f"{r['distinct_1']:.3f}",
                   f"{r['distinct_2']:.3f}", f"{r['eos_rate']:.2f}"]

@@ -91,4 +91,6 @@ def test_demo_smoke_from_a_clone_with_nothing_beside_it(moody_dir, tmp_path):
     assert (out / "frontier.png").stat().st_size > 0
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["settings"]["prompts"] == 16
+    rm = evaluation[str(out / "ppo_rm")]["judges"]["rm"]  # the RM judged against gold on that model's pairs
+    assert rm["agreement_n"] <= 16 and (rm["agreement_n"] == 0 or 0 <= rm["agreement"] <= 1)
     assert json.loads((out / "sft" / "args.json").read_text())["data"].startswith(str(out))  # from the copy's data/

@@ -92,3 +92,20 @@ def test_judge_stats_skip_prompts_a_judge_does_not_apply_to():
     nan = float("nan")
     s = judge_stats(torch.tensor([1.0, nan, 0.0, 2.0]), torch.tensor([0.0, 1.0, 0.0, nan]))
     assert s["mean"] == 0.5 and s["win_rate"] == 0.75 and s["gain"] == 0.5  # prompts 1 and 3: wins 1 and ½
+
+
+def test_agreement_counts_the_pairs_the_reference_orders():
+    """Worked by hand: the reference prefers the model on prompts 0 and 1, the baseline on 2, neither on 3 (left out),
+    and prompt 4 has no reference score (left out). The judge agrees on 0, disagrees on 1 and ties on 2: (1 + 0 + ½)/3."""
+    import math
+
+    import torch
+
+    from nanorlhf.evaluate import agreement
+    nan = float("nan")
+    ref_scores, ref_base = torch.tensor([1.0, 2.0, 0.0, 5.0, nan]), torch.tensor([0.0, 1.0, 1.0, 5.0, 0.0])
+    scores, base = torch.tensor([0.3, -1.0, 0.2, 9.0, 1.0]), torch.tensor([0.1, 0.0, 0.2, 0.0, 0.0])
+    mean, se, n = agreement(scores, base, ref_scores, ref_base)
+    assert n == 3 and mean == 0.5
+    assert math.isclose(se, torch.tensor([1.0, 0.0, 0.5]).std().item() / math.sqrt(3))
+    assert agreement(ref_scores, ref_base, ref_scores, ref_base)[:2] == (1.0, 0.0)  # a judge agrees with itself
