@@ -61,3 +61,16 @@ def test_bench_eval_batches_counts_padding_and_runs(tiny_dir, tiny_rm_dir, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     table = [line for line in r.stdout.splitlines() if line.startswith("| 4 |") or line.startswith("| 2 |")]
     assert len(table) == 2 and table[0].endswith("| 1.00 |")  # the first setting is the ratios' reference
+
+
+def test_bench_generate_runs(tiny_dir):
+    """It runs end to end on the tiny model (so the calls it times cannot drift from the real ones), one line per
+    thing timed, each compared line with its ratio."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "benchmarks", "bench_generate.py"), "--model",
+                        tiny_dir, "--dtype", "float32", "--rows", "2", "--new-tokens", "3", "--repeats", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [line for line in r.stdout.splitlines() if line[:2] in {f"{i}." for i in range(1, 8)}]
+    assert len(lines) == 7 and sum("x of line" in line for line in lines) == 4, r.stdout
