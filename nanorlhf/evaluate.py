@@ -84,9 +84,9 @@ def agreement(scores, base, ref_scores, ref_base):
     prefers the same one, ½ on its tie, else 0; ± se, and that number of prompts. For an RM, its pairwise accuracy on
     held-out pairs labelled by the reference, on the responses the evaluated models give."""
     both = scores.isfinite() & base.isfinite() & ref_scores.isfinite() & ref_base.isfinite()
-    ref = torch.sign(ref_scores - ref_base)[both]
-    judged = torch.sign(scores - base)[both][ref != 0]
-    right = (judged == ref[ref != 0]).float() + 0.5 * (judged == 0).float()
+    ref, judged = torch.sign(ref_scores - ref_base)[both], torch.sign(scores - base)[both]
+    ref, judged = ref[ref != 0], judged[ref != 0]
+    right = (judged == ref).float() + 0.5 * (judged == 0).float()
     return (*mean_se(right), len(right)) if len(right) else (float("nan"), 0.0, 0)
 
 

@@ -370,6 +370,17 @@ def sample_token(logits, temperature, top_p=1.0):
     return token if order is None else order.gather(-1, token[:, None]).squeeze(1)
 
 
+def left_pad(prompts, pad_id, device=None):
+    """Token-id prompts as (B, P) queries, left-padded so that every prompt ends at the last column, and their
+    query_mask, 1 on prompt tokens."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    queries = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    query_mask = torch.zeros_like(queries)
+    for b, p in enumerate(prompts):
+        queries[b, P - len(p):], query_mask[b, P - len(p):] = torch.tensor(p), 1
+    return queries, query_mask
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0):
     """Sample a response for each token-id prompt with the KV cache; temperature 0 = greedy.
@@ -385,14 +396,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
     tokens: samples from another distribution, biasing the ratio and the KL with no sign in any log.
     """
     device = next(model.parameters()).device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    queries = torch.full((B, P), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    query_mask = torch.zeros_like(queries)
-    for b, p in enumerate(prompts):
-        queries[b, P - len(p):], query_mask[b, P - len(p):] = torch.tensor(p), 1
+    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id, device)
     was_training = model.training
     model.eval()  # gradient checkpointing disables the KV cache in train mode
-    tokens, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=device)
     input_ids, attention_mask, cache = queries, query_mask, None
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.2x renamed
     position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's positions start at 0

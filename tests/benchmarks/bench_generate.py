@@ -70,10 +70,9 @@ def main():
     from transformers import GenerationConfig
     config = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    P = max(map(len, prompts))
-    queries = torch.tensor([[tok.pad_token_id] * (P - len(q)) + q for q in prompts])
-    query_mask = (torch.arange(P)[None] >= torch.tensor([P - len(q) for q in prompts])[:, None]).long()
-    model.generation_config = config
+    queries, query_mask = M.left_pad(prompts, tok.pad_token_id)
+    P = queries.shape[1]
+    model.generation_config = config  # else its shipped config fills what this one leaves at the defaults
 
     steps = {}  # decoding steps each run took: both stop once every row has emitted EOS, which sampling decides
 
