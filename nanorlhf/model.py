@@ -407,7 +407,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
         for _ in range(max_new_tokens):
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=True, logits_to_keep=1, **{cache_kw: cache})  # the last position's logits only
-            cache = out[cache_kw]
+            cache = out.get(cache_kw)
+            if cache is None:  # decoding on without it would feed each new token with no context
+                raise UserError(f"{type(model).__name__} returned no KV cache (`{cache_kw}`); generate needs a "
+                                "causal LM that caches")
             token = sample_token(out.logits[:, -1], temperature, top_p).masked_fill(done, tokenizer.pad_token_id)
             tokens.append(token)
             done |= token == tokenizer.eos_token_id

@@ -257,6 +257,17 @@ def test_generate_left_padded_batch_decodes_each_prompt_as_alone(tokenizer, arch
         assert out["responses"][b, :n].tolist() == ids[len(p):len(p) + n], (arch, b)
 
 
+def test_generate_without_a_cache_is_one_line(tokenizer):
+    """A model that hands back no KV cache would be fed each new token alone: one line, not a wrong sample."""
+    from conftest import tiny_llama
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    model = tiny_llama(len(tokenizer))
+    forward = model.forward
+    model.forward = lambda **kw: CausalLMOutputWithPast(logits=forward(**kw).logits)
+    with pytest.raises(UserError, match="returned no KV cache"):
+        M.generate(model, tokenizer, [[5, 6]], max_new_tokens=2)
+
+
 def test_native_bf16_reads_the_cpu_flags(tmp_path):
     """Both paths, whatever this machine's CPU: flags with AVX512-BF16 or AMX-BF16 mean native bf16, without not."""
     for flags, expected in (("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),
