@@ -5,6 +5,7 @@ into argparse (cleanrl's pattern, without tyro) so `--help` documents every flag
 """
 import argparse
 import dataclasses
+import inspect
 import os
 import sys
 import types
@@ -35,7 +36,12 @@ def _unwrap(tp):
 def build_parser(cls, description=None):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    # The script's own flags first; those it inherits (RunArgs' plumbing) after, each class's under its docstring.
+    owners = [k for k in cls.__mro__ if dataclasses.is_dataclass(k)]
+    owner = {f.name: next(k for k in owners if f.name in inspect.get_annotations(k)) for f in dataclasses.fields(cls)}
+    groups = {cls: p} | {k: p.add_argument_group(f"{k.__name__} options", " ".join((k.__doc__ or "").split()))
+                         for k in owners[1:]}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: owners.index(owner[f.name])):
         tp, is_list = _unwrap(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help: "~30% slower" would break
@@ -49,7 +55,7 @@ def build_parser(cls, description=None):
         else:
             kw["type"] = tp
         names = ["--" + f.name.replace("_", "-")] + ([f.metadata["alias"]] if f.metadata.get("alias") else [])
-        p.add_argument(*names, dest=f.name, **kw)
+        groups[owner[f.name]].add_argument(*names, dest=f.name, **kw)
     return p
 
 

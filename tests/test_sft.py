@@ -72,6 +72,9 @@ def test_sft_help_documents_every_flag():
                  "--load-in-4bit", "--load-in-8bit", "--optim", "--gradient-checkpointing", "--device", "--seed",
                  "--save-every", "--eval-every", "--resume"]:
         assert flag in r.stdout
+    # What SFT learns with comes first; the plumbing every script shares follows under its own heading.
+    own, shared = r.stdout.index("  --lr LR"), r.stdout.index("RunArgs options:")
+    assert own < shared < r.stdout.index("  --lora-r LORA_R") and own < r.stdout.index("  --max-length") < shared
 
 
 @pytest.mark.slow
