@@ -244,7 +244,7 @@ class Loop:
         """steps: optimizer steps (PPO and GRPO: iterations) to run, see total_steps; max_grad_norm: see GuardedStep,
         which logs each param group's norm as grad_norm/<its "name">."""
         self.args, self.modules, self.stateful = args, modules, dict(stateful or {})
-        self.guard = GuardedStep(optimizer, scheduler, max_grad_norm, args.max_bad_steps, args.out)
+        self.optimizer_step = GuardedStep(optimizer, scheduler, max_grad_norm, args.max_bad_steps, args.out)
         self.stream = Stream(n_examples, args.seed)  # the same order on every rank; each takes its own share
         self.total_steps = steps
         self.device = next(p for m in modules.values() for p in m.parameters()).device  # whose memory to report
@@ -272,14 +272,10 @@ class Loop:
             argv = [a for a in sys.argv if a not in ("--resume", "--overwrite")]
             print(f"stopped by signal at step {self.step}; resume with:\n  python {shlex.join(argv)} --resume")
             return
-        if self.guard.nothing_trained():  # the stage's save comes after this loop
-            raise UserError(f"all {self.guard.skipped} optimizer steps had a NaN/inf loss or gradient and "
+        if self.optimizer_step.nothing_trained():  # the stage's save comes after this loop
+            raise UserError(f"all {self.optimizer_step.skipped} optimizer steps had a NaN/inf loss or gradient and "
                             "were skipped: nothing was trained, so no model is saved. Check the data and rewards, "
                             "or lower --lr.")
-
-    def optimizer_step(self):
-        """Clip, step and schedule, or skip a step whose loss or gradient is NaN/inf (GuardedStep); its metrics."""
-        return self.guard()
 
     def take(self, n):
         """This rank's n example indices at the stream's position (the stream advances n × world size)."""
@@ -315,7 +311,7 @@ class Loop:
         """Everything a resume needs; `rng` holds every rank's generators (sampling differs per rank)."""
         return {
             "step": self.step, "stream": self.stream.state_dict(), "rng": dist.gather(rng_state()),
-            "world_size": dist.world(), **self.guard.state_dict(),
+            "world_size": dist.world(), **self.optimizer_step.state_dict(),
             "modules": {k: {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
                         for k, m in self.modules.items()},
             "stateful": {k: s.state_dict() for k, s in self.stateful.items()},
@@ -332,7 +328,7 @@ class Loop:
         state = read_checkpoint(path)
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k], strict=False)
-        self.guard.load_state_dict(state)
+        self.optimizer_step.load_state_dict(state)
         for k, s in self.stateful.items():
             s.load_state_dict(state["stateful"][k])
         self.stream.load_state_dict(state["stream"])

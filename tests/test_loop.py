@@ -132,12 +132,12 @@ def test_param_groups_are_clipped_apart(tmp_path):
     policy.weight.grad = torch.tensor([[0.3, 0.4]])    # norm 0.5: under the limit, left alone
     critic.weight.grad = torch.tensor([[30.0, 40.0]])  # norm 50: scaled to 1
     seen = {}
-    real_step = loop.guard.optimizer.step
+    real_step = loop.optimizer_step.optimizer.step
 
     def spy():
         seen["policy"], seen["critic"] = policy.weight.grad.clone(), critic.weight.grad.clone()
         real_step()
-    loop.guard.optimizer.step = spy
+    loop.optimizer_step.optimizer.step = spy
     metrics = loop.optimizer_step()
     torch.testing.assert_close(seen["policy"], torch.tensor([[0.3, 0.4]]))
     torch.testing.assert_close(seen["critic"], torch.tensor([[0.6, 0.8]]))
@@ -148,12 +148,12 @@ def test_resuming_with_another_optimizer_layout_is_a_one_line_error(tmp_path):
     """A checkpoint whose optimizer had one group (PPO before its critic had its own) does not fit two groups."""
     layer, head = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     one = make_loop(args_for(tmp_path), {"layer": layer, "head": head}, n_examples=4)
-    state = one.guard.state_dict()
+    state = one.optimizer_step.state_dict()
     two = make_loop(args_for(tmp_path / "b"), {"layer": layer, "head": head}, n_examples=4,
                     groups=[{"params": list(layer.parameters()), "name": "policy"},
                             {"params": list(head.parameters()), "name": "critic"}])
     with pytest.raises(UserError, match="--resume: the checkpoint's optimizer does not fit"):
-        two.guard.load_state_dict(state)
+        two.optimizer_step.load_state_dict(state)
 
 
 def run_steps(args, n=3):

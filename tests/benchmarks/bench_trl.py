@@ -240,7 +240,7 @@ def child_ours(spec):
     class CountingLoop(script.Loop):  # what the optimizer updates (train_rm adds the score head after loading)
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
-            info["trainable"] = sum(p.numel() for p in self.guard.params)
+            info["trainable"] = sum(p.numel() for p in self.optimizer_step.params)
 
     script.load_policy, script.Loop = measured_load_policy, CountingLoop
     out = os.path.join(spec["work"], f"ours-{spec['stage']}-{os.getpid()}")
