@@ -169,15 +169,25 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None,
     hidden (..., H), weight (V, H) lm_head weight, targets (...) int64 with ignore_index -100.
     Returns logprobs (...) fp32 [and entropy (...) fp32 when return_entropy]; ignored targets
     give 0 and no gradient. Grads come back in the input dtypes.
+
+    Only the tokens with a target go through the lm_head: a prompt or padding position has none, and
+    in an RL batch those are most of the rows (in the demo's PPO, two thirds), each a V-wide matmul
+    row and softmax for nothing.
     """
     shape = targets.shape
     assert hidden.shape[:-1] == shape, f"hidden {tuple(hidden.shape)} vs targets {tuple(shape)}"
-    chunk = chunk_rows(targets.numel(), weight.shape[0], chunk_size)
+    targets = targets.reshape(-1)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) positions with a target
+    if rows.numel() == 0:  # keep one ignored row, so the output still hangs off hidden's graph
+        rows = torch.zeros(1, dtype=torch.long, device=targets.device)
+    chunk = chunk_rows(rows.numel(), weight.shape[0], chunk_size)
     grad = torch.is_grad_enabled()
     mode = ("trainable" if grad and weight.requires_grad else
             "frozen" if grad and hidden.requires_grad else "none")  # "none": no_grad rollouts
     compiled = COMPILED if compiled is None else compiled
     logp, ent = _TokenLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), 1.0 / temperature,
+        hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), weight, targets[rows], 1.0 / temperature,
         chunk, mode, return_entropy and mode == "frozen", compiled)
+    # (n,) -> (N,): 0 at every position without a target
+    logp, ent = (t.new_zeros(targets.shape).index_copy(0, rows, t) for t in (logp, ent))
     return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)

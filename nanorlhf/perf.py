@@ -3,10 +3,12 @@
 MFU, model-FLOPs utilisation (Chowdhery et al. 2022, App. B; nanoGPT's `estimate_mfu`), is the FLOPs the
 model's math needs divided by seconds × the peak FLOP/s of the device in the compute dtype. Padding is not
 counted: it is waste, and MFU should show it. For one sequence of T real tokens, with N the weights of the
-linear maps a pass runs (the frozen base's projections, the active LoRA adapter's A and B, the lm_head only in
-a pass that computes logprobs), L layers and attention width d = heads × head_dim:
+linear maps a pass runs (the frozen base's projections, the active LoRA adapter's A and B), L layers, attention
+width d = heads × head_dim, and the V·H lm_head run only on the tokens whose logprob the pass needs (in RL the
+response tokens; `kernels.token_logprobs` skips the others):
 
     forward    2·N·T + 2·L·d·T·(T+1)      the matmuls; causal attention, QKᵀ and AV over t+1 keys at position t
+               + 2·V·H per token with a target
     backward   through a frozen base with LoRA: the base's matmuls need only the gradient of their input (2·N_base
                per token, not the 4 of full training), the adapters both theirs (4·N_lora), attention both
                operands (2× its forward)
@@ -34,20 +36,23 @@ class Shape:
     layers: int
     attn_dim: int  # heads × head_dim
 
-    def forward(self, lengths, head=True, adapter=None):
-        """FLOPs of one forward over sequences of these real lengths (an iterable of ints)."""
-        n = self.base + (self.head if head else 0) + self.lora.get(adapter, 0)
-        return sum(2 * n * T + 2 * self.layers * self.attn_dim * T * (T + 1) for T in lengths)
+    def forward(self, lengths, head_tokens=0, adapter=None):
+        """FLOPs of one forward over sequences of these real lengths (an iterable of ints), `head_tokens` of their
+        tokens through the lm_head."""
+        n = self.base + self.lora.get(adapter, 0)
+        return 2 * self.head * head_tokens + sum(2 * n * T + 2 * self.layers * self.attn_dim * T * (T + 1)
+                                                 for T in lengths)
 
-    def backward(self, lengths, head=True, adapter=None):
-        """FLOPs of one backward through the frozen base (input gradients) and the adapter (both gradients)."""
-        n_frozen, n_lora = self.base + (self.head if head else 0), self.lora.get(adapter, 0)
-        return sum(2 * n_frozen * T + 4 * n_lora * T + 4 * self.layers * self.attn_dim * T * (T + 1) for T in lengths)
+    def backward(self, lengths, head_tokens=0, adapter=None):
+        """FLOPs of one backward through the frozen base and lm_head (input gradients) and the adapter (both)."""
+        n_frozen, n_lora = self.base, self.lora.get(adapter, 0)
+        return 2 * self.head * head_tokens + sum(
+            2 * n_frozen * T + 4 * n_lora * T + 4 * self.layers * self.attn_dim * T * (T + 1) for T in lengths)
 
     def generate(self, prompt_lengths, response_lengths, adapter=None):
         """FLOPs of sampling with a KV cache: every token's forward once, the lm_head on the response tokens."""
-        no_head = self.forward([p + r for p, r in zip(prompt_lengths, response_lengths)], False, adapter)
-        return no_head + 2 * self.head * sum(response_lengths)
+        lengths = [p + r for p, r in zip(prompt_lengths, response_lengths)]
+        return self.forward(lengths, sum(response_lengths), adapter)
 
 
 def shape(model):
@@ -116,15 +121,16 @@ class Phases:
     def add_iteration(self, batch, policy, score, train, epochs):
         """One RL iteration's tokens and model FLOPs (PPO, GRPO): sampling with `policy`'s adapter "policy"; the
         no-grad passes `score`; per epoch a forward and a backward of each of `train`. A pass is (Shape, with the
-        lm_head, adapter). A sequence's tokens count once per pass, a forward with its backward being one pass.
-        Lengths are real tokens, prompt and response: padding is not model work."""
+        lm_head, adapter); the lm_head runs on the response tokens. A sequence's tokens count once per pass, a
+        forward with its backward being one pass. Lengths are real tokens, prompt and response: padding is not
+        model work."""
         prompts, responses = batch["query_mask"].sum(1).tolist(), batch["mask"].sum(1).tolist()
         lengths = [p + r for p, r in zip(prompts, responses)]
-        tokens = sum(lengths)
+        tokens, heads = sum(lengths), sum(responses)
         self.add("generate", tokens, policy.generate(prompts, responses, "policy"))
-        self.add("score", tokens * len(score), sum(m.forward(lengths, h, a) for m, h, a in score))
-        self.add("update", tokens * len(train) * epochs,
-                 epochs * sum(m.forward(lengths, h, a) + m.backward(lengths, h, a) for m, h, a in train))
+        self.add("score", tokens * len(score), sum(m.forward(lengths, heads * h, a) for m, h, a in score))
+        self.add("update", tokens * len(train) * epochs, epochs * sum(
+            m.forward(lengths, heads * h, a) + m.backward(lengths, heads * h, a) for m, h, a in train))
 
     def metrics(self):
         out = {}

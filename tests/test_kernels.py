@@ -74,6 +74,28 @@ def test_matches_eager_fp32(shape, H, V, chunk, T, trainable, use_entropy):
 
 
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_only_target_rows_reach_the_lm_head(trainable, monkeypatch):
+    """An RL batch is mostly prompt: positions without a target never reach the lm_head, and values and gradients
+    are still eager's. With no target at all, the output is zeros with zero gradients (and still has a graph)."""
+    hidden, weight, targets = make((3, 40), 16, 1000, n_ignored=0)
+    targets[:, :30] = -100  # a 30-token prompt before each 10-token response
+    seen = []
+    rows = kernels._compiled_softmax_rows
+    monkeypatch.setattr(kernels, "_compiled_softmax_rows", lambda z, *a: seen.append(z.shape[0]) or rows(z, *a))
+    logp, ent, grads = run(fused, hidden, weight, targets, trainable, True, chunk_size=8)
+    assert sum(seen) == 30  # the 3 × 10 response tokens, in chunks of at most 8
+    ref_logp, ref_ent, ref_grads = run(eager_reference, hidden, weight, targets, trainable, True)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
+    for g, ref_g in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref_g, atol=1e-5, rtol=1e-5)
+    assert (grads[0][:, :30] == 0).all()
+    targets[:] = -100
+    logp, ent, grads = run(fused, hidden, weight, targets, trainable, True)
+    assert (logp == 0).all() and (ent == 0).all() and all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
 def test_bf16_inputs_give_bf16_grads(trainable):
     hidden, weight, targets = make((4, 30), 32, 2000, dtype=torch.bfloat16)
     logp, ent, grads = run(fused, hidden, weight, targets, trainable, True, chunk_size=16)

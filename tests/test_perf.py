@@ -34,10 +34,13 @@ def test_shape_counts_by_hand(lora_llama):
     assert (s.layers, s.attn_dim) == (2, 64)
     # T = 3 tokens: 2·N·T for the matmuls + 2·L·d·T·(T+1) for causal attention
     n = 73728 + V * 64 + 8192
-    assert s.forward([3], adapter="policy") == 2 * n * 3 + 2 * 2 * 64 * 3 * 4
-    assert s.forward([3, 5], head=False) == 2 * 73728 * 8 + 2 * 2 * 64 * (3 * 4 + 5 * 6)
-    # backward: input gradients of the frozen base (2·N), both gradients of the adapter (4·N_lora), 2× attention
-    assert s.backward([3], adapter="policy") == 2 * (73728 + V * 64) * 3 + 4 * 8192 * 3 + 4 * 2 * 64 * 3 * 4
+    assert s.forward([3], 3, adapter="policy") == 2 * n * 3 + 2 * 2 * 64 * 3 * 4
+    assert s.forward([3, 5]) == 2 * 73728 * 8 + 2 * 2 * 64 * (3 * 4 + 5 * 6)
+    # the lm_head only on the tokens with a target: here 1 of the 3
+    assert s.forward([3], 1, adapter="policy") == 2 * (n - V * 64) * 3 + 2 * V * 64 + 2 * 2 * 64 * 3 * 4
+    # backward: input gradients of the frozen base and head (2·N), both gradients of the adapter (4·N_lora), 2×
+    # attention
+    assert s.backward([3], 3, adapter="policy") == 2 * (73728 + V * 64) * 3 + 4 * 8192 * 3 + 4 * 2 * 64 * 3 * 4
     # generation: the forward of prompt + response without the head, the head on the response tokens
     assert s.generate([4], [3]) == 2 * 73728 * 7 + 2 * 2 * 64 * 7 * 8 + 2 * V * 64 * 3
 
@@ -50,7 +53,7 @@ def test_forward_matmuls_match_torchs_flop_counter(lora_llama):
     with use_adapter(lora_llama, "policy"), FlopCounterMode(display=False) as counter:
         lora_llama(ids)
     s = perf.shape(lora_llama)
-    matmuls = s.forward([T], adapter="policy") - 2 * s.layers * s.attn_dim * T * (T + 1)
+    matmuls = s.forward([T], T, adapter="policy") - 2 * s.layers * s.attn_dim * T * (T + 1)
     assert counter.get_total_flops() - 4 * s.layers * s.attn_dim * T * T == matmuls
 
 
@@ -67,7 +70,7 @@ def test_backward_through_frozen_base_matches_torchs_flop_counter(lora_llama):
             logits.sum().backward()
     s = perf.shape(lora_llama)
     attention_full_minus_causal = 2 * 4 * s.layers * s.attn_dim * T * T - 4 * s.layers * s.attn_dim * T * (T + 1)
-    ours = s.backward([T], adapter="policy") + attention_full_minus_causal
+    ours = s.backward([T], T, adapter="policy") + attention_full_minus_causal  # the logits of every token
     assert bwd.get_total_flops() == pytest.approx(ours, rel=0.05)
     assert bwd.get_total_flops() < 1.2 * fwd.get_total_flops()  # not the 2× of full training
 
@@ -88,7 +91,8 @@ def test_phases_report_tokens_rate_and_mfu():
 def test_an_iterations_passes_by_hand(monkeypatch):
     """Two sequences of 2 + 1 and 1 + 2 tokens (prompt + response) through a made-up Shape: base 10 weights, lm_head
     5, adapter 2, one layer, attention width 1. A forward of T tokens is 2·n·T + 2·T·(T + 1), a backward through
-    the frozen base 2·n_frozen·T + 4·n_lora·T + 4·T·(T + 1); tokens count once per pass."""
+    the frozen base 2·n_frozen·T + 4·n_lora·T + 4·T·(T + 1), and the lm_head 2·5 each way on each of the 3 response
+    tokens alone; tokens count once per pass."""
     policy = perf.Shape(base=10, head=5, lora={"policy": 2}, layers=1, attn_dim=1)
     batch = {"query_mask": torch.tensor([[1, 1], [0, 1]]), "mask": torch.tensor([[1, 0], [1, 1]])}
     monkeypatch.setattr(perf, "peak_flops", lambda device, dtype: 1.0)  # the counts alone: no peak to measure
@@ -97,10 +101,10 @@ def test_an_iterations_passes_by_hand(monkeypatch):
                          epochs=2)
     # generate: every token without the lm_head (n = 12: 2·12·3 + 24 = 96 a sequence) + the lm_head on 3 responses
     assert phases.flops["generate"] == 2 * 96 + 2 * 5 * 3 and phases.tokens["generate"] == 6
-    # score: the policy with its head (n = 17: 126 a sequence), the reference (n = 15: 114)
-    assert phases.flops["score"] == 2 * 126 + 2 * 114 and phases.tokens["score"] == 12
-    # update, 2 epochs: forward 126 + backward 2·15·3 + 4·2·3 + 4·12 = 162, a sequence
-    assert phases.flops["update"] == 2 * 2 * (126 + 162) and phases.tokens["update"] == 12
+    # score: the policy (n = 12: 96 a sequence), the reference (n = 10: 84), each with the head on 3 tokens (30)
+    assert phases.flops["score"] == 2 * 96 + 30 + 2 * 84 + 30 and phases.tokens["score"] == 12
+    # update, 2 epochs: forward 96 a sequence + 30, backward 2·10·3 + 4·2·3 + 4·12 = 132 a sequence + 30
+    assert phases.flops["update"] == 2 * (2 * 96 + 30 + 2 * 132 + 30) and phases.tokens["update"] == 12
 
 
 def test_peak_memory_is_the_processs_own():
