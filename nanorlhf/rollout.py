@@ -24,12 +24,24 @@ def sample(model, tokenizer, queries, max_new_tokens, temperature, top_p=1.0, ad
 
 
 def join(queries, query_mask, responses, mask):
-    """Left-padded queries (B, P) + right-padded responses (B, R) -> model inputs whose targets at
-    positions P-1 .. P+R-2 are the response tokens, so outputs[:, P-1:-1] line up with responses."""
-    P = queries.shape[1]
-    input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+    """Left-padded queries (B, P) + right-padded responses (B, R) -> model inputs (B, T) with one padded region:
+    each row is its prompt, then its response, then padding, T = the longest prompt + response of the batch.
+
+    Side by side (B, P + R), a row would carry its prompt's left padding and its response's right padding: 1.49x
+    the real tokens in the demo's update minibatches of 8, against 1.33x here (docs/benchmarks.md). Positions come
+    from the attention mask (model.hidden_states), so each token sees what it would unpadded. Returns input_ids,
+    attention_mask and targets (B, T): the response tokens at the positions that predict them, -100 elsewhere."""
+    ids, real = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)  # (B, P + R)
+    prompt_len = query_mask.sum(1, keepdim=True)  # (B, 1)
+    T = int((prompt_len + mask.sum(1, keepdim=True)).max())
+    # (B, T): row b read from column P - prompt_len_b on, i.e. moved left by its prompt's padding
+    cols = queries.shape[1] - prompt_len + torch.arange(T, device=ids.device)
+    inside = cols < ids.shape[1]
+    cols = cols.clamp(max=ids.shape[1] - 1)
+    input_ids, attention_mask = ids.gather(1, cols), real.gather(1, cols) * inside
+    is_response = (torch.arange(T, device=ids.device) >= prompt_len) & attention_mask.bool()  # (B, T)
     targets = torch.full_like(input_ids, -100)
-    targets[:, P - 1:-1] = responses.masked_fill(mask == 0, -100)
+    targets[:, :-1] = input_ids[:, 1:].masked_fill(~is_response[:, 1:], -100)  # position t predicts token t + 1
     return input_ids, attention_mask, targets
 
 
@@ -39,8 +51,13 @@ def batch_inputs(batch):
 
 
 def response_slice(x, batch):
-    """The (B, R, ...) part of a (B, P + R, ...) output of `join`'s inputs that lines up with the responses."""
-    return x[:, batch["queries"].shape[1] - 1:-1]
+    """The (B, R, ...) part of a (B, T, ...) output of `join`'s inputs that lines up with the responses: row b's
+    outputs at positions prompt_len_b - 1 .. prompt_len_b + R - 2, the states before each response token (past
+    the end of a short row, the last position: padding, which every caller masks)."""
+    prompt_len = batch["query_mask"].sum(1, keepdim=True)  # (B, 1)
+    R = batch["mask"].shape[1]
+    cols = (prompt_len - 1 + torch.arange(R, device=x.device)).clamp(max=x.shape[1] - 1)  # (B, R)
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], cols]
 
 
 def response_logprobs(model, batch, temperature, adapter="policy", return_entropy=False, return_hidden=False):

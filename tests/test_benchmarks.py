@@ -74,3 +74,21 @@ def test_bench_generate_runs(tiny_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [line for line in r.stdout.splitlines() if line[:2] in {f"{i}." for i in range(1, 8)}]
     assert len(lines) == 7 and sum("x of line" in line for line in lines) == 4, r.stdout
+
+
+def test_bench_layout_runs_and_its_layouts_agree(tiny_dir, tmp_path):
+    """It runs end to end on the tiny model, and in fp32 the side-by-side layout it times against and the packed one
+    of rollout.join give the same logprobs, so the two timings are of the same computation."""
+    import json
+    import re
+    import subprocess
+    import sys
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Say " + "more " * i + "things."}) + "\n" for i in range(4)))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "benchmarks", "bench_layout.py"), "--sft",
+                        tiny_dir, "--data", str(data), "--rollouts", "4", "--batch-size", "2", "--max-new-tokens", "6",
+                        "--repeats", "1", "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("| side by side |", "| packed |"))]
+    assert len(rows) == 2 and "(1.00x)" in rows[0], r.stdout
+    assert float(re.search(r"layouts: (\S+)", r.stdout).group(1)) < 1e-4, r.stdout

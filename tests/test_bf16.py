@@ -41,7 +41,8 @@ def batch():
     queries, responses = torch.randint(3, V, (B, P), generator=g), torch.randint(3, V, (B, R), generator=g)
     query_mask, mask = torch.ones(B, P, dtype=torch.long), torch.ones(B, R, dtype=torch.long)
     query_mask[0, :2], mask[1, 4:] = 0, 0  # left-padded prompt, right-padded response
-    return join(queries, query_mask, responses, mask), mask
+    rollout = {"queries": queries, "query_mask": query_mask, "responses": responses, "mask": mask}
+    return join(**rollout), rollout
 
 
 def eager_logprobs(model, input_ids, attention_mask, targets, temperature=1.0):
@@ -51,15 +52,16 @@ def eager_logprobs(model, input_ids, attention_mask, targets, temperature=1.0):
     return torch.where(targets != -100, logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1), 0.0)
 
 
-def stage_losses(model, logprobs_fn, ref, mask, inputs):
-    """Each stage's loss on one batch, from per-token logprobs (B, P + R) of `logprobs_fn`; ref: fixed fp32 values."""
+def stage_losses(model, logprobs_fn, ref, rollout, inputs):
+    """Each stage's loss on one batch, from per-token logprobs (B, T) of `logprobs_fn`; ref: fixed fp32 values."""
     input_ids, attention_mask, targets = inputs
     with use_adapter(model, "policy"):
-        token_logp = logprobs_fn(model, input_ids, attention_mask, targets, 0.7)                   # (B, P+R)
-        hidden = M.hidden_states(model, input_ids, attention_mask)                                 # (B, P+R, H)
-    logprobs, summed = response_slice(token_logp, {"queries": input_ids[:, :P]}), token_logp.sum(-1)  # (B, R), (B,)
+        token_logp = logprobs_fn(model, input_ids, attention_mask, targets, 0.7)                   # (B, T)
+        hidden = M.hidden_states(model, input_ids, attention_mask)                                 # (B, T, H)
+    mask = rollout["mask"]
+    logprobs, summed = response_slice(token_logp, rollout), token_logp.sum(-1)                     # (B, R), (B,)
     head = torch.ones(hidden.shape[-1]) / hidden.shape[-1] ** 0.5
-    values = response_slice(hidden.float() @ head, {"queries": input_ids[:, :P]})                 # (B, R)
+    values = response_slice(hidden.float() @ head, rollout)                                       # (B, R)
     last = hidden[:, -1].float() @ head                                                           # (B,)
     advantages, returns = ref["advantages"], ref["returns"]
     pg, vf, _ = train_ppo.ppo_loss(logprobs, ref["logprobs"], values, ref["values"], advantages, returns, mask, 0.2,
@@ -78,17 +80,17 @@ def stage_losses(model, logprobs_fn, ref, mask, inputs):
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo"])
 def test_bf16_loss_and_lora_grads_match_fp32_eager(models, stage):
     m32, m16 = models
-    inputs, mask = batch()
+    inputs, rollout = batch()
     with torch.no_grad(), use_adapter(m32, None):  # fixed references, the same for both precisions
         base = eager_logprobs(m32, *inputs, 0.7)
     g = torch.Generator().manual_seed(1)
-    ref = {"logprobs": response_slice(base, {"queries": inputs[0][:, :P]}) - 0.01, "summed": base.sum(-1) - 0.5,
+    ref = {"logprobs": response_slice(base, rollout) - 0.01, "summed": base.sum(-1) - 0.5,
            "values": torch.randn(B, R, generator=g) * 0.1, "advantages": torch.randn(B, R, generator=g),
            "returns": torch.randn(B, R, generator=g)}
     results = []
     for model, fn in ((m32, eager_logprobs), (m16, M.logprobs)):
         model.zero_grad(set_to_none=True)
-        loss = stage_losses(model, fn, ref, mask, inputs)[stage]
+        loss = stage_losses(model, fn, ref, rollout, inputs)[stage]
         loss.backward()
         grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if ".lora_" in n])
         assert grads.dtype == torch.float32  # LoRA weights, their gradients and Adam's states stay fp32

@@ -174,6 +174,30 @@ def policy_and_critic(actor_dir):
     return model, tok, head
 
 
+def side_by_side(data):
+    """The reference layout, independent of rollout.join's packed one: prompt (left-padded) then response
+    (right-padded) side by side, (B, P + R), so outputs[:, P - 1:-1] line up with the responses."""
+    return (torch.cat([data["queries"], data["responses"]], 1), torch.cat([data["query_mask"], data["mask"]], 1))
+
+
+def test_join_packs_prompt_then_response_with_one_padded_region():
+    """Hand-built: rows of prompt lengths 1, 3, 2 and response lengths 2, 1, 0 become prompt + response + padding,
+    T = 4; targets are each response token at the position before it; response_slice reads them back as (B, R)."""
+    queries = torch.tensor([[0, 0, 11], [21, 22, 23], [0, 31, 32]])
+    query_mask = (queries != 0).long()
+    responses = torch.tensor([[12, 13], [24, 0], [0, 0]])
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0]])
+    input_ids, attention_mask, targets = rollout.join(queries, query_mask, responses, mask)
+    assert input_ids[attention_mask.bool()].tolist() == [11, 12, 13, 21, 22, 23, 24, 31, 32]
+    assert attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert targets.tolist() == [[12, 13, -100, -100], [-100, -100, 24, -100], [-100] * 4]
+    positions = torch.arange(4).expand(3, 4)  # an output that is its own position
+    data = {"query_mask": query_mask, "mask": mask}
+    assert rollout.response_slice(positions, data).masked_fill(mask == 0, -1).tolist() == [[0, 1], [2, -1], [-1, -1]]
+    hidden = torch.randn(3, 4, 5)  # trailing dims ride along
+    torch.testing.assert_close(rollout.response_slice(hidden, data)[0], hidden[0, :2])
+
+
 def test_logprob_temperature_is_the_sampling_temperature(actor_dir, tmp_path, monkeypatch):
     model, tok, head = policy_and_critic(actor_dir)
     args = make_args(tmp_path, actor_dir, temperature=0.6)
@@ -191,7 +215,7 @@ def test_logprob_temperature_is_the_sampling_temperature(actor_dir, tmp_path, mo
     assert features is None  # only --critic head keeps the reference pass's hidden states
     assert seen["temperature"] == args.temperature
     P = data["queries"].shape[1]
-    ids, attn, _ = rollout.join(**data)
+    ids, attn = side_by_side(data)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
 
     def eager(temperature, adapter):
@@ -257,7 +281,7 @@ def test_head_critic_reads_the_reference_pass(actor_dir, tmp_path):
     data, _, _ = train_ppo.sample(model, tok, queries, args.max_new_tokens, args.temperature)
     logprobs, _, ref_logprobs, values, features = train_ppo.score_tokens(model, critic, head, data, args)
     P, (B, R) = data["queries"].shape[1], data["mask"].shape
-    ids, attn, _ = rollout.join(**data)
+    ids, attn = side_by_side(data)
     from nanorlhf.lora import use_adapter
     with use_adapter(model, None), torch.no_grad():
         out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
