@@ -31,15 +31,14 @@ def join(queries, query_mask, responses, mask):
     the real tokens in the demo's update minibatches of 8, against 1.33x here (docs/benchmarks.md). Positions come
     from the attention mask (model.hidden_states), so each token sees what it would unpadded. Returns input_ids,
     attention_mask and targets (B, T): the response tokens at the positions that predict them, -100 elsewhere."""
-    ids, real = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)  # (B, P + R)
     prompt_len = query_mask.sum(1, keepdim=True)  # (B, 1)
-    T = int((prompt_len + mask.sum(1, keepdim=True)).max())
-    # (B, T): row b read from column P - prompt_len_b on, i.e. moved left by its prompt's padding
-    cols = queries.shape[1] - prompt_len + torch.arange(T, device=ids.device)
-    inside = cols < ids.shape[1]
-    cols = cols.clamp(max=ids.shape[1] - 1)
-    input_ids, attention_mask = ids.gather(1, cols), real.gather(1, cols) * inside
-    is_response = (torch.arange(T, device=ids.device) >= prompt_len) & attention_mask.bool()  # (B, T)
+    length = prompt_len + mask.sum(1, keepdim=True)  # (B, 1) real tokens of each row
+    t = torch.arange(int(length.max()), device=queries.device)  # (T,)
+    ids = torch.cat([queries, responses], 1)  # (B, P + R)
+    # row b read from column P - prompt_len_b on, i.e. moved left by its prompt's padding; past its end, padding
+    input_ids = ids.gather(1, (queries.shape[1] - prompt_len + t).clamp(max=ids.shape[1] - 1))  # (B, T)
+    attention_mask = (t < length).to(mask.dtype)  # (B, T)
+    is_response = (t >= prompt_len) & (t < length)  # (B, T)
     targets = torch.full_like(input_ids, -100)
     targets[:, :-1] = input_ids[:, 1:].masked_fill(~is_response[:, 1:], -100)  # position t predicts token t + 1
     return input_ids, attention_mask, targets
