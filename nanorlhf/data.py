@@ -190,6 +190,26 @@ def tokenize(examples, tokenizer, max_length=None, source="the dataset"):
 # ---------------------------------------------------------------- a stage's rows
 
 
+def split_by_prompt(examples, eval_frac, seed):
+    """(held_out, train): a seeded `eval_frac` of the examples held out, whole prompts at a time, so that no eval
+    example shares its prompt with a training one (a ranked or KTO file gives each prompt several; a split by example
+    would grade the model on prompts it trained on). Prompts are drawn in a seeded random order until the held-out
+    examples reach eval_frac of all, never taking the last prompt; with one example per prompt this is a plain
+    seeded split by example. Training examples keep their order."""
+    groups = {}  # prompt -> its examples' indices, in first-seen order
+    for i, e in enumerate(examples):
+        groups.setdefault(json.dumps(e.prompt), []).append(i)
+    groups = list(groups.values())
+    n_eval = int(len(examples) * eval_frac) if len(examples) > 1 else 0
+    held = []
+    for g in torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist():
+        if len(held) >= n_eval or len(held) + len(groups[g]) >= len(examples):
+            break
+        held += groups[g]
+    kept = sorted(set(range(len(examples))) - set(held))
+    return [examples[i] for i in held], [examples[i] for i in kept]
+
+
 def load_data(args, kind, tokenizer):
     """Tokenised (train, eval) rows: --eval-data, else a seeded --eval-frac slice held out of --data. Under torchrun
     each rank gets every training row (the Loop hands out shares of each batch) and every world-th eval row, maybe
@@ -200,10 +220,7 @@ def load_data(args, kind, tokenizer):
     if args.eval_data:
         held_out = load_examples(args.eval_data, kind, args.format)
     else:
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        n_eval = int(len(examples) * args.eval_frac) if len(examples) > 1 else 0
-        held_out = [examples[i] for i in order[:n_eval]]
-        examples = [examples[i] for i in sorted(order[n_eval:])]
+        held_out, examples = split_by_prompt(examples, args.eval_frac, args.seed)
     train_rows, stats = tokenize(examples, tokenizer, args.max_length, args.data)
     print(f"train data {args.data}: {stats}")
     eval_rows = tokenize(held_out, tokenizer, args.max_length, args.eval_data or args.data)[0] if held_out else []

@@ -6,7 +6,7 @@ import torch
 
 from nanorlhf.cli import UserError
 from nanorlhf.data import (PLAIN_GENERATION_PROMPT, PairRow, SFTRow, UnpairedRow, collate, load_examples, render_prompt,
-                           tokenize)
+                           split_by_prompt, tokenize)
 from nanorlhf.formats import PairExample, PromptExample, SFTExample, UnpairedExample
 
 SHARED = Path(__file__).resolve().parents[1] / "data"  # the copies of ../shared/data the repository ships
@@ -117,6 +117,23 @@ def test_ranked_expands_to_all_ordered_pairs(tmp_path):
     path = write(tmp_path, "r.jsonl", [{"prompt": "p", "responses": ["mid", "best", "worst"], "rank": [2, 1, 3]}])
     pairs = [(e.chosen, e.rejected) for e in load_examples(path, "pairs")]
     assert pairs == [("mid", "worst"), ("best", "mid"), ("best", "worst")]
+
+
+def test_eval_split_keeps_each_prompt_on_one_side():
+    # A ranked file's pairs: prompt p has p % 4 + 1 examples (1 to 4), 40 prompts, 100 examples
+    examples = [PairExample([user(f"p{p}")], f"a{j}", "b") for p in range(40) for j in range(p % 4 + 1)]
+    held, train = split_by_prompt(examples, 0.2, seed=3)
+    held_prompts, train_prompts = {e.prompt[0]["content"] for e in held}, {e.prompt[0]["content"] for e in train}
+    assert not held_prompts & train_prompts and len(held_prompts | train_prompts) == 40
+    assert len(held) + len(train) == 100 and 20 <= len(held) < 24  # stops at the first prompt that reaches 20
+    assert train == [e for e in examples if e.prompt[0]["content"] in train_prompts]  # training keeps file order
+    # one example per prompt: the plain seeded split by example (a permutation's first 20 %)
+    singles = [PairExample([user(f"q{i}")], "a", "b") for i in range(50)]
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(3)).tolist()
+    held, train = split_by_prompt(singles, 0.2, seed=3)
+    assert held == [singles[i] for i in order[:10]] and train == [singles[i] for i in sorted(order[10:])]
+    # one prompt: nothing can be held out without emptying the training set
+    assert split_by_prompt(examples[-4:], 0.5, seed=0) == ([], examples[-4:])
 
 
 def test_ranked_ties_and_null_ranks_make_no_pair(tmp_path):
