@@ -66,6 +66,11 @@ class Args(RunArgs):
     minibatch_size: int | None = arg(None, "Responses per optimizer step; default all of an iteration's "
                                      "(--rollout-batch-size × --num-generations).", gt=0)
     batch_size: int | None = arg(None, "Responses per forward pass; default min(8, --minibatch-size).", gt=0)
+    score_batch_size: int | None = arg(None, "Responses per forward when scoring a rollout (old, reference, RM "
+                                       "passes); default --batch-size. Scoring sorts the whole rollout by length, so a "
+                                       "larger forward pads little there, while an update micro-batch pads to the "
+                                       "longest row of its shuffled minibatch (the demo's PPO on 2 CPU cores: "
+                                       "--batch-size 4 with 8 here; docs/benchmarks.md).", gt=0)
     ppo_epochs: int = arg(1, "μ, passes over each iteration's responses. 1 with one minibatch is on-policy "
                           "REINFORCE with a group baseline (and skips the old-logprob pass).", gt=0)
     lr: float = arg(1e-5, "Peak learning rate (LoRA; TRL's 1e-6 is for full fine-tuning); cosine decay over every "
@@ -267,6 +272,7 @@ def train(args):
     n = args.rollout_batch_size * args.num_generations
     args.minibatch_size = args.minibatch_size or n
     args.batch_size = args.batch_size or min(8, args.minibatch_size)
+    args.score_batch_size = args.score_batch_size or args.batch_size
     if args.minibatch_size % args.batch_size or n % args.minibatch_size:
         raise UserError(f"--rollout-batch-size × --num-generations ({n}) must be a multiple of --minibatch-size "
                         f"({args.minibatch_size}), and that of --batch-size ({args.batch_size})")
@@ -307,11 +313,11 @@ def train(args):
         # 2. score: the reward (one scalar per response) and the logprobs the update compares against
         with phases.time("score"):
             response_ids = [r[:length].tolist() for r, length in zip(batch["responses"].cpu(), lengths.cpu())]
-            scores, parts, texts = rewarder(rows, queries, response_ids, ended.cpu(), args.batch_size)
+            scores, parts, texts = rewarder(rows, queries, response_ids, ended.cpu(), args.score_batch_size)
             if variant.needs_old_logprobs:
-                batch["logprobs"] = batch_logprobs(model, batch, args.temperature, "policy", args.batch_size)
+                batch["logprobs"] = batch_logprobs(model, batch, args.temperature, "policy", args.score_batch_size)
             if variant.needs_ref_logprobs:
-                batch["ref_logprobs"] = batch_logprobs(model, batch, args.temperature, None, args.batch_size)
+                batch["ref_logprobs"] = batch_logprobs(model, batch, args.temperature, None, args.score_batch_size)
 
         # 3. advantages (N, R), computed once for every group before any minibatch
         scores = scores.to(mask.device)

@@ -64,8 +64,13 @@ class Args(RunArgs):
     epochs: float = arg(1.0, "Passes over the prompts when --max-steps is not given.", gt=0)
     rollout_batch_size: int = arg(16, "Prompts sampled per iteration. 7B on 24 GB: 32-64.", gt=0)
     minibatch_size: int = arg(8, "Rollouts per optimizer step, run --batch-size at a time.", gt=0)
-    batch_size: int | None = arg(None, "Sequences per forward pass (rollout scoring and training micro-batches); "
-                                 "default min(4, --minibatch-size).", gt=0)
+    batch_size: int | None = arg(None, "Sequences per forward pass of the update (and of scoring, unless "
+                                 "--score-batch-size); default min(4, --minibatch-size).", gt=0)
+    score_batch_size: int | None = arg(None, "Sequences per forward when scoring a rollout (old, reference, RM "
+                                       "passes); default --batch-size. Scoring sorts the whole rollout by length, so a "
+                                       "larger forward pads little there, while an update micro-batch pads to the "
+                                       "longest row of its shuffled minibatch (the demo's PPO on 2 CPU cores: "
+                                       "--batch-size 4 with 8 here; docs/benchmarks.md).", gt=0)
     ppo_epochs: int = arg(4, "Passes over each iteration's rollouts.", gt=0)
     lr: float = arg(1e-5, "Peak learning rate of policy and critic (LoRA; N+ uses 3e-6 for full fine-tuning); "
                     "cosine decay over every optimizer step after warmup.", gt=0)
@@ -150,7 +155,7 @@ def score_tokens(model, critic, value_head, data, args):
     (critic None) also the reference pass's hidden states (B, R, H) the values came from, else None."""
     out = [torch.zeros_like(data["mask"], dtype=torch.float) for _ in range(4)]
     features = None
-    for idx, c in micro_batches(data, args.batch_size):
+    for idx, c in micro_batches(data, args.score_batch_size):
         logprobs, entropy = response_logprobs(model, c, args.temperature, "policy", return_entropy=True)
         ref_logprobs, hidden = response_logprobs(model, c, args.temperature, adapter=None, return_hidden=True)
         if critic is None:  # --critic head reads these (B, R, H) features
@@ -234,6 +239,7 @@ def train(args):
         raise UserError("--lora-r 0: PPO shares one frozen base between actor, reference and critic; it needs LoRA")
     if args.batch_size is None:
         args.batch_size = min(4, args.minibatch_size)
+    args.score_batch_size = args.score_batch_size or args.batch_size
     if args.minibatch_size % args.batch_size or args.rollout_batch_size % args.minibatch_size:
         raise UserError("--rollout-batch-size must be a multiple of --minibatch-size, and that of --batch-size")
     if args.critic_from_rm and not args.rm:
@@ -293,7 +299,7 @@ def train(args):
             if features is not None:  # --critic head: the value head's inputs, fixed for this iteration
                 batch["features"] = features
             response_ids = [r[:length].tolist() for r, length in zip(batch["responses"].cpu(), lengths.cpu())]
-            scores_raw, parts, texts = rewarder(picked, queries, response_ids, ended.cpu(), args.batch_size)
+            scores_raw, parts, texts = rewarder(picked, queries, response_ids, ended.cpu(), args.score_batch_size)
             scores = missing_eos_scores(scores_raw, ended.cpu(), args)
             rewards = shape_rewards(scores.to(mask.device), batch["logprobs"], batch["ref_logprobs"], mask,
                                     kl_ctl.value, args.kl_estimator)

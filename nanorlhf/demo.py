@@ -113,10 +113,13 @@ def stages(out, paths, scale, model, dtype="float32", seed=0):
                 "--grad-accum", "1", "--lr", "1e-3", "--eval-frac", "0.15", *short]),
     ]
     # --critic head: a value head on the reference pass's features, so an iteration runs no critic passes
-    # (docs/ppo-details.md §7); 15 of its iterations take the time of 10 with an adapter critic (docs/gold-demo.md)
+    # (docs/ppo-details.md §7); 15 of its iterations take the time of 10 with an adapter critic (docs/gold-demo.md).
+    # Scoring 8 length-sorted rows per forward, the update 4 of a shuffled minibatch of 8: less padding, same
+    # gradient (docs/benchmarks.md)
     ppo = ["--actor", sft, "--data", paths["prompts"], "--max-steps", s(15), "--rollout-batch-size", "32",
-           "--minibatch-size", "8", "--batch-size", "8", "--ppo-epochs", "1", "--max-new-tokens", "48", "--lr", "1e-3",
-           "--lam", "1.0", "--critic", "head", "--sample-every", "3", "--log-every", "1"]
+           "--minibatch-size", "8", "--batch-size", "4", "--score-batch-size", "8", "--ppo-epochs", "1",
+           "--max-new-tokens", "48", "--lr", "1e-3", "--lam", "1.0", "--critic", "head", "--sample-every", "3",
+           "--log-every", "1"]
     for name in ("ppo_rm", "ppo_gold", "dpo", "kto"):
         default, sweep = BETAS[name]
         for beta in (sweep if scale > 1 else [default]):

@@ -153,7 +153,7 @@ def make_args(tmp_path, actor, **kw):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say something {i}."}) + "\n" for i in range(32)))
     defaults = dict(model=actor, data=str(prompts), out=str(tmp_path / "ppo"), rollout_batch_size=8,
-                    minibatch_size=8, batch_size=4, max_new_tokens=6, temperature=1.0, ppo_epochs=2, lr=1e-3,
+                    minibatch_size=8, batch_size=4, score_batch_size=4, max_new_tokens=6, temperature=1.0, ppo_epochs=2, lr=1e-3,
                     lora_r=8, lora_alpha=16, max_steps=2, sample_every=0, log_every=100, missing_eos="none")
     return train_ppo.Args(**(defaults | kw))
 
@@ -394,9 +394,9 @@ def test_batch_size_follows_a_smaller_minibatch(actor_dir, tmp_path, monkeypatch
     (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
     monkeypatch.chdir(tmp_path)
     args = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", max_steps=1, minibatch_size=2, ppo_epochs=1,
-                     batch_size=None)  # None: not given on the command line
+                     batch_size=None, score_batch_size=None)  # None: not given on the command line
     train_ppo.train(args)
-    assert args.batch_size == 2
+    assert args.batch_size == args.score_batch_size == 2
     with open(os.path.join(args.out, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
     assert row["grad_norm/policy"] > 0 and row["grad_norm/critic"] > 0 and "grad_norm" not in row
@@ -418,3 +418,30 @@ def test_ratio_is_exactly_one_at_the_first_minibatch_in_bf16(actor_dir, tmp_path
     assert len(calls) == 4  # per iteration two micro-batches, both before its one optimizer step
     for new, old, mask in calls:
         assert mask.sum() > 0 and torch.equal(new * mask, old * mask)
+
+
+def test_scoring_and_update_forwards_take_their_own_batch_sizes(actor_dir, tmp_path, monkeypatch):
+    """--score-batch-size sets the scoring forwards (old, reference, RM passes: the whole rollout at once here) and
+    --batch-size the update's; the update's first micro-batches, before any optimizer step, see the logprobs that
+    scoring saw at another batch size (ratio 1, to rounding), and --score-batch-size defaults to --batch-size."""
+    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    sizes, real = [], train_ppo.micro_batches
+
+    def spy(batch, size):
+        for idx, chunk in real(batch, size):
+            sizes.append((size, len(idx)))
+            yield idx, chunk
+    monkeypatch.setattr(train_ppo, "micro_batches", spy)
+    args = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", max_steps=1, ppo_epochs=1,
+                     rollout_batch_size=8, minibatch_size=8, batch_size=2, score_batch_size=8)
+    calls = ppo_loss_calls(monkeypatch, args)
+    assert sizes == [(8, 8)] + [(2, 2)] * 4  # one scoring forward pair, then four update micro-batches
+    assert len(calls) == 4
+    for new, old, mask in calls:  # one minibatch: no optimizer step before any of them
+        torch.testing.assert_close(new * mask, old * mask, atol=1e-3, rtol=0)
+    default = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", out=str(tmp_path / "default"), max_steps=1,
+                        ppo_epochs=1, batch_size=2, score_batch_size=None)
+    sizes.clear()
+    train_ppo.train(default)
+    assert default.score_batch_size == 2 and {s for s, _ in sizes} == {2}
