@@ -313,3 +313,23 @@ def test_grpo_script_4bit_writes_a_merged_model_and_adapter(actor_dir, tiny_rm_d
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 49152
     base = AutoModelForCausalLM.from_pretrained(actor_dir)
     peft.PeftModel.from_pretrained(base, out / "adapter")
+
+
+def test_scoring_and_update_forwards_take_their_own_batch_sizes(actor_dir, tmp_path, moon_reward, monkeypatch):
+    """--score-batch-size sets the rows of the scoring passes (old and reference logprobs over the whole rollout),
+    --batch-size those of the update's; 16 responses, minibatches of 8, so old logprobs are needed."""
+    rows = {"score": [], "update": []}
+    real = rollout.response_logprobs
+
+    def spy(where):
+        def counting(model, batch, temperature, adapter="policy", return_entropy=False):
+            rows[where].append(batch["mask"].shape[0])
+            return real(model, batch, temperature, adapter, return_entropy)
+        return counting
+    monkeypatch.setattr(rollout, "response_logprobs", spy("score"))  # rollout.batch_logprobs
+    monkeypatch.setattr(train_grpo, "response_logprobs", spy("update"))
+    args = make_args(tmp_path, actor_dir, reward_fn=moon_reward, max_steps=1, beta=0.1, minibatch_size=8,
+                     batch_size=2, score_batch_size=8)
+    train_grpo.train(args)
+    assert rows["score"] == [8] * 4  # old and reference passes, 16 rows at 8 per forward
+    assert rows["update"] == [2] * 8
