@@ -67,10 +67,9 @@ class Args(RunArgs):
                                      "(--rollout-batch-size × --num-generations).", gt=0)
     batch_size: int | None = arg(None, "Responses per forward pass; default min(8, --minibatch-size).", gt=0)
     score_batch_size: int | None = arg(None, "Responses per forward when scoring a rollout (old, reference, RM "
-                                       "passes); default --batch-size. Scoring sorts the whole rollout by length, so a "
-                                       "larger forward pads little there, while an update micro-batch pads to the "
-                                       "longest row of its shuffled minibatch (the demo's PPO on 2 CPU cores: "
-                                       "--batch-size 4 with 8 here; docs/benchmarks.md).", gt=0)
+                                       "passes); default --batch-size. Scoring sorts the whole rollout by length, so "
+                                       "it pads less than an update micro-batch and can take more rows "
+                                       "(docs/benchmarks.md).", gt=0)
     ppo_epochs: int = arg(1, "μ, passes over each iteration's responses. 1 with one minibatch is on-policy "
                           "REINFORCE with a group baseline (and skips the old-logprob pass).", gt=0)
     lr: float = arg(1e-5, "Peak learning rate (LoRA; TRL's 1e-6 is for full fine-tuning); cosine decay over every "

@@ -67,10 +67,9 @@ class Args(RunArgs):
     batch_size: int | None = arg(None, "Sequences per forward pass of the update (and of scoring, unless "
                                  "--score-batch-size); default min(4, --minibatch-size).", gt=0)
     score_batch_size: int | None = arg(None, "Sequences per forward when scoring a rollout (old, reference, RM "
-                                       "passes); default --batch-size. Scoring sorts the whole rollout by length, so a "
-                                       "larger forward pads little there, while an update micro-batch pads to the "
-                                       "longest row of its shuffled minibatch (the demo's PPO on 2 CPU cores: "
-                                       "--batch-size 4 with 8 here; docs/benchmarks.md).", gt=0)
+                                       "passes); default --batch-size. Scoring sorts the whole rollout by length, so "
+                                       "it pads less than an update micro-batch and can take more rows "
+                                       "(docs/benchmarks.md).", gt=0)
     ppo_epochs: int = arg(4, "Passes over each iteration's rollouts.", gt=0)
     lr: float = arg(1e-5, "Peak learning rate of policy and critic (LoRA; N+ uses 3e-6 for full fine-tuning); "
                     "cosine decay over every optimizer step after warmup.", gt=0)

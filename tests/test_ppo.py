@@ -153,8 +153,9 @@ def make_args(tmp_path, actor, **kw):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say something {i}."}) + "\n" for i in range(32)))
     defaults = dict(model=actor, data=str(prompts), out=str(tmp_path / "ppo"), rollout_batch_size=8,
-                    minibatch_size=8, batch_size=4, score_batch_size=4, max_new_tokens=6, temperature=1.0, ppo_epochs=2, lr=1e-3,
-                    lora_r=8, lora_alpha=16, max_steps=2, sample_every=0, log_every=100, missing_eos="none")
+                    minibatch_size=8, batch_size=4, score_batch_size=4, max_new_tokens=6, temperature=1.0,
+                    ppo_epochs=2, lr=1e-3, lora_r=8, lora_alpha=16, max_steps=2, sample_every=0, log_every=100,
+                    missing_eos="none")
     return train_ppo.Args(**(defaults | kw))
 
 
