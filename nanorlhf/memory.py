@@ -147,12 +147,13 @@ class Breakdown(dict):
 def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, batch_size=4, max_length=512,
              max_new_tokens=64, rollout_batch_size=16, num_generations=4, gradient_checkpointing=False,
              optim="adamw", dtype="bf16", device="cuda", reward_models=1, critic="adapter", critic_from_rm=False,
-             precompute_ref=False, padded=True, nproc=1):
+             precompute_ref=False, padded=True, nproc=1, score_batch_size=None):
     """Peak memory of `stage` as a Breakdown (component -> bytes, plus "total"). Lengths as the scripts take them:
     --max-length bounds prompt+response, except for PPO and GRPO where it bounds the prompt (+ --max-new-tokens).
     GRPO is PPO without the critic (no value adapter, head or passes), sampling num_generations per prompt; PPO's
     --critic head is a value head alone on the reference pass's hidden states, which it keeps for the update.
-    Per rank under torchrun (nproc > 1): the same, plus the flat fp32 buffer dist.all_sum_grads reduces."""
+    Per rank under torchrun (nproc > 1): the same, plus the flat fp32 buffer dist.all_sum_grads reduces.
+    PPO and GRPO score each rollout in no-grad forwards of score_batch_size rows (default batch_size)."""
     H, L, qd, kvd, I, V, nh = _dims(cfg)
     s, bits = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype], 4 if load_in_4bit else 8 if load_in_8bit else 16
     lora = lora_r or False
@@ -201,15 +202,23 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
     if stage == "kto" or stage == "dpo" and not precompute_ref:  # KTO's z0 pairs run the reference anyway
         moments["reference forward (no grad)"] = (saved, N * work_bytes(cfg, s, False, False) + dense
                                                   + kernel_bytes(cfg, N, s, 1))
-    # RL's no-grad passes (PPO's scoring, GRPO's reference and old logprobs) end before the update and save
-    # nothing: less than a forward with grad, so no moment of their own.
+    # RL's scoring passes (old and reference logprobs, values) end before the update and save nothing: one layer's
+    # temporaries and the kernel's tiles (+ PPO's entropy tile), over --score-batch-size rows, which can be many more
+    # than the update's.
+    score = "scoring forward (no grad)"
+    if stage in RL:
+        S = (score_batch_size or batch_size) * T
+        moments[score] = (0, S * work_bytes(cfg, s, lora, False) + dense
+                          + kernel_bytes(cfg, S, s, 1 + (stage == "ppo")))
     if stage == "ppo" and critic == "adapter":  # the critic's forward adds its activations and value-head input
         moments["critic forward + backward"] = (2 * saved + N * F32 * H, bwd)
-    b.peak = max(moments, key=lambda k: sum(moments[k]))
+    b.peak = max(moments, key=lambda k: sum(moments[k]) + rows * (k != score))  # no row gradients without grad
+    rows *= b.peak != score
     b["activations"], b["row_grads"], b["transient"] = moments[b.peak][0], rows, moments[b.peak][1]
     n["activations"] = f"{N} tokens{' × 2 (policy, critic)' if 'critic' in b.peak else ''}: " + (
-        "each layer's input (checkpointing)" if gradient_checkpointing else "saved by every layer")
-    n["row_grads"] = ("kernel's (N, H) fp32 dlogp/dh" + (" + dentropy/dh" if entropy else "")) if kernel else "-"
+        "each layer's input (checkpointing)" if gradient_checkpointing else "saved by every layer") if b.peak != score \
+        else f"none: no grad; {S} tokens scored per forward (--score-batch-size)"
+    n["row_grads"] = ("kernel's (N, H) fp32 dlogp/dh" + (" + dentropy/dh" if entropy else "")) if rows else "-"
     n["transient"] = f"at {b.peak}"
     peak = b["activations"] + rows + b["transient"]
     if stage in RL:  # generation: the KV cache of every sequence, after a no-grad prefill of the prompts
@@ -270,6 +279,8 @@ class Args:
     max_length: int = cli.arg(512, "Tokens per sequence (PPO, GRPO: per prompt, plus --max-new-tokens).", gt=0)
     max_new_tokens: int = cli.arg(64, "PPO, GRPO response length.", gt=0)
     rollout_batch_size: int = cli.arg(16, "PPO, GRPO prompts generated at once (KV cache).", gt=0)
+    score_batch_size: int | None = cli.arg(None, "PPO, GRPO rows per no-grad scoring forward; default --batch-size.",
+                                           gt=0)
     num_generations: int = cli.arg(4, "GRPO responses per prompt, all generated at once (KV cache).", ge=2)
     gradient_checkpointing: bool = cli.arg(False, "Keep only each layer's input; recompute one layer in backward.")
     optim: str = cli.arg("adamw", "AdamW state: 8 B/param, or 2 with adamw8bit.", choices=["adamw", "adamw8bit"])

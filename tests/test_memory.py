@@ -174,3 +174,22 @@ def test_per_rank_plan_adds_only_the_allreduce_buffer():
         trainable = one["lora"] / 16  # fp32 weight + grad + two Adam moments: 16 B per trainable parameter
         assert one["allreduce"] == 0 and two["allreduce"] == trainable * 4
         assert two["total"] - one["total"] == pytest.approx(trainable * 4)
+
+
+def test_scoring_rows_can_set_the_peak():
+    """--score-batch-size: PPO scores each rollout in no-grad forwards of that many rows. A few stay below the
+    update's forward with grad; many are the peak, holding one layer's temporaries and the kernel's tiles but no
+    saved activations and no row gradients."""
+    cfg = memory.load_config("smollm2")
+    kw = dict(batch_size=2, max_length=128, max_new_tokens=48, rollout_batch_size=32, critic="head")
+    default = memory.estimate(cfg, "ppo", **kw)
+    assert default["total"] == memory.estimate(cfg, "ppo", score_batch_size=2, **kw)["total"]
+    assert "scoring" not in default.peak and default["row_grads"] > 0
+    wide = memory.estimate(cfg, "ppo", score_batch_size=256, **kw)
+    assert wide.peak == "scoring forward (no grad)" and wide["activations"] == wide["row_grads"] == 0
+    # By hand, 256 rows × 176 tokens in bf16 with LoRA: the MLP's widest moment per token (2 bf16 + 2 fp32 values
+    # of I = 1536); the kernel in 94 balanced chunks of 480 rows (90 MiB / (4 B × 49152) = 480), two fp32
+    # (480, V) tiles (logprobs, entropy), the lm_head's fp32 copy and one (480, H) fp32 chunk of hidden states.
+    N = 256 * 176
+    assert wide["transient"] == N * (2 * 2 + 2 * 4) * 1536 + 2 * 480 * 49152 * 4 + 49152 * 576 * 4 + 480 * 576 * 4
+    assert wide["total"] > default["total"]
