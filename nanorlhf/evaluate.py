@@ -10,7 +10,8 @@ gain over it ± standard error; then KL to the baseline on the model's own sampl
 distinct-1/2 (Li et al. 2016) and EOS rate. The first judge (--reward-fn if given, else --rm) fills the
 `score` and `win_rate` fields, and every other judge's `agreement` says how often it orders the model's and the
 baseline's responses as the first judge does (for an RM against the gold reward: its held-out pairwise accuracy,
-on the responses that matter). Writes JSON (--out) and prints a markdown table.
+on the responses that matter; give --rm several times to compare RMs on the same samples). Writes JSON (--out)
+and prints a markdown table.
 """
 import json
 import math
@@ -32,7 +33,9 @@ class Args:
     reward_fn: str | None = arg(None, "A judge given as Python 'module:function', called as TRL's GRPOTrainer calls a "
                                 "reward (the data's other columns included) or as f(prompts, responses) -> floats, "
                                 "e.g. the gold reward nanorlhf.gold:sentiment; its column is its name.")
-    rm: str = arg("", "Reward model folder (train_rm.py output) that judges the responses.")
+    rm: list[str] = arg([], "Reward model folder (train_rm.py output) that judges the responses. Give it several "
+                        "times to compare RMs on the same samples: columns RM, RM2, ..., each with its agreement "
+                        "with the first judge (with a gold --reward-fn: each RM's held-out pairwise accuracy).")
     data: str = arg("", "Prompts: any format that carries prompts (.json/.jsonl).")
     format: str | None = arg(None, "Force the data format.")
     limit: int = arg(64, "Number of prompts (the first N that fit --max-length).", gt=0)
@@ -52,7 +55,10 @@ class Args:
     out: str | None = arg(None, "Write the results as JSON here.")
 
 
-JUDGES = {"rm": "RM"}  # Rewarder part -> column name; a reward function's part is its name
+def column(part):
+    """A judge's column name: the Rewarder's parts "rm", "rm2", ... are the RMs in --rm order; a reward function's
+    part is its name."""
+    return part.upper() if part == "rm" or part[:2] == "rm" and part[2:].isdigit() else part
 
 
 def mean_se(x):
@@ -94,8 +100,7 @@ def evaluate(args):
     if not (args.model and args.baseline and args.data and (args.rm or args.reward_fn)):
         raise UserError("--model (one or more), --baseline, --data and a judge (--reward-fn and/or --rm) are required")
     base, tokenizer = M.load_model(args.baseline, device=args.device, dtype=args.dtype, flag="--baseline")
-    rewarder = Rewarder(tokenizer, [args.rm] if args.rm else [], reward_fn=args.reward_fn, device=args.device,
-                        dtype=args.dtype)
+    rewarder = Rewarder(tokenizer, args.rm, reward_fn=args.reward_fn, device=args.device, dtype=args.dtype)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
     messages = [p.messages for p in prompts]
@@ -146,11 +151,11 @@ def evaluate(args):
 def table(results, names):
     """Markdown: per judge mean ± se, win rate and paired gain vs the baseline; then KL, length, diversity, EOS."""
     judges = list(results[names[0]]["judges"])
-    ref = JUDGES.get(judges[0], judges[0])  # the first judge; the others' agreement is with it
+    ref = column(judges[0])  # the first judge; the others' agreement is with it
     agreeing = [j for j in judges if "agreement" in results[names[0]]["judges"][j]]
-    head = ["model"] + [f"{JUDGES.get(j, j)} {c}" for j in judges for c in ("score ± se", "win rate vs baseline",
-                                                                    "gain ± se")]
-    head += [f"{JUDGES.get(j, j)} agrees with {ref} ± se" for j in agreeing]
+    head = ["model"] + [f"{column(j)} {c}" for j in judges
+                        for c in ("score ± se", "win rate vs baseline", "gain ± se")]
+    head += [f"{column(j)} agrees with {ref} ± se" for j in agreeing]
     head += ["KL to baseline", "length", "distinct-1", "distinct-2", "EOS rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:

@@ -18,15 +18,22 @@ def test_evaluate_against_itself_and_another_model(tiny_dir, tiny_rm_dir, tokeni
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(6)))
     out = tmp_path / "eval.json"
-    args = Args(model=[tiny_dir, other], baseline=tiny_dir, rm=tiny_rm_dir, data=str(prompts), limit=5,
-                max_new_tokens=5, batch_size=3, out=str(out))
+    # --rm twice: the second judge is the same RM, so it scores every response as the first and agrees with it
+    # wherever the first prefers one response (the first judge when there is no --reward-fn)
+    args = Args(model=[tiny_dir, other], baseline=tiny_dir, rm=[tiny_rm_dir, tiny_rm_dir], data=str(prompts),
+                limit=5, max_new_tokens=5, batch_size=3, out=str(out))
     results = evaluate(args)
     # the baseline judged against itself: same seed, same samples, every comparison a tie, zero KL
     assert results[tiny_dir]["win_rate"] == 0.5 and results[tiny_dir]["kl"] == 0.0
     row = results[other]
     assert 0.0 <= row["win_rate"] <= 1.0 and row["kl"] is not None and row["length"] <= 5
     assert json.loads(out.read_text())[other]["score"] == row["score"]
-    assert "| model | RM score ± se | RM win rate vs baseline | RM gain ± se |" in capsys.readouterr().out
+    rm, rm2 = row["judges"]["rm"], row["judges"]["rm2"]
+    assert rm2["mean"] == rm["mean"] and rm2["win_rate"] == rm["win_rate"]
+    assert rm2["agreement"] == 1.0 and rm2["agreement_n"] > 0 and "agreement" not in rm
+    printed = capsys.readouterr().out
+    assert "| model | RM score ± se | RM win rate vs baseline | RM gain ± se | RM2 score ± se |" in printed
+    assert "RM2 agrees with RM ± se |" in printed
 
 
 def test_length_sorted_batches_keep_each_prompts_response_and_ties(tiny_dir, tiny_rm_dir, tmp_path, monkeypatch):
@@ -50,7 +57,7 @@ def test_length_sorted_batches_keep_each_prompts_response_and_ties(tiny_dir, tin
 
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": "Tell me " + "more " * n + "?"}) + "\n" for n in (9, 1, 5, 2, 7, 3)))
-    results = evaluate(Args(model=[tiny_dir], baseline=tiny_dir, rm=tiny_rm_dir, data=str(data), limit=6,
+    results = evaluate(Args(model=[tiny_dir], baseline=tiny_dir, rm=[tiny_rm_dir], data=str(data), limit=6,
                             max_new_tokens=6, batch_size=2))
     row = results[tiny_dir]
     assert row["judges"]["rm"]["win_rate"] == 0.5 and row["judges"]["rm"]["gain"] == 0.0 and row["kl"] == 0.0
