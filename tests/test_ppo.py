@@ -362,13 +362,20 @@ def ppo_loss_calls(monkeypatch, args):
     return calls
 
 
-def test_lora_dropout_never_acts_in_ppo(actor_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def lengthy(tmp_path, monkeypatch):
+    """A Python reward, importable from the test's folder: longer responses score more."""
+    (tmp_path / "lengthy.py").write_text(
+        "def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    return "lengthy:reward"
+
+
+def test_lora_dropout_never_acts_in_ppo(actor_dir, tmp_path, lengthy, monkeypatch):
     """A policy whose LoRA carries dropout 0.1 (PPO has no --lora-dropout: it would only break this): the old
     logprobs (no grad) and the update's come from one deterministic policy, so at the first minibatch of every
     iteration, before its optimizer step, the ratio is 1. (The first iteration alone proves nothing: LoRA's B
     starts at 0, so dropout has nothing to act on yet.)"""
-    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
-    monkeypatch.chdir(tmp_path)
     real_load = train_ppo.load_policy
 
     def load_with_dropout(*a, **k):
@@ -378,7 +385,7 @@ def test_lora_dropout_never_acts_in_ppo(actor_dir, tmp_path, monkeypatch):
                 layer.lora_dropout[name] = torch.nn.Dropout(0.1)
         return model, tok
     monkeypatch.setattr(train_ppo, "load_policy", load_with_dropout)
-    args = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", max_steps=2, ppo_epochs=1,
+    args = make_args(tmp_path, actor_dir, reward_fn=lengthy, max_steps=2, ppo_epochs=1,
                      rollout_batch_size=8, minibatch_size=8, batch_size=4)
     calls = ppo_loss_calls(monkeypatch, args)
     assert len(calls) == 4  # two micro-batches per iteration, one optimizer step after each pair
@@ -389,31 +396,27 @@ def test_lora_dropout_never_acts_in_ppo(actor_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(new * mask, old * mask, atol=1e-3, rtol=0)
 
 
-def test_batch_size_follows_a_smaller_minibatch(actor_dir, tmp_path, monkeypatch):
+def test_batch_size_follows_a_smaller_minibatch(actor_dir, tmp_path, lengthy):
     """Lowering only --minibatch-size works (--batch-size defaults to min(4, it)); a contradiction stays an error;
     policy and critic report their own gradient norms."""
-    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
-    monkeypatch.chdir(tmp_path)
-    args = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", max_steps=1, minibatch_size=2, ppo_epochs=1,
+    args = make_args(tmp_path, actor_dir, reward_fn=lengthy, max_steps=1, minibatch_size=2, ppo_epochs=1,
                      batch_size=None, score_batch_size=None)  # None: not given on the command line
     train_ppo.train(args)
     assert args.batch_size == args.score_batch_size == 2
     with open(os.path.join(args.out, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
     assert row["grad_norm/policy"] > 0 and row["grad_norm/critic"] > 0 and "grad_norm" not in row
-    bad = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", out=str(tmp_path / "bad"), minibatch_size=2,
+    bad = make_args(tmp_path, actor_dir, reward_fn=lengthy, out=str(tmp_path / "bad"), minibatch_size=2,
                     batch_size=4)
     with pytest.raises(train_ppo.UserError, match="and that of --batch-size"):
         train_ppo.train(bad)
 
 
-def test_ratio_is_exactly_one_at_the_first_minibatch_in_bf16(actor_dir, tmp_path, monkeypatch):
+def test_ratio_is_exactly_one_at_the_first_minibatch_in_bf16(actor_dir, tmp_path, lengthy, monkeypatch):
     """With a bf16 base on the CPU the scoring pass (no grad, --batch-size rows) and the update's first minibatch
     (grad) compute bit-identical logprobs, so the PPO ratio is exactly 1 before the first optimizer step of each
     iteration: bf16 rounding must not show up as a policy change that clipping then acts on."""
-    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
-    monkeypatch.chdir(tmp_path)
-    args = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", max_steps=2, ppo_epochs=1, dtype="bfloat16",
+    args = make_args(tmp_path, actor_dir, reward_fn=lengthy, max_steps=2, ppo_epochs=1, dtype="bfloat16",
                      rollout_batch_size=8, minibatch_size=8, batch_size=4)
     calls = ppo_loss_calls(monkeypatch, args)
     assert len(calls) == 4  # per iteration two micro-batches, both before its one optimizer step
@@ -421,12 +424,10 @@ def test_ratio_is_exactly_one_at_the_first_minibatch_in_bf16(actor_dir, tmp_path
         assert mask.sum() > 0 and torch.equal(new * mask, old * mask)
 
 
-def test_scoring_and_update_forwards_take_their_own_batch_sizes(actor_dir, tmp_path, monkeypatch):
+def test_scoring_and_update_forwards_take_their_own_batch_sizes(actor_dir, tmp_path, lengthy, monkeypatch):
     """--score-batch-size sets the scoring forwards (old, reference, RM passes: the whole rollout at once here) and
     --batch-size the update's; the update's first micro-batches, before any optimizer step, see the logprobs that
     scoring saw at another batch size (ratio 1, to rounding), and --score-batch-size defaults to --batch-size."""
-    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
-    monkeypatch.chdir(tmp_path)
     sizes, real = [], train_ppo.micro_batches
 
     def spy(batch, size):
@@ -434,14 +435,14 @@ def test_scoring_and_update_forwards_take_their_own_batch_sizes(actor_dir, tmp_p
             sizes.append((size, len(idx)))
             yield idx, chunk
     monkeypatch.setattr(train_ppo, "micro_batches", spy)
-    args = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", max_steps=1, ppo_epochs=1,
+    args = make_args(tmp_path, actor_dir, reward_fn=lengthy, max_steps=1, ppo_epochs=1,
                      rollout_batch_size=8, minibatch_size=8, batch_size=2, score_batch_size=8)
     calls = ppo_loss_calls(monkeypatch, args)
     assert sizes == [(8, 8)] + [(2, 2)] * 4  # one scoring forward pair, then four update micro-batches
     assert len(calls) == 4
     for new, old, mask in calls:  # one minibatch: no optimizer step before any of them
         torch.testing.assert_close(new * mask, old * mask, atol=1e-3, rtol=0)
-    default = make_args(tmp_path, actor_dir, reward_fn="lengthy:reward", out=str(tmp_path / "default"), max_steps=1,
+    default = make_args(tmp_path, actor_dir, reward_fn=lengthy, out=str(tmp_path / "default"), max_steps=1,
                         ppo_epochs=1, batch_size=2, score_batch_size=None)
     sizes.clear()
     train_ppo.train(default)
