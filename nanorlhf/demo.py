@@ -18,7 +18,8 @@ SmolLM2-135M-Instruct and the alpaca instructions in data/, split once into trai
     python -m nanorlhf.demo --out out/demo --scale 4  # 4x every budget, and each method at 3 β values (~5.4 h)
 
 Each stage is its script run as a subprocess with the command printed first and logged, so every number can
-be reproduced by hand. A stage whose output exists is skipped (--overwrite redoes everything).
+be reproduced by hand. A stage whose output exists is skipped (--overwrite redoes everything), and the results
+keep the time it took from the last line of its log, so a long run can be stopped and resumed.
 """
 import json
 import os
@@ -36,6 +37,7 @@ from .model import native_bf16, pick_device
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLD = "nanorlhf.gold:sentiment"
 GOLD_PART = GOLD.rpartition(":")[2]  # its judge in the evaluation: a reward function's part is its name
+DONE = "# nanorlhf.demo:"  # starts the last line of a stage's log: its exit code and seconds
 # The β each method runs at, and the sweep that draws its frontier when --scale > 1 (PPO: the KL coefficient).
 BETAS = {"ppo_rm": (0.05, [0.02, 0.05, 0.2]), "ppo_gold": (0.05, [0.02, 0.05, 0.2]),
          "dpo": (0.1, [0.05, 0.1, 0.5]), "kto": (0.1, [0.05, 0.1, 0.5])}
@@ -138,19 +140,32 @@ def stages(out, paths, scale, model, dtype="float32", seed=0):
 
 
 def run(argv, log):
+    """Run one stage's script, its output to `log`, which ends with the stage's seconds (`logged_seconds`)."""
     print("\n$ python " + shlex.join(argv), flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write("$ python " + shlex.join(argv) + "\n")
         f.flush()
         code = subprocess.call([sys.executable] + argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - t0
+        seconds = round(time.perf_counter() - t0, 1)  # as logged, so a resumed demo reports the same
+        f.write(f"{DONE} exit {code} in {seconds} s\n")
     print(f"  exit {code} in {seconds:.0f} s (log: {log})", flush=True)
     if code:
         with open(log) as f:
             print("".join(f.readlines()[-15:]))
         sys.exit(code)
     return seconds
+
+
+def logged_seconds(log):
+    """The seconds a finished stage took, from the last line `run` wrote to its log; None if it has none (a log
+    from before this line was written, or none at all)."""
+    if not os.path.isfile(log):
+        return None
+    with open(log) as f:
+        last = (f.readlines() or [""])[-1]
+    match = re.fullmatch(rf"{re.escape(DONE)} exit 0 in ([0-9.]+) s\n?", last)
+    return float(match.group(1)) if match else None
 
 
 def last_metric(folder, key):
@@ -160,6 +175,10 @@ def last_metric(folder, key):
         for line in f:
             value = json.loads(line).get(key, value)
     return value
+
+
+def seconds(s):
+    return "–" if s is None else f"{s:.0f}"
 
 
 def results_table(out, evaluation, names, times):
@@ -175,7 +194,7 @@ def results_table(out, evaluation, names, times):
                      f"{g['gain']:+.3f} ± {g['gain_se']:.3f} | {rm['win_rate']:.2f} ± {rm['win_se']:.2f} | "
                      f"{rm['agreement']:.2f} ± {rm['agreement_se']:.2f} ({rm['agreement_n']}) | "
                      f"{r['kl']:.2f} ± {r['kl_se']:.2f} | "
-                     f"{r['length']:.1f} | {r['eos_rate']:.2f} | {times.get(name, 0):.0f} |")
+                     f"{r['length']:.1f} | {r['eos_rate']:.2f} | {seconds(times.get(name))} |")
     return "\n".join(lines)
 
 
@@ -184,13 +203,14 @@ def demo(args):
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     paths = prepare(os.path.abspath(args.data), out, args.heldout)
-    times = {}
+    times, skipped = {}, False
     dtype = args.dtype or ("bfloat16" if native_bf16(pick_device()) else "float32")
     runs = stages(out, paths, args.scale, args.model, dtype, args.seed)
     for name, argv in runs:
         done = os.path.join(out, name, "label.json" if name == "labels" else "config.json")
         if os.path.exists(done) and not args.overwrite:
             print(f"\n{name}: {out}/{name} is finished; skipping (--overwrite redoes it)")
+            times[name], skipped = logged_seconds(os.path.join(out, f"{name}.log")), True  # from the run that made it
             continue
         redo = args.overwrite or os.path.isdir(os.path.join(out, name))
         times[name] = run(argv + (["--overwrite"] if redo else []), os.path.join(out, f"{name}.log"))
@@ -223,8 +243,12 @@ def demo(args):
               f"{evaluation[os.path.join(out, 'sft')]['eos_rate']:.2f}. Labels: {label['pairs']} pairs (mean gold "
               f"margin {label['mean_margin']:.2f}), {label['desirable']} desirable / {label['undesirable']} "
               f"undesirable KTO examples from {label['responses']} samples. Reward model: pairwise accuracy "
-              f"{'n/a' if rm_accuracy is None else f'{rm_accuracy:.2f}'} on its eval split of the labelled pairs.\n\nWhole demo: {minutes:.1f} min (scale {args.scale}); stage seconds: "
-              + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n")
+              f"{'n/a' if rm_accuracy is None else f'{rm_accuracy:.2f}'} on its eval split of the labelled pairs.\n\n"
+              f"Whole demo: {minutes:.1f} min (scale {args.scale})"
+              # resumed: this run's minutes are not the demo's; the logs of earlier runs hold their stages' times
+              + (f", resuming finished stages; the stages' logged times sum to "
+                 f"{sum(v for v in times.values() if v is not None) / 60:.1f} min" if skipped else "")
+              + "; stage seconds: " + ", ".join(f"{k} {seconds(v)}" for k, v in times.items()) + "\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report)
     print("\n" + report + f"\nresults in {out}: results.md, frontier.png, eval.json, <stage>/metrics.png")

@@ -48,6 +48,24 @@ def test_held_out_prompts_reach_no_stage(tmp_path):
     assert all(len(r["output"].split()) <= 40 for r in sft)  # concise answers that end in time
 
 
+def test_a_stage_log_keeps_its_seconds_for_a_resumed_demo(tmp_path, capsys):
+    """`run` ends a stage's log with its exit code and seconds, so a later demo that skips the finished stage still
+    reports how long it took; a failed stage, or a log without that line, has no time."""
+    log = str(tmp_path / "stage.log")
+    took = demo.run(["-c", "import time; time.sleep(0.3); print('working')"], log)
+    lines = open(log).read().splitlines()
+    assert lines[1] == "working" and lines[-1].startswith(demo.DONE)
+    assert took >= 0.3 and demo.logged_seconds(log) == took  # to 0.1 s, as returned
+    with pytest.raises(SystemExit):
+        demo.run(["-c", "raise SystemExit(3)"], log)
+    assert open(log).read().splitlines()[-1].startswith(f"{demo.DONE} exit 3 in ")
+    assert demo.logged_seconds(log) is None
+    (tmp_path / "old.log").write_text("$ python train_sft.py\nsaved\n")
+    assert demo.logged_seconds(str(tmp_path / "old.log")) is None
+    assert demo.logged_seconds(str(tmp_path / "missing.log")) is None
+    assert demo.seconds(None) == "–" and demo.seconds(12.6) == "13"
+
+
 def test_concise_keeps_whole_first_sentences():
     text = "One two three. Four five six seven. " + "word " * 50
     assert demo.concise(text, max_words=8) == "One two three. Four five six seven."
@@ -94,3 +112,16 @@ def test_demo_smoke_from_a_clone_with_nothing_beside_it(moody_dir, tmp_path):
     rm = evaluation[str(out / "ppo_rm")]["judges"]["rm"]  # the RM judged against gold on that model's pairs
     assert rm["agreement_n"] <= 16 and (rm["agreement_n"] == 0 or 0 <= rm["agreement"] <= 1)
     assert json.loads((out / "sft" / "args.json").read_text())["data"].startswith(str(out))  # from the copy's data/
+    # again: every stage is finished and skipped, and the table keeps each one's time from the run that made it
+    r = subprocess.run([sys.executable, "-m", "nanorlhf.demo", "--out", str(out), "--model", moody_dir, "--scale",
+                        "0.05", "--heldout", "16"], cwd=clone, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0 and r.stdout.count("is finished; skipping") == 7, r.stdout[-3000:] + r.stderr[-3000:]
+    again = (out / "results.md").read_text()
+    assert "resuming finished stages" in again
+    for name in ("ppo_rm", "ppo_gold", "dpo", "kto"):
+        assert row_of(again, name).split("|")[-2].strip() == row_of(report, name).split("|")[-2].strip() != "–"
+
+
+def row_of(report, name):
+    return next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+
