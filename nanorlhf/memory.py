@@ -203,21 +203,22 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
         moments["reference forward (no grad)"] = (saved, N * work_bytes(cfg, s, False, False) + dense
                                                   + kernel_bytes(cfg, N, s, 1))
     # RL's scoring passes (old and reference logprobs, values) end before the update and save nothing: one layer's
-    # temporaries and the kernel's tiles (+ PPO's entropy tile), over --score-batch-size rows, which can be many more
-    # than the update's.
+    # temporaries and the kernel's one tile (without grad it needs no gradient tiles; entropy comes from the same
+    # tile), over --score-batch-size rows, which can be many more than the update's.
     score = "scoring forward (no grad)"
     if stage in RL:
         S = (score_batch_size or batch_size) * T
-        moments[score] = (0, S * work_bytes(cfg, s, lora, False) + dense
-                          + kernel_bytes(cfg, S, s, 1 + (stage == "ppo")))
+        moments[score] = (0, S * work_bytes(cfg, s, lora, False) + dense + kernel_bytes(cfg, S, s, 1))
     if stage == "ppo" and critic == "adapter":  # the critic's forward adds its activations and value-head input
         moments["critic forward + backward"] = (2 * saved + N * F32 * H, bwd)
     b.peak = max(moments, key=lambda k: sum(moments[k]) + rows * (k != score))  # no row gradients without grad
     rows *= b.peak != score
     b["activations"], b["row_grads"], b["transient"] = moments[b.peak][0], rows, moments[b.peak][1]
-    n["activations"] = f"{N} tokens{' × 2 (policy, critic)' if 'critic' in b.peak else ''}: " + (
-        "each layer's input (checkpointing)" if gradient_checkpointing else "saved by every layer") if b.peak != score \
-        else f"none: no grad; {S} tokens scored per forward (--score-batch-size)"
+    if b.peak == score:
+        n["activations"] = f"none: no grad; {S} tokens scored per forward (--score-batch-size)"
+    else:
+        n["activations"] = f"{N} tokens{' × 2 (policy, critic)' if 'critic' in b.peak else ''}: " + (
+            "each layer's input (checkpointing)" if gradient_checkpointing else "saved by every layer")
     n["row_grads"] = ("kernel's (N, H) fp32 dlogp/dh" + (" + dentropy/dh" if entropy else "")) if rows else "-"
     n["transient"] = f"at {b.peak}"
     peak = b["activations"] + rows + b["transient"]

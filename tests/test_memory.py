@@ -188,8 +188,8 @@ def test_scoring_rows_can_set_the_peak():
     wide = memory.estimate(cfg, "ppo", score_batch_size=256, **kw)
     assert wide.peak == "scoring forward (no grad)" and wide["activations"] == wide["row_grads"] == 0
     # By hand, 256 rows × 176 tokens in bf16 with LoRA: the MLP's widest moment per token (2 bf16 + 2 fp32 values
-    # of I = 1536); the kernel in 94 balanced chunks of 480 rows (90 MiB / (4 B × 49152) = 480), two fp32
-    # (480, V) tiles (logprobs, entropy), the lm_head's fp32 copy and one (480, H) fp32 chunk of hidden states.
+    # of I = 1536); the kernel in 94 balanced chunks of 480 rows (90 MiB / (4 B × 49152) = 480), one fp32 (480, V)
+    # tile of logits (no grad: no gradient tiles), the lm_head's fp32 copy and a (480, H) fp32 chunk of hidden states.
     N = 256 * 176
-    assert wide["transient"] == N * (2 * 2 + 2 * 4) * 1536 + 2 * 480 * 49152 * 4 + 49152 * 576 * 4 + 480 * 576 * 4
+    assert wide["transient"] == N * (2 * 2 + 2 * 4) * 1536 + 480 * 49152 * 4 + 49152 * 576 * 4 + 480 * 576 * 4
     assert wide["total"] > default["total"]
