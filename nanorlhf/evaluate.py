@@ -55,10 +55,10 @@ class Args:
     out: str | None = arg(None, "Write the results as JSON here.")
 
 
-def column(part):
-    """A judge's column name: the Rewarder's parts "rm", "rm2", ... are the RMs in --rm order; a reward function's
-    part is its name."""
-    return part.upper() if part == "rm" or part[:2] == "rm" and part[2:].isdigit() else part
+def column(part, n_rms):
+    """A judge's column name: the Rewarder's parts "rm", "rm2", ... are the n_rms RMs in --rm order; a reward
+    function's part is its name."""
+    return part.upper() if part in ["rm"] + [f"rm{i}" for i in range(2, n_rms + 1)] else part
 
 
 def mean_se(x):
@@ -150,12 +150,12 @@ def evaluate(args):
 
 def table(results, names):
     """Markdown: per judge mean ± se, win rate and paired gain vs the baseline; then KL, length, diversity, EOS."""
-    judges = list(results[names[0]]["judges"])
-    ref = column(judges[0])  # the first judge; the others' agreement is with it
+    judges, n_rms = list(results[names[0]]["judges"]), len(results["settings"]["rm"])
     agreeing = [j for j in judges if "agreement" in results[names[0]]["judges"][j]]
-    head = ["model"] + [f"{column(j)} {c}" for j in judges
+    ref = column(next(j for j in judges if j not in agreeing), n_rms)  # the others' agreement is with this judge
+    head = ["model"] + [f"{column(j, n_rms)} {c}" for j in judges
                         for c in ("score ± se", "win rate vs baseline", "gain ± se")]
-    head += [f"{column(j)} agrees with {ref} ± se" for j in agreeing]
+    head += [f"{column(j, n_rms)} agrees with {ref} ± se" for j in agreeing]
     head += ["KL to baseline", "length", "distinct-1", "distinct-2", "EOS rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:

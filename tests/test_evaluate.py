@@ -1,5 +1,6 @@
 import json
 
+import torch
 from conftest import tiny_llama
 
 from nanorlhf.evaluate import Args, distinct, evaluate
@@ -36,11 +37,39 @@ def test_evaluate_against_itself_and_another_model(tiny_dir, tiny_rm_dir, tokeni
     assert "RM2 agrees with RM ± se |" in printed
 
 
+def test_each_rm_is_scored_by_its_own_model_and_agrees_with_the_reward_function(tiny_dir, tiny_rm_dir, tokenizer,
+                                                                                 tmp_path, monkeypatch, capsys):
+    """--reward-fn with --rm given twice: the reward function is the first judge, each RM gets its own columns (RM,
+    RM2) and its agreement with the reward function, and RM2's scores are those of the second RM judging alone."""
+    from transformers import LlamaForSequenceClassification
+    torch.manual_seed(1)
+    config = tiny_llama(len(tokenizer)).config
+    config.num_labels, config.pad_token_id = 1, tokenizer.unk_token_id
+    second = str(tmp_path / "rm_b")
+    LlamaForSequenceClassification(config).save_pretrained(second)
+    tokenizer.save_pretrained(second)
+    other = str(tmp_path / "other")
+    tiny_llama(len(tokenizer), seed=5).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    (tmp_path / "judge.py").write_text("def longer(prompts, responses):\n    return [len(r) for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(6)))
+    kw = dict(model=[other], baseline=tiny_dir, reward_fn="judge:longer", data=str(prompts), limit=6,
+              max_new_tokens=6, batch_size=3)
+    both = evaluate(Args(rm=[tiny_rm_dir, second], **kw))[other]["judges"]
+    printed = capsys.readouterr().out
+    alone = evaluate(Args(rm=[second], **kw))[other]["judges"]
+    assert both["rm2"]["mean"] == alone["rm"]["mean"] != both["rm"]["mean"]
+    assert both["rm2"]["agreement"] == alone["rm"]["agreement"] and "agreement" not in both["longer"]
+    assert "| model | RM score ± se |" in printed and "| RM2 score ± se |" in printed
+    assert "| longer score ± se |" in printed
+    assert "| RM agrees with longer ± se | RM2 agrees with longer ± se |" in printed
+
+
 def test_length_sorted_batches_keep_each_prompts_response_and_ties(tiny_dir, tiny_rm_dir, tmp_path, monkeypatch):
     """Generation and the KL passes run rows of similar length together; every result still belongs to its own
     prompt, and a model judged against itself still ties everywhere (win rate 0.5, gain 0, KL 0)."""
-    import torch
-
     from nanorlhf import model as M
     prompts = [[7] * n for n in (5, 1, 9, 3, 1, 7)]
     seen = []
@@ -65,8 +94,6 @@ def test_length_sorted_batches_keep_each_prompts_response_and_ties(tiny_dir, tin
 
 def test_summed_logprobs_in_sorted_batches_equals_one_batch(tiny_dir):
     """The KL passes' length-sorted batches give each row its own summed logprob, as one unsorted forward does."""
-    import torch
-
     from nanorlhf import model as M
     from nanorlhf.preference import summed_logprobs
     model, _ = M.load_model(tiny_dir)
@@ -80,8 +107,6 @@ def test_summed_logprobs_in_sorted_batches_equals_one_batch(tiny_dir):
 def test_rm_scores_in_sorted_batches_equal_one_row_at_a_time(tiny_rm_dir):
     """The RM's length-sorted batches give each sequence its own score, in the order given, as scoring each one
     alone (no padding at all) does."""
-    import torch
-
     from nanorlhf import model as M
     rm, tokenizer = M.load_reward_model(tiny_rm_dir)
     seqs = [[5 + i] * n for i, n in enumerate((4, 9, 2, 7, 3, 8, 1))]
@@ -93,8 +118,6 @@ def test_rm_scores_in_sorted_batches_equal_one_row_at_a_time(tiny_rm_dir):
 
 def test_judge_stats_skip_prompts_a_judge_does_not_apply_to():
     """A reward function's None (NaN) leaves that prompt out of the judge's numbers instead of making them NaN."""
-    import torch
-
     from nanorlhf.evaluate import judge_stats
     nan = float("nan")
     s = judge_stats(torch.tensor([1.0, nan, 0.0, 2.0]), torch.tensor([0.0, 1.0, 0.0, nan]))
@@ -105,8 +128,6 @@ def test_agreement_counts_the_pairs_the_reference_orders():
     """Worked by hand: the reference prefers the model on prompts 0 and 1, the baseline on 2, neither on 3 (left out),
     and prompt 4 has no reference score (left out). The judge agrees on 0, disagrees on 1 and ties on 2: (1 + 0 + ½)/3."""
     import math
-
-    import torch
 
     from nanorlhf.evaluate import agreement
     nan = float("nan")
