@@ -19,7 +19,8 @@ SmolLM2-135M-Instruct and the alpaca instructions in data/, split once into trai
 
 Each stage is its script run as a subprocess with the command printed first and logged, so every number can
 be reproduced by hand. A stage whose output exists is skipped (--overwrite redoes everything), and the results
-keep the time it took from the last line of its log, so a long run can be stopped and resumed.
+keep the time it took from the last line of its log, so a long run can be stopped and resumed (a stage cut short
+starts again).
 """
 import json
 import os
@@ -148,7 +149,7 @@ def run(argv, log):
         f.flush()
         code = subprocess.call([sys.executable] + argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         seconds = round(time.perf_counter() - t0, 1)  # as logged, so a resumed demo reports the same
-        f.write(f"{DONE} exit {code} in {seconds} s\n")
+        f.write(f"\n{DONE} exit {code} in {seconds} s\n")  # on a line of its own, whatever the script left
     print(f"  exit {code} in {seconds:.0f} s (log: {log})", flush=True)
     if code:
         with open(log) as f:
@@ -177,7 +178,7 @@ def last_metric(folder, key):
     return value
 
 
-def seconds(s):
+def shown_seconds(s):
     return "–" if s is None else f"{s:.0f}"
 
 
@@ -194,7 +195,7 @@ def results_table(out, evaluation, names, times):
                      f"{g['gain']:+.3f} ± {g['gain_se']:.3f} | {rm['win_rate']:.2f} ± {rm['win_se']:.2f} | "
                      f"{rm['agreement']:.2f} ± {rm['agreement_se']:.2f} ({rm['agreement_n']}) | "
                      f"{r['kl']:.2f} ± {r['kl_se']:.2f} | "
-                     f"{r['length']:.1f} | {r['eos_rate']:.2f} | {seconds(times.get(name))} |")
+                     f"{r['length']:.1f} | {r['eos_rate']:.2f} | {shown_seconds(times.get(name))} |")
     return "\n".join(lines)
 
 
@@ -237,6 +238,11 @@ def demo(args):
     minutes = (time.perf_counter() - t0) / 60
     rm_accuracy = last_metric(os.path.join(out, "rm"), "final_eval_accuracy")
     label = json.load(open(os.path.join(out, "labels", "label.json")))["summary"]
+    resumed = ""
+    if skipped:  # this run's minutes are not the demo's: earlier runs made some stages, and their logs hold the times
+        known = [v for v in times.values() if v is not None]
+        resumed = f", resuming finished stages; the stages' logged times sum to {sum(known) / 60:.1f} min" + (
+            f" ({len(times) - len(known)} without one)" if len(known) < len(times) else "")
     report = (f"# nanorlhf demo: {args.heldout} held-out prompts, gold = {GOLD}\n\n"
               f"{results_table(out, evaluation, models, times)}\n\n"
               f"SFT: gold {base['mean']:.3f} ± {base['se']:.3f}, EOS rate "
@@ -244,11 +250,8 @@ def demo(args):
               f"margin {label['mean_margin']:.2f}), {label['desirable']} desirable / {label['undesirable']} "
               f"undesirable KTO examples from {label['responses']} samples. Reward model: pairwise accuracy "
               f"{'n/a' if rm_accuracy is None else f'{rm_accuracy:.2f}'} on its eval split of the labelled pairs.\n\n"
-              f"Whole demo: {minutes:.1f} min (scale {args.scale})"
-              # resumed: this run's minutes are not the demo's; the logs of earlier runs hold their stages' times
-              + (f", resuming finished stages; the stages' logged times sum to "
-                 f"{sum(v for v in times.values() if v is not None) / 60:.1f} min" if skipped else "")
-              + "; stage seconds: " + ", ".join(f"{k} {seconds(v)}" for k, v in times.items()) + "\n")
+              f"Whole demo: {minutes:.1f} min (scale {args.scale}){resumed}; stage seconds: "
+              + ", ".join(f"{k} {shown_seconds(v)}" for k, v in times.items()) + "\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report)
     print("\n" + report + f"\nresults in {out}: results.md, frontier.png, eval.json, <stage>/metrics.png")

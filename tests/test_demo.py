@@ -52,7 +52,7 @@ def test_a_stage_log_keeps_its_seconds_for_a_resumed_demo(tmp_path, capsys):
     """`run` ends a stage's log with its exit code and seconds, so a later demo that skips the finished stage still
     reports how long it took; a failed stage, or a log without that line, has no time."""
     log = str(tmp_path / "stage.log")
-    took = demo.run(["-c", "import time; time.sleep(0.3); print('working')"], log)
+    took = demo.run(["-c", "import time; time.sleep(0.3); print('working', end='')"], log)  # no newline at the end
     lines = open(log).read().splitlines()
     assert lines[1] == "working" and lines[-1].startswith(demo.DONE)
     assert took >= 0.3 and demo.logged_seconds(log) == took  # to 0.1 s, as returned
@@ -63,7 +63,7 @@ def test_a_stage_log_keeps_its_seconds_for_a_resumed_demo(tmp_path, capsys):
     (tmp_path / "old.log").write_text("$ python train_sft.py\nsaved\n")
     assert demo.logged_seconds(str(tmp_path / "old.log")) is None
     assert demo.logged_seconds(str(tmp_path / "missing.log")) is None
-    assert demo.seconds(None) == "–" and demo.seconds(12.6) == "13"
+    assert demo.shown_seconds(None) == "–" and demo.shown_seconds(12.6) == "13"
 
 
 def test_concise_keeps_whole_first_sentences():
@@ -89,7 +89,7 @@ def moody_dir(tokenizer, tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.slow  # about 100 s of the suite's 10 min; .ci/run runs the main job from a clone on every CI run
+@pytest.mark.slow  # about 2 min (two demo runs); .ci/run runs the main job from a clone on every CI run
 def test_demo_smoke_from_a_clone_with_nothing_beside_it(moody_dir, tmp_path):
     """The repository copied alone into an empty folder (no ../shared, as a clone from GitHub) runs the main job end
     to end: every stage, the evaluation, the table and the frontier, at tiny budgets on a tiny model."""
@@ -124,4 +124,3 @@ def test_demo_smoke_from_a_clone_with_nothing_beside_it(moody_dir, tmp_path):
 
 def row_of(report, name):
     return next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
-
