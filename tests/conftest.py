@@ -79,3 +79,26 @@ def tiny_rm_dir(tmp_path_factory, tokenizer):
     rm.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def python_reward(tmp_path, monkeypatch, module, source):
+    """Write a reward module into the test's folder and run the test from there, where --reward-fn imports it. An
+    in-process import stays in sys.modules, so a module name means the same code in every test."""
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def lengthy(tmp_path, monkeypatch):
+    """`lengthy:reward`: the response's length in characters / 10, a judge with many distinct scores."""
+    python_reward(tmp_path, monkeypatch, "lengthy",
+                  "def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    return "lengthy:reward"
+
+
+@pytest.fixture
+def moon_reward(tmp_path, monkeypatch):
+    """`moon_reward:moon`: how often a response says ' moon', a reward a tiny policy can learn to raise."""
+    python_reward(tmp_path, monkeypatch, "moon_reward",
+                  "def moon(prompts, responses):\n    return [float(r.count(' moon')) for r in responses]\n")
+    return "moon_reward:moon"

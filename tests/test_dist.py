@@ -118,12 +118,11 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tiny_dir, tmp_path, sta
     assert AutoModelForCausalLM.from_pretrained(two).config.vocab_size == 49152  # rank 0's merged model loads
 
 
-def test_ppo_and_grpo_run_on_two_ranks(tiny_dir, tmp_path):
-    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+def test_ppo_and_grpo_run_on_two_ranks(tiny_dir, tmp_path, lengthy):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(8)))
     common = ["--actor", tiny_dir, "--data", str(prompts), "--max-steps", "2", "--max-new-tokens", "4",
-              "--reward-fn", "lengthy:reward", "--sample-every", "0", "--log-every", "100"]
+              "--reward-fn", lengthy, "--sample-every", "0", "--log-every", "100"]
     for script, extra in (("train_ppo.py", ["--rollout-batch-size", "2", "--minibatch-size", "2", "--ppo-epochs", "2"]),
                           ("train_grpo.py", ["--rollout-batch-size", "1", "--num-generations", "2", "--beta", "0.1"])):
         out = tmp_path / script
@@ -135,17 +134,16 @@ def test_ppo_and_grpo_run_on_two_ranks(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train_ppo.py", "train_grpo.py"])
-def test_an_epoch_of_prompts_counts_every_ranks_share(tiny_dir, tmp_path, script):
+def test_an_epoch_of_prompts_counts_every_ranks_share(tiny_dir, tmp_path, script, lengthy):
     """8 prompts, 2 per rank per iteration, 2 ranks: one epoch is 2 iterations, not 4. (PPO runs --critic head
     here, so that critic runs under torchrun too; test_ppo_and_grpo_run_on_two_ranks runs the adapter critic.)"""
-    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(8)))
     extra = ["--num-generations", "2"] if script == "train_grpo.py" else ["--critic", "head"]
     out = tmp_path / "out"
     r = run(TORCHRUN + [os.path.join(ROOT, script), "--actor", tiny_dir, "--data", str(prompts), "--epochs", "1",
                         "--rollout-batch-size", "2", "--minibatch-size", "2", "--max-new-tokens", "2",
-                        "--reward-fn", "lengthy:reward", "--sample-every", "0", "--log-every", "100",
+                        "--reward-fn", lengthy, "--sample-every", "0", "--log-every", "100",
                         "--out", str(out)] + extra, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [s for s, _ in losses(out, "step_time")] == [1, 2]

@@ -222,14 +222,6 @@ def make_args(tmp_path, actor, **kw):
     return train_grpo.Args(**(defaults | kw))
 
 
-@pytest.fixture
-def moon_reward(tmp_path, monkeypatch):
-    (tmp_path / "moon_reward.py").write_text(
-        "def moon(prompts, responses):\n    return [float(r.count(' moon')) for r in responses]\n")
-    monkeypatch.chdir(tmp_path)
-    return "moon_reward:moon"
-
-
 def test_beta_zero_runs_no_reference_pass(actor_dir, tmp_path, moon_reward, monkeypatch):
     calls = {}
     real = rollout.response_logprobs

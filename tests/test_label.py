@@ -89,19 +89,11 @@ def test_gold_sentiment_orders_hand_picked_sentences():
     assert positive > 0.5 and neutral == 0.0 and negative < -0.5
 
 
-@pytest.fixture
-def reward_module(tmp_path, monkeypatch):
-    """`lengthy:reward`: the response's length in characters / 10, a judge with many distinct scores."""
-    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
-    monkeypatch.chdir(tmp_path)
-    return "lengthy:reward"
-
-
-def test_labeller_writes_pairs_and_kto_examples_our_loader_reads(tiny_dir, tmp_path, reward_module):
+def test_labeller_writes_pairs_and_kto_examples_our_loader_reads(tiny_dir, tmp_path, lengthy):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(5)))
     out = tmp_path / "labels"
-    args = L.Args(model=tiny_dir, data=str(prompts), k=4, reward_fn=reward_module, pairs="all", keep_unfinished=True,
+    args = L.Args(model=tiny_dir, data=str(prompts), k=4, reward_fn=lengthy, pairs="all", keep_unfinished=True,
                   max_new_tokens=6, batch_size=8, out=str(out))
     summary = L.label(args)
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
@@ -125,10 +117,10 @@ def test_labeller_writes_pairs_and_kto_examples_our_loader_reads(tiny_dir, tmp_p
         L.label(args)
 
 
-def test_evaluate_by_reward_fn_against_itself_is_a_tie(tiny_dir, tmp_path, reward_module):
+def test_evaluate_by_reward_fn_against_itself_is_a_tie(tiny_dir, tmp_path, lengthy):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(6)))
-    results = E.evaluate(E.Args(model=[tiny_dir], baseline=tiny_dir, reward_fn=reward_module, data=str(prompts),
+    results = E.evaluate(E.Args(model=[tiny_dir], baseline=tiny_dir, reward_fn=lengthy, data=str(prompts),
                                 limit=6, max_new_tokens=5, batch_size=3))
     row = results[tiny_dir]
     judged = row["judges"]["reward"]  # the function's part: its name

@@ -234,11 +234,8 @@ def test_logprob_temperature_is_the_sampling_temperature(actor_dir, tmp_path, mo
     torch.testing.assert_close(train_ppo.score_tokens(model, model, head, dirty, args)[0], logprobs)
 
 
-def test_ppo_learns_a_programmatic_reward(actor_dir, tmp_path, monkeypatch):
-    (tmp_path / "moon_reward.py").write_text(
-        "def moon(prompts, responses):\n    return [float(r.count(' moon')) for r in responses]\n")
-    monkeypatch.chdir(tmp_path)
-    args = make_args(tmp_path, actor_dir, reward_fn="moon_reward:moon", max_steps=30, kl_coef=0.02,
+def test_ppo_learns_a_programmatic_reward(actor_dir, tmp_path, moon_reward):
+    args = make_args(tmp_path, actor_dir, reward_fn=moon_reward, max_steps=30, kl_coef=0.02,
                      rollout_batch_size=16, minibatch_size=8, lr=3e-3)
     train_ppo.train(args)
     with open(os.path.join(args.out, "metrics.jsonl")) as f:
@@ -360,15 +357,6 @@ def ppo_loss_calls(monkeypatch, args):
     monkeypatch.setattr(train_ppo, "ppo_loss", spy)
     train_ppo.train(args)
     return calls
-
-
-@pytest.fixture
-def lengthy(tmp_path, monkeypatch):
-    """A Python reward, importable from the test's folder: longer responses score more."""
-    (tmp_path / "lengthy.py").write_text(
-        "def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
-    monkeypatch.chdir(tmp_path)
-    return "lengthy:reward"
 
 
 def test_lora_dropout_never_acts_in_ppo(actor_dir, tmp_path, lengthy, monkeypatch):

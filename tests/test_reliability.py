@@ -69,17 +69,15 @@ def test_sft_resume_gives_identical_losses(tiny_dir, tmp_path, monkeypatch):
     assert straight[0][1] != straight[-1][1]  # it trained
 
 
-def test_ppo_resume_gives_identical_losses(tiny_dir, tmp_path, monkeypatch):
+def test_ppo_resume_gives_identical_losses(tiny_dir, tmp_path, lengthy, monkeypatch):
     import train_ppo
-    (tmp_path / "lengthy.py").write_text("def reward(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
-    monkeypatch.chdir(tmp_path)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(12)))
 
     def make_args(out):
         return train_ppo.Args(model=tiny_dir, data=str(prompts), out=out, max_steps=4, rollout_batch_size=4,
                               minibatch_size=2, batch_size=2, max_new_tokens=4, ppo_epochs=1, lr=1e-3,
-                              reward_fn="lengthy:reward", sample_every=0, log_every=100, target_kl=1.0)
+                              reward_fn=lengthy, sample_every=0, log_every=100, target_kl=1.0)
 
     straight, resumed = run_straight_and_resumed(monkeypatch, train_ppo, make_args, tmp_path)
     assert [s for s, _ in straight] == [1, 2, 3, 4] and straight == resumed
