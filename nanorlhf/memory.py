@@ -242,14 +242,19 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
 def suggest(cfg, stage, gpu_gb, **kw):
     """The first settings that fit, trying in turn: gradient checkpointing (it frees the most, for ~30% more
     time), the largest --batch-size, shorter sequences, and for PPO and GRPO fewer prompts per rollout (the KV
-    cache)."""
+    cache) and, when it exceeds the batch tried, a --score-batch-size brought down to it."""
     bs, length, rollout = kw.get("batch_size", 4), kw.get("max_length", 512), kw.get("rollout_batch_size", 16)
+    score = kw.get("score_batch_size")
     for t in (length, length // 2, length // 4):
         for b in range(bs, 0, -1):
             for r in (rollout, rollout // 2, rollout // 4, 1) if stage in RL else [rollout]:
-                k = dict(gradient_checkpointing=True, batch_size=b, max_length=t, rollout_batch_size=r)
-                if t and r and estimate(cfg, stage, **(kw | k))["total"] <= gpu_gb * GiB:
-                    return k if stage in RL else {x: v for x, v in k.items() if x != "rollout_batch_size"}
+                for sb in [score, b] if stage in RL and score and score > b else [score]:
+                    k = dict(gradient_checkpointing=True, batch_size=b, max_length=t, rollout_batch_size=r,
+                             score_batch_size=sb)
+                    if t and r and estimate(cfg, stage, **(kw | k))["total"] <= gpu_gb * GiB:
+                        flags = ["gradient_checkpointing", "batch_size", "max_length"]  # the flags the stage takes
+                        flags += ["rollout_batch_size"] * (stage in RL) + ["score_batch_size"] * (sb != score)
+                        return {x: k[x] for x in flags}
     return None
 
 

@@ -193,3 +193,18 @@ def test_scoring_rows_can_set_the_peak():
     N = 256 * 176
     assert wide["transient"] == N * (2 * 2 + 2 * 4) * 1536 + 480 * 49152 * 4 + 49152 * 576 * 4 + 480 * 576 * 4
     assert wide["total"] > default["total"]
+
+
+def test_a_suggestion_brings_scoring_rows_down_when_they_are_the_peak(capsys):
+    """8B PPO at the recommended settings fits (test above); with --score-batch-size 64 its scoring forwards are the
+    peak and do not fit, and the suggestion keeps every other setting and scores 4 rows at a time."""
+    flags = ["--model", "8b", "--stage", "ppo", "--load-in-4bit", "--gradient-checkpointing", "--batch-size", "4",
+             "--max-length", "1024", "--max-new-tokens", "256", "--rollout-batch-size", "32"]
+    memory.main(flags + ["--score-batch-size", "64"])
+    out = capsys.readouterr().out
+    assert "peak at scoring forward (no grad); fits in 24 GiB: no" in out
+    fitting = memory.estimate(memory.load_config("8b"), "ppo", load_in_4bit=True, gradient_checkpointing=True,
+                              batch_size=4, max_length=1024, max_new_tokens=256, rollout_batch_size=32)["total"]
+    assert (f"suggestion: --gradient-checkpointing --batch-size 4 --max-length 1024 --rollout-batch-size 32 "
+            f"--score-batch-size 4 ({fitting / 2**30:.2f} GiB)") in out
+
