@@ -66,19 +66,22 @@ def tiny_dir(tmp_path_factory, tokenizer):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_rm_dir(tmp_path_factory, tokenizer):
-    """A tiny random reward model (LlamaForSequenceClassification) with stored score statistics."""
+def save_tiny_rm(path, tokenizer, seed=0):
+    """Save a tiny random reward model (LlamaForSequenceClassification) with stored score statistics to `path`."""
     from transformers import LlamaForSequenceClassification
-    torch.manual_seed(0)
-    config = tiny_llama(len(tokenizer)).config
+    config = tiny_llama(len(tokenizer), seed).config  # seeds the RNG the RM's weights then come from
     config.num_labels, config.pad_token_id = 1, tokenizer.unk_token_id
     rm = LlamaForSequenceClassification(config)
     rm.config.reward_mean, rm.config.reward_std = 0.1, 2.0
-    path = str(tmp_path_factory.mktemp("rm"))
     rm.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tmp_path_factory, tokenizer):
+    """A tiny random reward model with stored score statistics (save_tiny_rm, seed 0)."""
+    return save_tiny_rm(tmp_path_factory.mktemp("rm"), tokenizer)
 
 
 def python_reward(tmp_path, monkeypatch, module, source):

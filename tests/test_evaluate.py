@@ -1,7 +1,7 @@
 import json
 
 import torch
-from conftest import tiny_llama
+from conftest import python_reward, save_tiny_rm, tiny_llama
 
 from nanorlhf.evaluate import Args, distinct, evaluate
 
@@ -41,18 +41,12 @@ def test_each_rm_is_scored_by_its_own_model_and_agrees_with_the_reward_function(
                                                                                  tmp_path, monkeypatch, capsys):
     """--reward-fn with --rm given twice: the reward function is the first judge, each RM gets its own columns (RM,
     RM2) and its agreement with the reward function, and RM2's scores are those of the second RM judging alone."""
-    from transformers import LlamaForSequenceClassification
-    torch.manual_seed(1)
-    config = tiny_llama(len(tokenizer)).config
-    config.num_labels, config.pad_token_id = 1, tokenizer.unk_token_id
-    second = str(tmp_path / "rm_b")
-    LlamaForSequenceClassification(config).save_pretrained(second)
-    tokenizer.save_pretrained(second)
+    second = save_tiny_rm(tmp_path / "rm_b", tokenizer, seed=1)
     other = str(tmp_path / "other")
     tiny_llama(len(tokenizer), seed=5).save_pretrained(other)
     tokenizer.save_pretrained(other)
-    (tmp_path / "judge.py").write_text("def longer(prompts, responses):\n    return [len(r) for r in responses]\n")
-    monkeypatch.chdir(tmp_path)
+    python_reward(tmp_path, monkeypatch, "judge",
+                  "def longer(prompts, responses):\n    return [len(r) for r in responses]\n")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(6)))
     kw = dict(model=[other], baseline=tiny_dir, reward_fn="judge:longer", data=str(prompts), limit=6,

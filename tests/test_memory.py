@@ -207,4 +207,3 @@ def test_a_suggestion_brings_scoring_rows_down_when_they_are_the_peak(capsys):
                               batch_size=4, max_length=1024, max_new_tokens=256, rollout_batch_size=32)["total"]
     assert (f"suggestion: --gradient-checkpointing --batch-size 4 --max-length 1024 --rollout-batch-size 32 "
             f"--score-batch-size 4 ({fitting / 2**30:.2f} GiB)") in out
-
