@@ -171,6 +171,23 @@ def logged_seconds(log):
     return float(match.group(1)) if match else None
 
 
+def check_same_command(argv, log):
+    """A finished stage is skipped only if its log's command is this one: a folder made with another seed or β (or a
+    demo whose defaults changed since) must not stand in for this run. Paths may differ (a copied or moved folder)."""
+    if not os.path.isfile(log):
+        return
+    with open(log) as f:
+        first = f.readline().removeprefix("$ python ").strip()
+    setting = lambda words: [w for w in words if w != "--overwrite" and os.sep not in w]  # noqa: E731
+    made, wanted = setting(shlex.split(first)), setting(argv)
+    if made != wanted:
+        i = next((i for i, (a, b) in enumerate(zip(made, wanted)) if a != b), min(len(made), len(wanted)))
+        word = lambda words: words[i] if i < len(words) else "(nothing)"  # noqa: E731
+        raise UserError(f"{log.removesuffix('.log')} was made by another command: {word(made)} where this demo runs "
+                        f"{word(wanted)} (after {' '.join(wanted[max(0, i - 1):i])}; its command is the first line of "
+                        f"{log}); use another --out, or --overwrite to redo every stage")
+
+
 def last_metric(folder, key):
     """The last value of `key` in a run's metrics.jsonl, or None."""
     value = None
@@ -212,6 +229,7 @@ def demo(args):
     for name, argv in runs:
         done = os.path.join(out, name, "label.json" if name == "labels" else "config.json")
         if os.path.exists(done) and not args.overwrite:
+            check_same_command(argv, os.path.join(out, f"{name}.log"))
             print(f"\n{name}: {out}/{name} is finished; skipping (--overwrite redoes it)")
             times[name], skipped = logged_seconds(os.path.join(out, f"{name}.log")), True  # from the run that made it
             continue
