@@ -38,6 +38,7 @@ from .model import native_bf16, pick_device
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLD = "nanorlhf.gold:sentiment"
 GOLD_PART = GOLD.rpartition(":")[2]  # its judge in the evaluation: a reward function's part is its name
+COMMAND = "$ python "  # starts the first line of a stage's log: the command that made the stage
 DONE = "# nanorlhf.demo:"  # starts the last line of a stage's log: its exit code and seconds
 # The β each method runs at, and the sweep that draws its frontier when --scale > 1 (PPO: the KL coefficient).
 # PPO on gold at 0.02: on dev prompts it won 0.74 and 0.77 against SFT where 0.05 won 0.62 and 0.60 (two seeds),
@@ -144,10 +145,10 @@ def stages(out, paths, scale, model, dtype="float32", seed=0):
 
 def run(argv, log):
     """Run one stage's script, its output to `log`, which ends with the stage's seconds (`logged_seconds`)."""
-    print("\n$ python " + shlex.join(argv), flush=True)
+    print("\n" + COMMAND + shlex.join(argv), flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        f.write("$ python " + shlex.join(argv) + "\n")
+        f.write(COMMAND + shlex.join(argv) + "\n")
         f.flush()
         code = subprocess.call([sys.executable] + argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         seconds = round(time.perf_counter() - t0, 1)  # as logged, so a resumed demo reports the same
@@ -177,15 +178,15 @@ def check_same_command(argv, log):
     if not os.path.isfile(log):
         return
     with open(log) as f:
-        first = f.readline().removeprefix("$ python ").strip()
+        first = f.readline().removeprefix(COMMAND).strip()
     setting = lambda words: [w for w in words if w != "--overwrite" and os.sep not in w]  # noqa: E731
     made, wanted = setting(shlex.split(first)), setting(argv)
     if made != wanted:
         i = next((i for i, (a, b) in enumerate(zip(made, wanted)) if a != b), min(len(made), len(wanted)))
         word = lambda words: words[i] if i < len(words) else "(nothing)"  # noqa: E731
         raise UserError(f"{log.removesuffix('.log')} was made by another command: {word(made)} where this demo runs "
-                        f"{word(wanted)} (after {' '.join(wanted[max(0, i - 1):i])}; its command is the first line of "
-                        f"{log}); use another --out, or --overwrite to redo every stage")
+                        f"{word(wanted)} (after {wanted[i - 1]}; its command is the first line of {log}); use "
+                        f"another --out, or --overwrite to redo every stage")
 
 
 def last_metric(folder, key):
@@ -228,13 +229,14 @@ def demo(args):
     runs = stages(out, paths, args.scale, args.model, dtype, args.seed)
     for name, argv in runs:
         done = os.path.join(out, name, "label.json" if name == "labels" else "config.json")
+        log = os.path.join(out, f"{name}.log")
         if os.path.exists(done) and not args.overwrite:
-            check_same_command(argv, os.path.join(out, f"{name}.log"))
+            check_same_command(argv, log)
             print(f"\n{name}: {out}/{name} is finished; skipping (--overwrite redoes it)")
-            times[name], skipped = logged_seconds(os.path.join(out, f"{name}.log")), True  # from the run that made it
+            times[name], skipped = logged_seconds(log), True  # from the run that made it
             continue
         redo = args.overwrite or os.path.isdir(os.path.join(out, name))
-        times[name] = run(argv + (["--overwrite"] if redo else []), os.path.join(out, f"{name}.log"))
+        times[name] = run(argv + (["--overwrite"] if redo else []), log)
     models = [name for name, _ in runs if name not in ("sft", "labels", "rm")]
     eval_json = os.path.join(out, "eval.json")
     times["eval"] = run(["-m", "nanorlhf.evaluate", "--baseline", os.path.join(out, "sft"),

@@ -126,7 +126,7 @@ def row_of(report, name):
     return next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
 
 
-def test_a_finished_stage_made_by_another_command_is_not_skipped(tmp_path, capsys):
+def test_a_finished_stage_made_by_another_command_is_not_skipped(tmp_path):
     """A resumed demo skips a finished stage only if its log's command is the one the demo would run now: another
     β or seed stops the demo with one line naming the stage and the setting, and nothing is overwritten. A copied
     folder (other paths, same settings) resumes."""
@@ -136,15 +136,15 @@ def test_a_finished_stage_made_by_another_command_is_not_skipped(tmp_path, capsy
     out = tmp_path / "new"
     shutil.copytree(tmp_path / "old", out)  # a copy: every path in the logged command is the old folder's
     log = out / "ppo_gold.log"
-    log.write_text("$ python " + " ".join(before) + f"\nsaved\n\n{demo.DONE} exit 0 in 480.0 s\n")
+    log.write_text(demo.COMMAND + " ".join(before) + f"\nsaved\n\n{demo.DONE} exit 0 in 480.0 s\n")
     now = dict(demo.stages(str(out), paths, 1.0, "smollm2", "bfloat16"))["ppo_gold"]
     with pytest.raises(cli.UserError, match=r"ppo_gold was made by another command: 0\.05 where this demo runs 0\.02 "
                                             r"\(after --kl-coef"):
         demo.check_same_command(now, str(log))
     demo.check_same_command(now + ["--overwrite"], str(log).replace("ppo_gold", "missing"))  # no log: nothing to check
     before[before.index("--kl-coef") + 1] = "0.02"
-    log.write_text("$ python " + " ".join(before + ["--overwrite"]) + "\nsaved\n")
+    log.write_text(demo.COMMAND + " ".join(before + ["--overwrite"]) + "\nsaved\n")
     demo.check_same_command(now, str(log))  # same settings, other paths, a redo's --overwrite: resumes
-    log.write_text("$ python " + " ".join(before[:-2]) + "\n")  # the seed flag missing
+    log.write_text(demo.COMMAND + " ".join(before[:-2]) + "\n")  # the seed flag missing
     with pytest.raises(cli.UserError, match=r"made by another command: \(nothing\) where this demo runs --seed"):
         demo.check_same_command(now, str(log))
