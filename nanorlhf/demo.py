@@ -185,7 +185,7 @@ def check_same_command(argv, log):
         i = next((i for i, (a, b) in enumerate(zip(made, wanted)) if a != b), min(len(made), len(wanted)))
         word = lambda words: words[i] if i < len(words) else "(nothing)"  # noqa: E731
         raise UserError(f"{log.removesuffix('.log')} was made by another command: {word(made)} where this demo runs "
-                        f"{word(wanted)} (after {wanted[i - 1]}; its command is the first line of {log}); use "
+                        f"{word(wanted)} (after {wanted[i - 1] if i else 'nothing'}; its command is the first line of {log}); use "
                         f"another --out, or --overwrite to redo every stage")
 
 

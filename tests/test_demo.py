@@ -148,3 +148,6 @@ def test_a_finished_stage_made_by_another_command_is_not_skipped(tmp_path):
     log.write_text(demo.COMMAND + " ".join(before[:-2]) + "\n")  # the seed flag missing
     with pytest.raises(cli.UserError, match=r"made by another command: \(nothing\) where this demo runs --seed"):
         demo.check_same_command(now, str(log))
+    log.write_text(demo.COMMAND + " ".join(["train_dpo.py"] + before[1:]) + "\n")  # another script
+    with pytest.raises(cli.UserError, match=r"train_dpo\.py where this demo runs train_ppo\.py \(after nothing;"):
+        demo.check_same_command(now, str(log))
