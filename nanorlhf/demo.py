@@ -15,7 +15,7 @@ SmolLM2-135M-Instruct and the alpaca instructions in data/, split once into trai
     8. results   results.md (the table) and frontier.png (gold reward against KL to SFT)
 
     python -m nanorlhf.demo --out out/demo            # 39.4 min measured on 2 CPU cores (bf16, 2026-12-01)
-    python -m nanorlhf.demo --out out/demo --scale 4  # 4x every budget, and each method at 3 β values (~5.4 h)
+    python -m nanorlhf.demo --out out/demo --scale 4  # 4x every budget, and each method at 3 β values (5.2 h on 2 CPU cores)
 
 Each stage is its script run as a subprocess with the command printed first and logged, so every number can
 be reproduced by hand. A stage whose output exists is skipped (--overwrite redoes everything), and the results
