@@ -15,7 +15,7 @@ SmolLM2-135M-Instruct and the alpaca instructions in data/, split once into trai
     8. results   results.md (the table) and frontier.png (gold reward against KL to SFT)
 
     python -m nanorlhf.demo --out out/demo            # 39.4 min measured on 2 CPU cores (bf16, 2026-12-01)
-    python -m nanorlhf.demo --out out/demo --scale 4  # 4x every budget, and each method at 3 β values (5.2 h on 2 CPU cores)
+    python -m nanorlhf.demo --out out/demo --scale 4  # 4x every budget, each method at 3 β values (5.2 h, 2 cores)
 
 Each stage is its script run as a subprocess with the command printed first and logged, so every number can
 be reproduced by hand. A stage whose output exists is skipped (--overwrite redoes everything), and the results
@@ -185,8 +185,8 @@ def check_same_command(argv, log):
         i = next((i for i, (a, b) in enumerate(zip(made, wanted)) if a != b), min(len(made), len(wanted)))
         word = lambda words: words[i] if i < len(words) else "(nothing)"  # noqa: E731
         raise UserError(f"{log.removesuffix('.log')} was made by another command: {word(made)} where this demo runs "
-                        f"{word(wanted)} (after {wanted[i - 1] if i else 'nothing'}; its command is the first line of {log}); use "
-                        f"another --out, or --overwrite to redo every stage")
+                        f"{word(wanted)} (after {wanted[i - 1] if i else 'nothing'}; its command is the first line "
+                        f"of {log}); use another --out, or --overwrite to redo every stage")
 
 
 def last_metric(folder, key):
