@@ -5,7 +5,9 @@ No critic, so no value adapter, value head or value passes: each prompt is sampl
 
     grpo         A_i = (r_i - mean_group r) / std      std of the group, of the batch, or 1 (--scale-rewards
                                                         none: Dr. GRPO, Liu et al. 2025)
-    rloo         A_i = r_i - mean of the other k-1      the leave-one-out baseline
+    rloo         A_i = r_i - mean of the other k-1      the leave-one-out baseline; the loss sums each
+                                                        response's tokens (--loss-type rloo, its default), as
+                                                        RLOO's ∇log π(y|x) = Σ_t ∇log π(y_t) has no 1/|y|
     reinforce++  per-token rewards -β·KL plus the score at the end, summed to the end of the response and
                  whitened over the batch (Hu 2025)
 
@@ -86,9 +88,12 @@ class Args(RunArgs):
                          "whitened returns with the KL in the reward.", choices=["grpo", "rloo", "reinforce++"])
     scale_rewards: str = arg("group", "What grpo divides by: the group's reward std, the batch's, or nothing "
                              "(none: Dr. GRPO, no per-prompt difficulty bias).", choices=["group", "batch", "none"])
-    loss_type: str = arg("grpo", "Loss aggregation over tokens, as TRL: grpo = mean over responses of each one's "
-                         "token mean (GRPO eq. 3); dr_grpo = token sum / (responses × --max-new-tokens); dapo = "
-                         "token mean over the minibatch.", choices=["grpo", "dr_grpo", "dapo"])
+    loss_type: str | None = arg(None, "Loss aggregation over tokens: grpo = mean over responses of each one's token "
+                                "mean (GRPO eq. 3), so a response's tokens weigh 1/|y|; rloo = token sum / responses, "
+                                "every token weighing 1 (RLOO eq. 7, TRL's RLOOTrainer); dr_grpo = token sum / "
+                                "(responses × --max-new-tokens), rloo's over a constant (Liu et al. 2025); dapo = token "
+                                "mean over the minibatch, as TRL. Default: rloo under --advantage rloo (with grpo it "
+                                "would not be RLOO's estimator), else grpo.", choices=["grpo", "rloo", "dr_grpo", "dapo"])
     cliprange: float = arg(0.2, "ε, the ratio clip (below 1, and above unless --cliprange-high).", gt=0)
     cliprange_high: float | None = arg(None, "DAPO's upper clip ε_high (e.g. 0.28): room for unlikely tokens to "
                                        "grow; default --cliprange.", gt=0)
@@ -175,17 +180,23 @@ class Variant:
     needs_old_logprobs: bool  # a scoring pass of the policy: the ratio's denominator, or the KL in the reward
     needs_ref_logprobs: bool  # a scoring pass of the reference (adapters off)
     loss_beta: float          # β of the k3 term in the loss (GRPO eq. 3); 0 where the KL is in the reward
+    loss_type: str            # 4.'s aggregation over tokens: --loss-type, else the one the estimator is written with
 
 
 def resolve_variant(args, updates):
     """The Variant of --advantage, for `updates` optimizer steps per iteration. GRPO puts β·k3 in the loss; RLOO and
     REINFORCE++ put the KL in the reward, so with β > 0 they need the old logprobs. Otherwise one update on fresh
-    samples needs none: the old logprobs are the new ones, detached (ratio 1)."""
+    samples needs none: the old logprobs are the new ones, detached (ratio 1). RLOO's estimator, (1/k) Σ_i A_i ·
+    ∇log π(y_i|x) (Ahmadian et al. 2024, eq. 7), sums each response's token gradients, so its default aggregation is
+    the token sum per response, not GRPO's token mean, which would weigh a 40-token response's tokens a quarter of a
+    10-token one's."""
     kl_in_reward = args.advantage != "grpo"
     advantages = {"grpo": grpo_token_advantages, "rloo": rloo_token_advantages,
                   "reinforce++": reinforce_pp_token_advantages}[args.advantage]
+    loss_type = args.loss_type or ("rloo" if args.advantage == "rloo" else "grpo")
     return Variant(advantages, needs_old_logprobs=updates > 1 or (kl_in_reward and args.beta > 0),
-                   needs_ref_logprobs=args.beta > 0, loss_beta=0.0 if kl_in_reward else args.beta)
+                   needs_ref_logprobs=args.beta > 0, loss_beta=0.0 if kl_in_reward else args.beta,
+                   loss_type=loss_type)
 
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, cliprange, cliprange_high, ref_logprobs=None, beta=0.0,
@@ -224,11 +235,15 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, cliprange, cliprange_hig
 def aggregate(per_token, mask, loss_type, n_responses, n_tokens, max_new_tokens):
     """This micro-batch's share of its minibatch's loss: summed over the micro-batches it gives, as TRL,
     grpo:    mean over responses of each response's token mean (GRPO eq. 3)
+    rloo:    token sum / responses: the mean over responses of each one's token sum, RLOO's (1/k) Σ_i A_i Σ_t at
+             ratio 1 (Ahmadian et al. 2024, eq. 7; TRL's RLOOTrainer)
     dr_grpo: token sum / (responses × max_new_tokens), a constant normaliser (Liu et al. 2025)
     dapo:    token sum / tokens of the minibatch (Yu et al. 2025)
     per_token, mask: (b, R); n_responses, n_tokens: counts over the whole minibatch."""
     if loss_type == "grpo":
         return (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_responses
+    if loss_type == "rloo":
+        return per_token.sum() / n_responses
     if loss_type == "dr_grpo":
         return per_token.sum() / (n_responses * max_new_tokens)
     if loss_type == "dapo":
@@ -238,7 +253,7 @@ def aggregate(per_token, mask, loss_type, n_responses, n_tokens, max_new_tokens)
 
 def update(model, batch, variant, eps_high, loop, args):
     """4. --ppo-epochs passes of minibatches of --minibatch-size responses, --batch-size per forward; each minibatch's
-    loss aggregated by --loss-type, the ratio clipped to [1 - --cliprange, 1 + eps_high]. batch: the rollout with its
+    loss aggregated by the variant's loss type, the ratio clipped to [1 - --cliprange, 1 + eps_high]. batch: the rollout with its
     advantages and loss_mask (N, R), and the old and reference logprobs where the variant needs them. Returns lists
     of per-micro-batch and per-step stats."""
     stats = {}
@@ -253,7 +268,7 @@ def update(model, batch, variant, eps_high, loop, args):
                 per_token, s = grpo_loss(logprobs, old_logprobs, micro["advantages"], micro["loss_mask"],
                                          args.cliprange, eps_high, micro.get("ref_logprobs"), variant.loss_beta,
                                          args.importance_sampling_level)
-                loss = aggregate(per_token, micro["loss_mask"], args.loss_type, n_responses, n_tokens,
+                loss = aggregate(per_token, micro["loss_mask"], variant.loss_type, n_responses, n_tokens,
                                  args.max_new_tokens)
                 loss.backward()
                 mb_loss += loss.item()

@@ -195,6 +195,7 @@ def test_kl_terms_value_and_gradient_directions():
 
 @pytest.mark.parametrize("loss_type, expected", [
     ("grpo", (1.0 + 2.0 + 6.0) / 3),        # mean over responses of each one's token mean: 3/3, 2/1, 18/3
+    ("rloo", (3.0 + 2.0 + 18.0) / 3),          # mean over responses of each one's token sum
     ("dr_grpo", (3.0 + 2.0 + 18.0) / (3 * 4)),  # token sum / (responses × max_new_tokens = 4)
     ("dapo", (3.0 + 2.0 + 18.0) / 7),          # token sum / tokens
 ])
@@ -206,6 +207,28 @@ def test_loss_aggregation_hand_computed_and_split_invariant(loss_type, expected)
     # micro-batches of 2 + 1 responses sum to the same loss: gradient accumulation equals one big minibatch
     parts = [train_grpo.aggregate((per_token * mask)[s], mask[s], loss_type, 3, 7, 4) for s in (slice(0, 2), slice(2, 3))]
     assert sum(p.item() for p in parts) == pytest.approx(expected)
+
+
+def test_rloo_aggregates_as_rloos_estimator_hand_computed():
+    """RLOO's gradient (Ahmadian et al. 2024, eq. 7) at ratio 1 is -(1/k) Σ_i A_i Σ_t ∇log π(y_t): every token of
+    response i gets -A_i/k, whatever its length, and --advantage rloo aggregates so unless told otherwise. GRPO's token
+    mean, asked for explicitly, gives -A_i/(k·|y_i|): the length weighting RLOO does not have."""
+    # k = 2 responses of 1 and 4 tokens with rewards 1 and 0: leave-one-out advantages +1 and -1
+    advantages = train_grpo.group_advantages(torch.tensor([1.0, 0.0]), 2, "rloo")
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]])
+
+    def grad(**flags):
+        variant = train_grpo.resolve_variant(train_grpo.Args(advantage="rloo", **flags), 1)
+        logprobs = torch.full((2, 4), -1.0, requires_grad=True)
+        per_token, _ = train_grpo.grpo_loss(logprobs, logprobs.detach(), train_grpo.on_tokens(advantages, mask),
+                                            mask, 0.2, 0.2)
+        train_grpo.aggregate(per_token, mask, variant.loss_type, 2, 5, 4).backward()
+        return logprobs.grad
+
+    torch.testing.assert_close(grad(), torch.tensor([[-0.5, 0, 0, 0], [0.5, 0.5, 0.5, 0.5]]))  # -A_i / k
+    torch.testing.assert_close(grad(loss_type="grpo"), torch.tensor([[-0.5, 0, 0, 0], [0.125] * 4]))  # / |y_i| too
+    torch.testing.assert_close(grad(loss_type="dr_grpo"), grad() / 4)  # RLOO's over --max-new-tokens (here 4)
+    assert train_grpo.resolve_variant(train_grpo.Args(), 1).loss_type == "grpo"  # GRPO's own default is unchanged
 
 
 @pytest.fixture(scope="module")
