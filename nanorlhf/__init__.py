@@ -16,6 +16,6 @@ The core, in reading order (what the scripts import):
     dist.py        torchrun: shards, all-reduced gradients and statistics, rank 0 writes
     cli.py         argparse from a dataclass, one-line errors
 
-The tools (python -m nanorlhf.<tool>): demo, label, evaluate, plot, memory; and two reward functions,
-gold (VADER sentiment) and arithmetic (exact match on generated word problems).
+The tools (python -m nanorlhf.<tool>): demo, label, evaluate, abtest (a blind A/B test for people), plot, memory;
+and two reward functions, gold (VADER sentiment) and arithmetic (exact match on generated word problems).
 """

@@ -122,8 +122,6 @@ def test_judge_stats_skip_prompts_a_judge_does_not_apply_to():
 def test_agreement_counts_the_pairs_the_reference_orders():
     """Worked by hand: the reference prefers the model on prompts 0 and 1, the baseline on 2, neither on 3 (left out),
     and prompt 4 has no reference score (left out). The judge agrees on 0, disagrees on 1 and ties on 2: (1 + 0 + ½)/3."""
-    import math
-
     from nanorlhf.evaluate import agreement
     nan = float("nan")
     ref_scores, ref_base = torch.tensor([1.0, 2.0, 0.0, 5.0, nan]), torch.tensor([0.0, 1.0, 1.0, 5.0, 0.0])
