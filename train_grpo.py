@@ -31,6 +31,7 @@ the loss. Each iteration, in train():
     python train_grpo.py --model out/sft --data data/arithmetic.jsonl --reward-fn nanorlhf.arithmetic:accuracy \\
         --out out/grpo
 """
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,11 +90,12 @@ class Args(RunArgs):
     scale_rewards: str = arg("group", "What grpo divides by: the group's reward std, the batch's, or nothing "
                              "(none: Dr. GRPO, no per-prompt difficulty bias).", choices=["group", "batch", "none"])
     loss_type: str | None = arg(None, "Loss aggregation over tokens: grpo = mean over responses of each one's token "
-                                "mean (GRPO eq. 3), so a response's tokens weigh 1/|y|; rloo = token sum / responses, "
-                                "every token weighing 1 (RLOO eq. 7, TRL's RLOOTrainer); dr_grpo = token sum / "
-                                "(responses × --max-new-tokens), rloo's over a constant (Liu et al. 2025); dapo = token "
-                                "mean over the minibatch, as TRL. Default: rloo under --advantage rloo (with grpo it "
-                                "would not be RLOO's estimator), else grpo.", choices=["grpo", "rloo", "dr_grpo", "dapo"])
+                                "mean (GRPO eq. 3), so a response's tokens weigh 1/|y|; rloo = token sum / "
+                                "responses, every token weighing 1 (RLOO eq. 7, TRL's RLOOTrainer); dr_grpo = token "
+                                "sum / (responses × --max-new-tokens), rloo's over a constant (Liu et al. 2025); "
+                                "dapo = token mean over the minibatch, as TRL. Default: rloo under --advantage rloo "
+                                "(with grpo it would not be RLOO's estimator), else grpo.",
+                                choices=["grpo", "rloo", "dr_grpo", "dapo"])
     cliprange: float = arg(0.2, "ε, the ratio clip (below 1, and above unless --cliprange-high).", gt=0)
     cliprange_high: float | None = arg(None, "DAPO's upper clip ε_high (e.g. 0.28): room for unlikely tokens to "
                                        "grow; default --cliprange.", gt=0)
@@ -109,24 +111,39 @@ class Args(RunArgs):
     sample_every: int = arg(10, "Print a prompt -> response -> reward table every N iterations (0 = never).", ge=0)
 
 
+def nan_std(x, dim):
+    """The unbiased std of x's n non-NaN entries along dim (kept), NaN where n < 2: TRL's nanstd. Computed as torch's
+    std with the NaNs set to the mean (where they add nothing to the squares), rescaled from k - 1 to n - 1 degrees
+    of freedom, so that a row without NaN keeps torch.std's own bits."""
+    n = (~x.isnan()).sum(dim, keepdim=True)
+    filled = torch.where(x.isnan(), x.nanmean(dim, keepdim=True), x)
+    return filled.std(dim, keepdim=True) * ((x.shape[dim] - 1) / (n - 1).clamp(min=0)).sqrt()
+
+
 def group_advantages(rewards, k, kind="grpo", scale="group", eps=1e-4):
     """Advantages (N,) of N = G·k rewards, the k responses of each prompt side by side.
 
     grpo: (r - group mean) / std, std of the group (Shao et al. 2024 §4.1.2), of the batch, or none (Dr. GRPO);
     rloo: r - mean of the other k-1 = k/(k-1) · (r - group mean) (Ahmadian et al. 2024, eq. 7).
     A group of equal rewards gets 0 everywhere: it says nothing about which response was better.
+
+    A NaN reward (no reward function applies to that response) is TRL's unscorable row (TRL >= 1.6): it stays out
+    of every mean and std (RLOO's baseline is the mean of the other *scorable* responses) and gets advantage 0, as
+    does the one scorable response of a group, which has nothing to be measured against.
     """
     r = rewards.view(-1, k)                      # (G, k)
-    centred = r - r.mean(1, keepdim=True)        # (G, k)
-    if kind == "rloo":
-        return (centred * k / (k - 1)).view(-1)
-    if scale == "group":
-        centred = centred / (r.std(1, keepdim=True) + eps)
-    elif scale == "batch":  # under torchrun, the std of every rank's rewards
-        n = dist.all_sum(len(rewards))
-        mean = dist.all_sum(rewards.sum()) / n
-        centred = centred / ((dist.all_sum(((rewards - mean) ** 2).sum()) / (n - 1)).sqrt() + eps)
-    return centred.view(-1)
+    if kind == "rloo":  # (sum of the scorable others) / (their count)
+        n = (~r.isnan()).sum(1, keepdim=True)
+        advantages = r - (r.nansum(1, keepdim=True) - r) / (n - 1)
+    else:
+        advantages = r - r.nanmean(1, keepdim=True)
+        if scale == "group":
+            advantages = advantages / (nan_std(r, 1) + eps)
+        elif scale == "batch":  # under torchrun, the std of every rank's scorable rewards
+            n = dist.all_sum((~rewards.isnan()).sum())
+            mean = dist.all_sum(rewards.nansum()) / n
+            advantages = advantages / ((dist.all_sum(((rewards - mean) ** 2).nansum()) / (n - 1)).sqrt() + eps)
+    return torch.where(advantages.isnan(), 0.0, advantages).view(-1)
 
 
 def rloo_rewards(scores, logprobs, ref_logprobs, mask, beta):
@@ -167,10 +184,12 @@ def rloo_token_advantages(scores, batch, args):
 
 def reinforce_pp_token_advantages(scores, batch, args):
     """REINFORCE++'s advantages (N, R) (Hu 2025), per token already. With β = 0 no logprob pass may have run, and the
-    KL term is 0 whatever stands in for the logprobs."""
+    KL term is 0 whatever stands in for the logprobs. A response with a NaN score (no reward function applies) is
+    left out as grpo and rloo leave it: advantage 0 on its tokens, and none of them in the whitening statistics."""
     ref_logprobs = batch.get("ref_logprobs", torch.zeros_like(batch["mask"], dtype=torch.float))
     logprobs = batch.get("logprobs", ref_logprobs)
-    return reinforce_pp_advantages(scores, logprobs, ref_logprobs, batch["mask"], args.beta), {}
+    mask = batch["mask"] * ~scores.isnan()[:, None]
+    return reinforce_pp_advantages(scores.nan_to_num(0.0), logprobs, ref_logprobs, mask, args.beta), {}
 
 
 @dataclass(frozen=True)
@@ -253,9 +272,9 @@ def aggregate(per_token, mask, loss_type, n_responses, n_tokens, max_new_tokens)
 
 def update(model, batch, variant, eps_high, loop, args):
     """4. --ppo-epochs passes of minibatches of --minibatch-size responses, --batch-size per forward; each minibatch's
-    loss aggregated by the variant's loss type, the ratio clipped to [1 - --cliprange, 1 + eps_high]. batch: the rollout with its
-    advantages and loss_mask (N, R), and the old and reference logprobs where the variant needs them. Returns lists
-    of per-micro-batch and per-step stats."""
+    loss aggregated by the variant's loss type, the ratio clipped to [1 - --cliprange, 1 + eps_high]. batch: the
+    rollout with its advantages and loss_mask (N, R), and the old and reference logprobs where the variant needs them.
+    Returns lists of per-micro-batch and per-step stats."""
     stats = {}
     for _ in range(args.ppo_epochs):
         for mb in minibatches(batch, args.minibatch_size):
@@ -295,7 +314,8 @@ def train(args):
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
     M.disable_dropout(model)  # LoRA's too: with dropout the ratio is not 1 before the first update
     rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, args.gold_reward_fn, args.reward_weight,
-                        device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
+                        unscored="so they get advantage 0 and stay out of their group's baseline and the logged "
+                        "reward (as TRL)", device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
                         load_in_8bit=args.load_in_8bit)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
@@ -333,7 +353,8 @@ def train(args):
             if variant.needs_ref_logprobs:
                 batch["ref_logprobs"] = batch_logprobs(model, batch, args.temperature, None, args.score_batch_size)
 
-        # 3. advantages (N, R), computed once for every group before any minibatch
+        # 3. advantages (N, R), computed once for every group before any minibatch; NaN scores (no reward function
+        # applies) get 0
         scores = scores.to(mask.device)
         batch["advantages"], stats = variant.advantages(scores, batch, args)
         # DAPO's overlong filtering: truncated responses count in their group's baseline but not in the loss
@@ -345,11 +366,12 @@ def train(args):
         phases.add_iteration(batch, policy, score_passes, [(policy, True, "policy")], args.ppo_epochs)
 
         # 5. log + save
-        groups = scores.view(-1, args.num_generations)
+        # the reward and each part over the samples they apply to (on every rank); unscored ones have none
+        groups, reward_std = scores.view(-1, args.num_generations), nan_std(scores, 0).item()
         metrics = {k: sum(v) / len(v) for k, v in stats.items()} | {
-            "reward": scores.mean(), "reward_std": scores.std(),
-            **part_means(parts, "reward"),  # a function's None samples are left out, on every rank
-            "frac_groups_tied": (groups.std(1) == 0).float().mean(), "response_length": lengths.float().mean(),
+            **part_means({"reward": scores}), **({"reward_std": reward_std} if math.isfinite(reward_std) else {}),
+            **part_means(parts, "reward"),
+            "frac_groups_tied": (nan_std(groups, 1) == 0).float().mean(), "response_length": lengths.float().mean(),
             "eos_frac": ended.float().mean(), "tokens": int(mask.sum())} | phases.metrics()
         if args.sample_every and step % args.sample_every == 0:
             k = args.num_generations  # the first prompt's group

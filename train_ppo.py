@@ -249,8 +249,8 @@ def train(args):
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
     rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, args.gold_reward_fn, args.reward_weight,
-                        device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
-                        load_in_8bit=args.load_in_8bit)
+                        unscored="so they score 0", device=args.device, dtype=args.dtype,
+                        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
     critic, value_head = make_critic(model, rewarder, args)
     for m in (model, critic):  # LoRA's dropout too: with any dropout the ratio is not 1 at the first update
         if m is not None:  # --critic head has no critic model
@@ -299,6 +299,7 @@ def train(args):
                 batch["features"] = features
             response_ids = [r[:length].tolist() for r, length in zip(batch["responses"].cpu(), lengths.cpu())]
             scores_raw, parts, texts = rewarder(picked, queries, response_ids, ended.cpu(), args.score_batch_size)
+            scores_raw = scores_raw.nan_to_num(nan=0.0)  # no reward function applies (the warning counts them)
             scores = missing_eos_scores(scores_raw, ended.cpu(), args)
             rewards = shape_rewards(scores.to(mask.device), batch["logprobs"], batch["ref_logprobs"], mask,
                                     kl_ctl.value, args.kl_estimator)

@@ -16,9 +16,12 @@ as can trained reward models (`--rm`, repeatable, weighted). --out gets three fi
                    --kto-threshold), undesirable when below, left out when equal
 
 Responses that hit --max-new-tokens without EOS are left out of pairs and KTO examples (--keep-unfinished
-keeps them): the loader appends EOS to every completion, which would teach the model to stop mid-sentence.
+keeps them): the loader appends EOS to every completion, which would teach the model to stop mid-sentence. So are
+responses that no judge scores (every --reward-fn returned None, and no --rm): they have no score (null in
+samples.jsonl), not a 0 that would make them the worse side of a pair or an undesirable example.
 """
 import json
+import math
 import os
 import statistics
 import sys
@@ -110,7 +113,7 @@ def label(args):
     model, tokenizer = M.load_model(args.model, device=args.device, dtype=args.dtype)
     model.eval()
     rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, reward_weights=args.reward_weight,
-                        device=args.device, dtype=args.dtype)
+                        unscored="so they are left out of pairs and KTO examples", device=args.device, dtype=args.dtype)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
     rows = [p for p in prompts for _ in range(args.k)]  # each prompt k times, side by side
@@ -122,7 +125,7 @@ def label(args):
     for i in range(0, len(responses), args.batch_size):
         sl = slice(i, i + args.batch_size)
         s, _, t = rewarder(rows[sl], queries[sl], responses[sl], ended[sl], args.batch_size)
-        scores += s.tolist()
+        scores += [None if math.isnan(x) else x for x in s.tolist()]  # None: no judge applies
         texts += t
     os.makedirs(args.out, exist_ok=True)
     counts = {"pairs": 0, "desirable": 0, "undesirable": 0}
@@ -133,7 +136,7 @@ def label(args):
         for p, prompt in enumerate(p.messages for p in prompts):
             sl = slice(p * args.k, (p + 1) * args.k)
             r, s, e = texts[sl], scores[sl], ended[sl]
-            usable = [x or args.keep_unfinished for x in e]
+            usable = [(x or args.keep_unfinished) and v is not None for x, v in zip(e, s)]
             record = {"prompt": prompt, "responses": r, "rank": ranks(s, usable), "scores": s, "ended": e}
             f_samples.write(json.dumps(record) + "\n")
             for a, b, margin in pairs_of(r, s, usable, args.pairs, args.min_margin):
@@ -143,8 +146,10 @@ def label(args):
             for i, desirable in kto_labels(s, usable, args.kto_threshold):
                 f_kto.write(json.dumps({"prompt": prompt, "completion": r[i], "label": desirable}) + "\n")
                 counts["desirable" if desirable else "undesirable"] += 1
-    summary = {"prompts": len(prompts), "responses": len(texts), "mean_score": sum(scores) / len(scores),
-               "eos_rate": sum(ended) / len(ended), **counts,
+    scored = [v for v in scores if v is not None]
+    summary = {"prompts": len(prompts), "responses": len(texts), "unscored": len(texts) - len(scored),
+               "mean_score": sum(scored) / len(scored) if scored else None, "eos_rate": sum(ended) / len(ended),
+               **counts,
                "mean_margin": sum(margins) / len(margins) if margins else 0.0}
     with open(os.path.join(args.out, "label.json"), "w") as f:
         json.dump({"args": asdict(args), "summary": summary}, f, indent=2)

@@ -102,15 +102,16 @@ class RewardFunction:
         return scores
 
 
-def part_means(parts, prefix):
-    """{prefix/part: mean} of each judge's part over every rank's samples where it applies (a reward function's
-    None is NaN there and left out), so that a rank whose share no function applied to does not make the logged
-    mean NaN. A part that applied nowhere this step is left out. The same on every rank."""
+def part_means(parts, prefix=None):
+    """{prefix/part: mean} (without a prefix {part: mean}) of each judge's part, or of the score, over every rank's
+    samples where it applies (a reward function's None is NaN there and left out), so that a rank whose share no
+    function applied to does not make the logged mean NaN. A part that applied nowhere this step is left out. The
+    same on every rank."""
     out = {}
     for name, part in parts.items():
         total, n = dist.all_sum(torch.stack([part.float().nansum(), (~part.isnan()).sum().float()]))
         if n:
-            out[f"{prefix}/{name}"] = (total / n).item()
+            out[f"{prefix}/{name}" if prefix else name] = (total / n).item()
     return out
 
 
@@ -120,10 +121,14 @@ class Rewarder:
     Each part is also returned on its own ("rm", "rm2", ..., and each reward function under its name) so a run can
     log what drives its score, and with gold_fn a "gold" part that is not in the score: a known true reward watched
     beside the proxy that is optimised, where overoptimisation shows (Gao et al. 2023). A function's None (it does
-    not apply to that sample) is NaN in its part and adds nothing to the score, as TRL's nansum over functions.
+    not apply to that sample) is NaN in its part and adds nothing to the score, as TRL's nansum over functions. A
+    response that no function applies to (every one returned None) and no RM scores has no score at all: NaN, as
+    TRL >= 1.6 marks it, never a 0 that would pass for a verdict. `unscored` says what the caller does with those,
+    for the warning that counts them.
     """
 
-    def __init__(self, tokenizer, rms=(), weights=(), reward_fn=(), gold_fn=None, reward_weights=(), **load_kw):
+    def __init__(self, tokenizer, rms=(), weights=(), reward_fn=(), gold_fn=None, reward_weights=(),
+                 unscored="so they have no score", **load_kw):
         weights = list(weights) or [1.0] * len(rms)
         if len(weights) != len(rms):
             raise UserError(f"--rm-weight: got {len(weights)} weights for {len(rms)} --rm models")
@@ -132,7 +137,7 @@ class Rewarder:
         if len(reward_weights) != len(specs):
             raise UserError(f"--reward-weight: got {len(reward_weights)} weights for {len(specs)} --reward-fn "
                             "functions; expected one per function, in order")
-        self.tokenizer, self.rms = tokenizer, []
+        self.tokenizer, self.rms, self.unscored = tokenizer, [], unscored
         for path, w in zip(rms, weights):
             rm, rm_tok = M.load_reward_model(path, **load_kw)
             self.rms.append((rm, rm_tok, w))
@@ -156,7 +161,7 @@ class Rewarder:
     def __call__(self, prompts, queries, responses, ended, batch_size, tokenizer=None):
         """(scores (B,), {part: (B,)}, texts) for prompts (data.Prompt rows, or bare message lists, and their token
         ids) and responses (token-id lists cut after EOS; `ended` says which ones emitted it), both in
-        `tokenizer`'s ids (default the policy's)."""
+        `tokenizer`'s ids (default the policy's). A score is NaN where no judge applies."""
         tokenizer = tokenizer or self.tokenizer
         rows = [p if isinstance(p, Prompt) else Prompt(p, q) for p, q in zip(prompts, queries)]
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
@@ -176,13 +181,14 @@ class Rewarder:
             scores = scores + f.weight * part.nan_to_num(0.0)  # None: no contribution (TRL's nansum)
         if self.fns and not self.rms:
             unscored = torch.stack([parts[f.name] for f in self.fns]).isnan().all(0)
+            scores[unscored] = float("nan")
             # counted over every rank and said once (torchrun: each rank holds its share of the batch)
             n_unscored, n = (int(x) for x in dist.all_sum(torch.tensor([unscored.sum().item(), len(texts)])))
-            if n_unscored and dist.is_main():  # TRL warns too; a 0 that no function gave would pass for a verdict
+            if n_unscored and dist.is_main():  # as TRL warns
                 first = (f"; e.g. the prompt {rows[int(unscored.nonzero()[0])].messages[-1]['content'][:80]!r}"
                          if unscored.any() else "")
                 print(f"warning: no --reward-fn applies to {n_unscored} of {n} responses (every function returned "
-                      f"None), so they score 0{first}", file=sys.stderr)
+                      f"None), {self.unscored}{first}", file=sys.stderr)
         if self.gold is not None:  # logged, never optimised
             parts["gold"] = self.gold(rows, texts, ids)
         return scores, parts, texts

@@ -226,7 +226,8 @@ def test_bad_input_on_two_ranks_is_one_line_from_one_rank(tiny_dir, tmp_path):
 def test_columns_travel_with_their_prompts_on_two_ranks(tiny_dir, tmp_path):
     """A TRL-style reward reading an `answer` column under 2 gloo ranks: each rank gets its own prompts' answers.
     Neither function applies (None) to rank 0's 4 samples, nor to rank 1's first: the warning counts both ranks, once,
-    and each function's logged mean is over the samples it applies to on any rank, not NaN from rank 0."""
+    and each function's logged mean, and the reward's, is over the samples it applies to on any rank, not NaN from
+    rank 0 (and not 0 for the unscored samples)."""
     (tmp_path / "record.py").write_text(
         "import json, os\n"
         "RANK = os.environ['RANK']\n"
@@ -248,7 +249,8 @@ def test_columns_travel_with_their_prompts_on_two_ranks(tiny_dir, tmp_path):
     with open(tmp_path / "out" / "metrics.jsonl") as f:
         (metrics,) = [m for m in map(json.loads, f) if "reward/half" in m]
     assert (metrics["reward/reward"], metrics["reward/half"]) == (0.5, 1.5)
-    assert metrics["reward"] == 3 * (0.5 + 1.5) / 8  # the score: 0 for the 5 samples no function applied to
+    assert metrics["reward"] == 0.5 + 1.5  # over the 3 scored samples: the 5 no function applied to have no score
+    assert "advantage 0" in warnings[0]
     seen = [json.loads((tmp_path / f"seen.{rank}.json").read_text()) for rank in range(2)]
     assert all(p == f"Say {a}." for rank in seen for p, a in rank)  # every answer with its own prompt
     answers = [{a for _, a in rank} for rank in seen]

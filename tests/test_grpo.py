@@ -34,6 +34,40 @@ def test_group_advantages_hand_computed():
     assert train_grpo.group_advantages(torch.full((6,), 0.7), 3, "grpo").eq(0).all()  # equal rewards: no signal
 
 
+def test_unscored_responses_stay_out_of_every_baseline_hand_computed():
+    """NaN: no reward function applies (TRL >= 1.6). It is in no mean or std and gets advantage 0; so does a group's one
+    scored response (nothing to measure it against) and every response of a group with none scored."""
+    nan = float("nan")
+    rewards = torch.tensor([1.0, nan, 3.0, 5.0, nan, 2.0, nan, nan, nan, nan, nan, nan])  # three groups of k = 4
+    # grpo: group 0 is (1, 3, 5), mean 3, std 2; group 1 has one scored response; group 2 none
+    torch.testing.assert_close(train_grpo.group_advantages(rewards, 4, "grpo", "group", eps=0.0),
+                               torch.tensor([-1.0, 0, 0, 1.0] + [0.0] * 8))
+    # rloo: each minus the mean of its two scored siblings: 1 - 4, 3 - 3, 5 - 2
+    torch.testing.assert_close(train_grpo.group_advantages(rewards, 4, "rloo"),
+                               torch.tensor([-3.0, 0, 0, 3.0] + [0.0] * 8))
+    # batch: the std of the four scored rewards 1, 3, 5, 2 (mean 2.75, squares 3.0625 + 0.0625 + 5.0625 + 0.5625)
+    std = math.sqrt(8.75 / 3)
+    torch.testing.assert_close(train_grpo.group_advantages(rewards, 4, "grpo", "batch", eps=0.0),
+                               torch.tensor([-2 / std, 0, 0, 2 / std] + [0.0] * 8))
+    # the std on its own: unbiased over the scored entries, NaN below two
+    torch.testing.assert_close(train_grpo.nan_std(rewards.view(3, 4), 1), torch.tensor([[2.0], [nan], [nan]]),
+                               equal_nan=True)
+
+
+def test_reinforce_pp_leaves_unscored_responses_out():
+    """A NaN score: advantage 0 on its tokens, and the whitening is over the scored response's tokens alone."""
+    scores, mask = torch.tensor([1.0, float("nan")]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    out, _ = train_grpo.reinforce_pp_token_advantages(scores, {"mask": mask}, train_grpo.Args(advantage="reinforce++"))
+    # returns 1, 1, 1 (γ = 1, β = 0) on row 0 alone: whitened to 0 (a constant), and row 1 is 0
+    torch.testing.assert_close(out, torch.zeros(2, 3))
+    scores, mask = torch.tensor([2.0, float("nan"), -1.0]), torch.tensor([[1, 1], [1, 1], [1, 0]])
+    out, _ = train_grpo.reinforce_pp_token_advantages(scores, {"mask": mask}, train_grpo.Args(advantage="reinforce++"))
+    returns = torch.tensor([2.0, 2.0, -1.0])  # rows 0 and 2's tokens
+    expected = (returns - returns.mean()) / returns.std()
+    torch.testing.assert_close(out, torch.tensor([[expected[0], expected[1]], [0.0, 0.0], [expected[2], 0.0]]),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_rloo_kl_is_in_the_reward_before_the_baseline():
     # Ahmadian et al. 2024 §3: r - β·Σ_t log π/π_ref, then leave-one-out. β = 0.5; the padding (9.0) must not count.
     scores = torch.tensor([1.0, 2.0, 3.0, 6.0])

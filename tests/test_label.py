@@ -66,6 +66,23 @@ def test_kto_jsonl_labels_both_sides_of_a_binary_judge(scripted_label):
     assert kto == [("yes", True), ("no", False), ("no way", False)] * 2
 
 
+def test_a_response_no_judge_scores_is_in_no_pair_and_no_kto_example(scripted_label, tmp_path):
+    """A TRL-style judge returns None for 'no way': that response has no score (null, no rank), so it is never the
+    rejected side of a pair nor an undesirable example; its neighbours are labelled as before."""
+    (tmp_path / "maybe_yes.py").write_text(
+        "def reward(completions, **kwargs):\n"
+        "    return [None if c == 'no way' else float(c.startswith('yes')) for c in completions]\n")
+    out = scripted_label(reward_fn="maybe_yes:reward", pairs="all")
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [(s["scores"], s["rank"]) for s in samples] == [([1.0, 0.0, None, 1.0], [0, 1, None, None])] * 2
+    pairs = [(e.chosen, e.rejected) for e in load_examples(str(out / "pairs.jsonl"), "pairs")]
+    assert pairs == [("yes", "no")] * 2
+    kto = [(e.completion, e.label) for e in load_examples(str(out / "kto.jsonl"), "unpaired")]
+    assert kto == [("yes", True), ("no", False)] * 2
+    summary = json.load(open(out / "label.json"))["summary"]
+    assert summary["unscored"] == 2 and summary["mean_score"] == pytest.approx(4 / 6)  # over the scored six
+
+
 def test_kto_labels_hand_computed():
     scores = [0.1, 0.5, 0.3, 0.9, -1.0]
     # mean of the usable four (0.1, 0.5, 0.3, 0.9) is 0.45: 0.5 and 0.9 desirable, 0.1 and 0.3 not

@@ -136,12 +136,46 @@ def test_none_partly_and_all_none(tokenizer, tmp_path, trl_module, capsys):
     assert scores.tolist() == [10.0 * (4 % 3) + 4.0, 5.0]
     assert parts["maybe"][0].item() == 1.0 and math.isnan(parts["maybe"][1].item())
     assert capsys.readouterr().err == ""
-    # no function applies to row 1: a warning, and 0 for it, not a silent verdict
-    rewarder = Rewarder(tokenizer, reward_fn=["trl_rewards:maybe", "trl_rewards:never"])
+    # no function applies to row 1: no score at all (NaN, as TRL marks it), not a 0 that would pass for a verdict,
+    # and a warning that says what the caller does with it
+    rewarder = Rewarder(tokenizer, reward_fn=["trl_rewards:maybe", "trl_rewards:never"], unscored="so they are X")
     scores, parts, _ = rewarder(prompts, [p.ids for p in prompts], ids, [True, True], 2)
-    assert scores.tolist() == [1.0, 0.0] and parts["never"].isnan().all()
+    assert scores[0].item() == 1.0 and math.isnan(scores[1].item()) and parts["never"].isnan().all()
     err = capsys.readouterr().err
-    assert err.startswith("warning: no --reward-fn applies to 1 of 2 responses") and "'b'" in err
+    assert err.startswith("warning: no --reward-fn applies to 1 of 2 responses (every function returned None), so "
+                          "they are X; e.g. the prompt 'b'"), err
+
+
+NUMBER = r'''
+import re
+
+
+def number(completions, answer, **kwargs):
+    """1 for the right number, 0 for a wrong one, None where the completion holds no number: nothing to judge."""
+    found = [re.search(r"-?\d+", c) for c in completions]
+    return [None if m is None else float(int(m.group()) == a) for m, a in zip(found, answer)]
+'''
+
+
+def test_a_response_no_function_scores_gets_advantage_0_outside_the_baseline(tokenizer, tmp_path, monkeypatch):
+    """Issue #37's reproduction, TRL >= 1.6's rule: "no idea" holds no number, so it has no score; the group's
+    baseline and std are over the three scored responses, it gets advantage 0, and the logged reward leaves it out."""
+    (tmp_path / "number_reward.py").write_text(NUMBER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 6 times 7?", "answer": 42}) + "\n")
+    (prompt,) = load_prompts(str(data), tokenizer, 256)
+    texts = ["42", "41", "no idea", "42"]
+    rewarder = Rewarder(tokenizer, reward_fn="number_reward:number")
+    scores, _, _ = rewarder([prompt] * 4, [prompt.ids] * 4,
+                            [tokenizer(t, add_special_tokens=False).input_ids for t in texts], [True] * 4, 4)
+    assert scores.isnan().tolist() == [False, False, True, False]
+    # GRPO: mean 2/3 and std sqrt(1/3) of (1, 0, 1): (1 - 2/3) / 0.57735 = 0.57735, (0 - 2/3) / 0.57735 = -1.1547
+    torch.testing.assert_close(train_grpo.group_advantages(scores, 4), torch.tensor([0.57735, -1.1547, 0.0, 0.57735]),
+                               atol=2e-4, rtol=0)  # eps 1e-4 in the std
+    # RLOO: each minus the mean of its other *scored* siblings: 1 - (0 + 1)/2, 0 - (1 + 1)/2, -, 1 - (1 + 0)/2
+    torch.testing.assert_close(train_grpo.group_advantages(scores, 4, "rloo"), torch.tensor([0.5, -1.0, 0.0, 0.5]))
+    assert part_means({"reward": scores}) == {"reward": pytest.approx(2 / 3)}
 
 
 def test_a_missing_column_or_bad_weights_are_one_line(tokenizer, tmp_path, trl_module):
@@ -270,3 +304,4 @@ def test_part_means_leave_out_none_and_parts_that_applied_nowhere():
     parts = {"rm": torch.tensor([0.5, -1.5, 2.5]), "maybe": torch.tensor([1.0, nan, 3.0]),
              "never": torch.tensor([nan, nan, nan])}
     assert part_means(parts, "score") == {"score/rm": 0.5, "score/maybe": 2.0}
+    assert part_means(parts) == {"rm": 0.5, "maybe": 2.0}  # no prefix: the names as they are
