@@ -1,11 +1,24 @@
 """Stages vs TRL: one SFT, reward-model, DPO and GRPO optimizer step of ours next to TRL's SFTTrainer, RewardTrainer,
-DPOTrainer and GRPOTrainer, on the same tiny model, batch and sequence length, on the CPU.
+DPOTrainer and GRPOTrainer, on the same tiny model, batch and sequence length, on the CPU; and whole PPO runs next to
+trl 1.12.0's PPOTrainer on the demo's models.
 
     python tests/benchmarks/bench_trl.py                               # sft, rm, dpo, grpo; 3 repeats
     python tests/benchmarks/bench_trl.py --stages dpo --steps 4 --repeats 2 --seq-len 512
     python tests/benchmarks/bench_trl.py --stages grpo --grpo-steps 16 --repeats 5
+    python tests/benchmarks/bench_trl.py --stages ppo --sft out/demo/sft --rm out/demo/rm \
+        --prompts out/demo/data/prompts.jsonl                          # 15 iterations of 32 rollouts a side
 
-Needs the `bench` extra (pip install trl datasets). Not part of the default pytest run (no test_ prefix).
+sft, rm, dpo and grpo need the `bench` extra (pip install trl datasets) in the running environment. ppo needs no trl
+there (the `demo` extra, for the gold reward): TRL deleted PPOTrainer after trl 1.12.0 (trl#7020), so its side runs
+in a virtual environment of its own, --trl-venv (default .cache/trl-1.12.0 in the repository, git-ignored). When
+that folder does not exist the benchmark builds it, once:
+
+    python -m venv .cache/trl-1.12.0 && .cache/trl-1.12.0/bin/pip install torch==T transformers==X peft==P trl==1.12.0
+
+with T, X and P the versions of the running environment (so pip takes the local CPU torch wheel, not a CUDA build,
+and only the trainer differs between the sides). Where it cannot be built (no network, no such release) or holds
+another trl, the ppo stage prints one line saying what is missing and that command, the other stages run, and the
+exit status is 1. Not part of the default pytest run (no test_ prefix).
 
 What runs. Every (framework, stage, repeat) is a fresh subprocess, and the two frameworks alternate (ours first on
 even repeats, TRL first on odd ones) so background load hits both alike. A subprocess runs --warmup + --steps
@@ -22,7 +35,8 @@ Same conditions: one model folder (a random Llama of --hidden/--layers with Smol
 tied embeddings as SmolLM2); fp32; sdpa attention; LoRA r/alpha on q,k,v,o,gate,up,down with no dropout (TRL through
 `peft_config=LoraConfig`; the RM's score head trained whole on both sides: ours does it itself, PEFT via
 modules_to_save); AdamW (torch.optim.AdamW: TRL's optim="adamw_torch"), weight decay 0, clip at 1.0; no gradient
-checkpointing; batch --batch-size (pairs for RM/DPO, both replies in one forward on both sides), grad accumulation 1;
+checkpointing; batch --batch-size (pairs for RM/DPO, both replies in one forward on both sides: ours packs each pair
+into one row [prompt, chosen, rejected] that runs the prompt once, nanorlhf/prefix.py), grad accumulation 1;
 the same --threads (OMP_NUM_THREADS and torch.set_num_threads in every subprocess). The data are tokenised once by
 nanorlhf.data (chat template + truncation to --seq-len) and TRL gets exactly those token ids pre-tokenised, so every
 sequence on both sides is exactly --seq-len tokens (half prompt, half completion) and no batch has padding.
@@ -31,7 +45,7 @@ TRL's logging, evaluation and saving are off.
 Memory. Peak RSS of the subprocess (VmHWM) at the end of the last step, shown raw and as "Δ": minus the RSS right
 after imports and model load (before LoRA/trainer setup), i.e. what training itself adds. Raw RSS also counts each
 side's imports (TRL pulls in datasets/pyarrow/pandas; ours pulls in inductor at its first step, after the baseline, so
-that is in our Δ). The targets are judged on Δ.
+that is in our Δ). The targets are judged on Δ (PPO's on the peak, see below).
 
 GRPO (--stages grpo): ours is train_grpo.py, TRL's GRPOTrainer. There an optimizer step is a whole iteration, so its
 time includes generation, scoring and the update on both sides (ours: `step_time`; TRL: between on_step_end calls).
@@ -63,10 +77,31 @@ time includes generation, scoring and the update on both sides (ours: `step_time
         standard error (with one repeat, the standard error of those steps). Ours passes when ours - TRL >= -2 x the
         standard error of that difference. Completion tokens per step are shown: the work per step is the same only
         if both sides sample equally long completions (no EOS: always --max-new-tokens).
+
+PPO (--stages ppo): ours is train_ppo.py, TRL's trl.experimental.ppo.PPOTrainer of trl 1.12.0, each side a fresh
+process --ppo-repeats times, interleaved, seed = repeat. Both start from one SFT model (--sft; PEFT LoRA on TRL's,
+whose reference is that adapter disabled, as ours), one reward model (--rm) and a critic started from it with a LoRA
+adapter of its own (ours --critic-from-rm; TRL's value_model; --ppo-critic head runs ours' --critic head instead).
+  Same on both sides: the prompts of --prompts, tokenised once by nanorlhf.data and drawn in ours' seeded order (TRL's
+        shuffling DataLoader is replaced by one in that order; every iteration's prompts are compared); rollouts per
+        iteration, minibatches (gradient_accumulation_steps 1, the only way TRL steps once per minibatch: see
+        trl_ppo_config), epochs, response length (cut after EOS), temperature, KL coefficient, GAE, clip ranges,
+        value coefficient, learning rate, LoRA, fp32, no gradient checkpointing, one pad token (unk, not EOS),
+        --threads. Every setting that cannot be shared is printed with why (ppo_unmatched), e.g. TRL never clips
+        gradients, so ours runs without.
+  Per side: seconds per iteration (median over the iterations after the first, which holds our kernel's
+        torch.compile; ours `step_time`, TRL between on_step_end calls), peak RSS (VmHWM read inside the child at
+        the end of each iteration), and the gold reward (nanorlhf.gold:sentiment, computed here) of the rollouts of
+        the first and the last iteration: each child returns every iteration's decoded responses as its reward model
+        scored them. The memory target is judged on the peak (both sides hold the same three models); Δ over the RSS
+        with the models loaded is shown too. The gold target: ours - TRL at the last iteration >= -2 x the standard
+        error of that difference (over the rollouts).
 """
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,9 +111,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT]
 MiB = 2**20
-STAGES = ("sft", "rm", "dpo", "grpo")
-GOALS = {"sft": (1.3, 0.6), "rm": (1.3, 0.6), "dpo": (1.3, 0.6), "grpo": (1.5, 0.7)}  # (x faster, x memory Δ)
+STAGES = ("sft", "rm", "dpo", "grpo", "ppo")
+DEFAULT_STAGES = ("sft", "rm", "dpo", "grpo")  # ppo needs trained models and its own TRL: asked for by name
+# (x faster, x memory): memory Δ for the single-step stages, the peak for PPO
+GOALS = {"sft": (1.3, 0.6), "rm": (1.3, 1.0), "dpo": (1.3, 0.6), "grpo": (1.5, 0.7), "ppo": (1.5, 0.7)}
 TRL_CLASS = {"sft": "SFTTrainer", "rm": "RewardTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer"}
+TRL_PPO = "1.12.0"  # the last trl release with PPOTrainer (trl.experimental.ppo); trl#7020 deleted it
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired wizards quietly mix strong potions near "
          "green hills and distant rivers under a pale autumn sky").split()
@@ -197,6 +235,18 @@ def trl_reward(prompts, completions, **kwargs):
 def ours_args(spec, out):
     """The keyword arguments of the stage's Args for one benchmark run (tests/test_benchmarks.py checks each
     stage still takes them)."""
+    if spec["stage"] == "ppo":  # TRL's settings (trl_ppo_config); its minibatch is one forward and one step
+        R, minibatch = spec["rollouts"], spec["rollouts"] // spec["minibatches"]
+        return dict(model=spec["sft"], rm=[spec["rm"]], data=spec["data"], out=out, max_steps=spec["iterations"],
+                    rollout_batch_size=R, minibatch_size=minibatch, batch_size=minibatch,
+                    score_batch_size=spec["forward_batch"], ppo_epochs=spec["epochs"], lr=spec["lr"], warmup=0,
+                    weight_decay=0.0, max_grad_norm=0.0, max_prompt_length=spec["max_prompt_length"],
+                    max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0,
+                    kl_coef=spec["kl_coef"], kl_estimator="k1", gamma=1.0, lam=0.95, whiten_rewards=False,
+                    cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, missing_eos="none", critic=spec["critic"],
+                    critic_from_rm=spec["critic"] == "adapter", lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
+                    device="cpu", dtype="float32", optim="adamw", gradient_checkpointing=False, sample_every=0,
+                    log_every=10**6, seed=spec["seed"])
     args = dict(model=spec["model"], data=spec["data"], out=out, max_steps=spec["warmup"] + spec["steps"],
                 batch_size=spec["batch_size"], grad_accum=1, max_length=spec["seq_len"], lora_r=spec["lora_r"],
                 lora_alpha=spec["lora_alpha"], lora_dropout=0.0, eval_frac=0.0, device="cpu", dtype="float32",
@@ -241,22 +291,38 @@ def child_ours(spec):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             info["trainable"] = sum(p.numel() for p in self.optimizer_step.params)
+            if spec["stage"] == "ppo":  # the policy, the reward model and the critic are all loaded by now
+                info["baseline_rss"] = rss_mib()
 
     script.load_policy, script.Loop = measured_load_policy, CountingLoop
+    if spec["stage"] == "ppo":  # each iteration's prompts and decoded responses, as the reward model scores them
+        rollouts = info["rollouts"] = []
+
+        class RecordingRewarder(script.Rewarder):
+            def __call__(self, prompts, queries, responses, *a, **k):
+                scores, parts, texts = super().__call__(prompts, queries, responses, *a, **k)
+                rollouts.append({"prompts": prompt_digest(queries), "texts": texts,
+                                 "tokens": sum(map(len, responses))})
+                return scores, parts, texts
+
+        script.Rewarder = RecordingRewarder
     out = os.path.join(spec["work"], f"ours-{spec['stage']}-{os.getpid()}")
     sys.path.insert(0, spec["work"])  # bench_reward.py, GRPO's reward
     args = ours_args(spec, out)
     script.train(script.Args(**args))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [m for m in map(json.loads, f) if "step_time" in m]
-    assert len(steps) == spec["warmup"] + spec["steps"], len(steps)
     info["times"] = [m["step_time"] for m in steps]
     info["peak_rss"] = steps[-1]["peak_mem_gb"] * 1024  # VmHWM at the end of the last step, GiB -> MiB
+    info["threads"] = torch.get_num_threads()
+    if spec["stage"] == "ppo":
+        assert len(steps) == len(info["rollouts"]) == spec["iterations"], (len(steps), len(info["rollouts"]))
+        return info
+    assert len(steps) == spec["warmup"] + spec["steps"], len(steps)
     # attention-mask sum (GRPO: completion tokens, the mean over the run as lengths may change)
     info["tokens_per_step"] = round(statistics.mean(m["tokens_per_s"] * m["step_time"] for m in steps))
     if spec["stage"] == "grpo":
         info["rewards"] = [m["reward"] for m in steps]
-    info["threads"] = torch.get_num_threads()
     return info
 
 
@@ -386,21 +452,195 @@ def grpo_config(spec, common):
     return trl.GRPOConfig(**args)
 
 
+# ---------------------------------------------------------------- PPO: trl 1.12.0 in its own environment
+
+
+def prompt_digest(queries):
+    """One short string for an iteration's prompts (token-id lists) in order: the parent checks both sides drew the
+    same ones."""
+    return hashlib.sha1(json.dumps([list(map(int, q)) for q in queries]).encode()).hexdigest()[:16]
+
+
+def lora_config(spec, task):
+    from peft import LoraConfig
+    return LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0, target_modules=list(TARGETS),
+                      bias="none", task_type=task, modules_to_save=["score"] if task == "SEQ_CLS" else None)
+
+
+def normalised_reward_model(path, pad_id):
+    """The RM at `path` with ours' reward normalisation folded into its head: score' = (score - reward_mean) /
+    reward_std, the statistics train_rm.py stored, which ours applies to every score (model.score_sequences). TRL uses
+    raw scores, so without this the two would optimise rewards on different scales under the same KL coefficient."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForSequenceClassification
+    rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    rm.config.pad_token_id = pad_id
+    mean, std = getattr(rm.config, "reward_mean", 0.0), getattr(rm.config, "reward_std", 1.0)
+    head = nn.Linear(rm.score.in_features, 1)
+    with torch.no_grad():
+        head.weight.copy_(rm.score.weight / std)
+        head.bias.fill_(((rm.score.bias.item() if rm.score.bias is not None else 0.0) - mean) / std)
+    rm.score = head
+    return rm
+
+
+def trl_ppo_config(spec):
+    """PPOConfig with ours' settings. gradient_accumulation_steps 1: with more, TRL's accelerate accumulation spans
+    every minibatch of an epoch and it takes one optimizer step per epoch, not per minibatch; so each minibatch is
+    one forward (ours: --batch-size = --minibatch-size). Its defaults that differ from ours (bf16, gradient
+    checkpointing, lr 3e-6, linear decay) overridden; max_grad_norm is not set, as PPOTrainer never clips."""
+    from trl.experimental.ppo import PPOConfig
+    R = spec["rollouts"]
+    return PPOConfig(output_dir=os.path.join(spec["work"], f"trl-ppo-{os.getpid()}"), per_device_train_batch_size=R,
+                     gradient_accumulation_steps=1, num_mini_batches=spec["minibatches"],
+                     num_ppo_epochs=spec["epochs"], total_episodes=R * spec["iterations"],
+                     local_rollout_forward_batch_size=spec["forward_batch"], response_length=spec["max_new_tokens"],
+                     stop_token="eos", temperature=spec["temperature"], kl_coef=spec["kl_coef"], kl_estimator="k1",
+                     gamma=1.0, lam=0.95, whiten_rewards=False, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
+                     missing_eos_penalty=None, learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0,
+                     optim="adamw_torch", weight_decay=0.0, bf16=False, fp16=False, gradient_checkpointing=False,
+                     use_cpu=True, seed=spec["seed"], report_to="none", save_strategy="no", disable_tqdm=True,
+                     num_sample_generations=0, dataloader_num_workers=0, dataloader_pin_memory=False)
+
+
+def child_trl_ppo(spec):
+    """trl 1.12.0's PPOTrainer on ours' prompts in ours' order: the SFT model with a PEFT LoRA adapter (its reference:
+    the adapter disabled), the normalised RM, and a critic started from that RM with LoRA of its own (ours
+    --critic-from-rm)."""
+    import warnings
+
+    import numpy as np
+    import torch
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(spec["threads"])
+    import trl
+    import trl.experimental.ppo.ppo_trainer as ppo_module
+    from datasets import Dataset
+    from peft import get_peft_model
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithPadding, TrainerCallback
+    from trl.experimental.ppo import PPOTrainer
+
+    from nanorlhf.data import load_prompts
+    from nanorlhf.loop import Stream
+    from nanorlhf.model import set_pad_token
+    tok = AutoTokenizer.from_pretrained(spec["sft"])
+    policy = AutoModelForCausalLM.from_pretrained(spec["sft"], dtype=torch.float32)
+    set_pad_token(tok, policy)  # ours' pad (unk): TRL finds padding by the pad id, so pad = EOS would mask every EOS
+    tok.padding_side = "left"  # TRL samples from left-padded queries
+    reward = normalised_reward_model(spec["rm"], tok.pad_token_id)
+    value = get_peft_model(normalised_reward_model(spec["rm"], tok.pad_token_id), lora_config(spec, "SEQ_CLS"))
+    # The prompts ours' Loop draws, in its order: its Stream at the same seed, one iteration after another.
+    prompts = load_prompts(spec["data"], tok, spec["max_prompt_length"])
+    stream, R = Stream(len(prompts), spec["seed"]), spec["rollouts"]
+    dataset = Dataset.from_dict({"input_ids": [prompts[i].ids for _ in range(spec["iterations"])
+                                               for i in stream.take(R)]})
+    times, peak = [], {}
+
+    class IterationTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # once per PPO iteration
+            now = time.perf_counter()
+            times.append(now - self.t)
+            self.t = now
+            peak["rss"] = max_rss_mib()
+            peak["threads"] = torch.get_num_threads()
+
+    trainer = PPOTrainer(args=trl_ppo_config(spec), processing_class=tok, model=policy, ref_model=None,
+                         reward_model=reward, train_dataset=dataset, value_model=value,
+                         eval_dataset=dataset.select(range(1)), peft_config=lora_config(spec, "CAUSAL_LM"),
+                         callbacks=[IterationTimer()])
+    # PPOTrainer shuffles its prompts with a DataLoader of its own; this one keeps ours' order.
+    trainer.dataloader = DataLoader(dataset, batch_size=R, shuffle=False, collate_fn=DataCollatorWithPadding(tok),
+                                    drop_last=True)
+    np.random.seed(spec["seed"])  # its minibatch shuffle draws from numpy's global generator, unseeded
+    rollouts = []
+    get_reward = ppo_module.get_reward
+
+    def recording_get_reward(model, query_responses, pad_token_id, context_length):
+        """Each iteration's prompts and decoded responses, as PPOTrainer hands them to the reward model (the
+        response cut after EOS, padded)."""
+        if model is trainer.reward_model:
+            if len(rollouts) == trainer.state.global_step:  # the first forward batch of an iteration
+                rollouts.append({"prompts": [], "texts": [], "tokens": 0})
+            queries, responses = query_responses[:, :context_length], query_responses[:, context_length:]
+            rollouts[-1]["prompts"] += [q[q.ne(pad_token_id).int().argmax():].tolist() for q in queries]  # left pad off
+            rollouts[-1]["texts"] += tok.batch_decode(responses, skip_special_tokens=True)
+            rollouts[-1]["tokens"] += int(responses.ne(pad_token_id).sum())
+        return get_reward(model, query_responses, pad_token_id, context_length)
+
+    ppo_module.get_reward = recording_get_reward
+    info = {"baseline_rss": rss_mib(), "attn": policy.config._attn_implementation, "trl": trl.__version__,
+            "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+    trainer.train()
+    assert len(times) == len(rollouts) == spec["iterations"], (len(times), len(rollouts))
+    for r in rollouts:
+        r["prompts"] = prompt_digest(r["prompts"])
+    return info | {"times": times, "peak_rss": peak["rss"], "threads": peak["threads"], "rollouts": rollouts}
+
+
+class EnvError(Exception):
+    """What the TRL environment lacks and how to make it, in one line."""
+
+
+def trl_env(path):
+    """The python of the virtual environment at `path` with trl==TRL_PPO, built there first when `path` does not
+    exist: torch, transformers and peft pinned to this interpreter's versions (pip takes the local torch wheel, and
+    only the trainer differs between the sides). Raises EnvError when it cannot be built or holds another trl."""
+    from importlib.metadata import PackageNotFoundError, version
+    pins = []
+    for package in ("torch", "transformers", "peft"):
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(package)
+    pins.append(f"trl=={TRL_PPO}")
+    recipe = f"{sys.executable} -m venv {path} && {path}/bin/pip install {' '.join(pins)}"
+    python = os.path.join(path, "bin", "python")
+    if not os.path.exists(path):
+        print(f"building the TRL environment (once): {recipe}", flush=True)
+        tmp = f"{path}.tmp{os.getpid()}"  # built aside and renamed: a failed build leaves nothing behind
+        r = subprocess.run([sys.executable, "-m", "venv", tmp], capture_output=True, text=True)
+        if r.returncode == 0:
+            r = subprocess.run([os.path.join(tmp, "bin", "pip"), "install", *pins], capture_output=True, text=True)
+        if r.returncode:
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = (r.stderr.strip() or r.stdout.strip() or "no output").splitlines()[-1]
+            raise EnvError(f"--stages ppo needs trl=={TRL_PPO} in its own environment, which could not be built at "
+                           f"{path} ({why}); with network access to PyPI, build it with: {recipe}")
+        os.replace(tmp, path)
+    r = subprocess.run([python, "-c", "import trl.experimental.ppo, trl; print(trl.__version__)"],
+                       capture_output=True, text=True)
+    found = r.stdout.strip() if r.returncode == 0 else None
+    if found != TRL_PPO:
+        has = f"trl {found}" if found else "no working trl.experimental.ppo"
+        raise EnvError(f"--stages ppo needs trl=={TRL_PPO} (the last release with PPOTrainer), but {path} has {has}; "
+                       f"remove that folder and rerun (it is built again), build it with: {recipe}, or pass "
+                       "--trl-venv")
+    return python
+
+
 def child(spec):
-    info = (child_ours if spec["framework"] == "ours" else child_trl)(spec)
+    if spec["framework"] == "ours":
+        info = child_ours(spec)
+    else:
+        info = (child_trl_ppo if spec["stage"] == "ppo" else child_trl)(spec)
     print("RESULT " + json.dumps(info), flush=True)
 
 
 # ---------------------------------------------------------------- driver (parent)
 
 
-def run(spec, threads):
+def run(spec, threads, python=sys.executable):
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
                         "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                         "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     load0 = os.getloadavg()[0]
     t0 = time.time()
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], cwd=ROOT,
+    r = subprocess.run([python, os.path.abspath(__file__), "--child", json.dumps(spec)], cwd=ROOT,
                        capture_output=True, text=True, env=env)
     result = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     if r.returncode or not result:
@@ -441,6 +681,127 @@ def print_rewards(ours, theirs, last, w):
     return ok
 
 
+def ppo_unmatched(a):
+    """What the two sides cannot share, and why: printed with every PPO table."""
+    updates = a.ppo_iterations * a.ppo_minibatches * a.ppo_epochs
+    lines = [
+        f"learning-rate schedule: both cosine from --ppo-lr to 0 without warmup, but TRL steps it once per iteration "
+        f"({a.ppo_iterations} values) and ours once per optimizer step ({updates})",
+        "gradient clipping: none on either side; TRL's PPOTrainer never clips (max_grad_norm is not applied), so "
+        "ours runs with --max-grad-norm 0 (its default clips at 1.0)",
+        "old logprobs: TRL takes them from generate's scores (the sampling forward, with its KV cache), ours from a "
+        "scoring forward after sampling; the same model and temperature, rounding apart",
+        "where the score lands: TRL adds it one token after EOS (where the response has room), ours on EOS",
+        "sampling: TRL through transformers' generate, ours through its own loop; the same distribution "
+        "(softmax(logits / T), no top-k, top-p 1), different random streams",
+        "rows: TRL's are [left-padded prompt, response] of one width, ours [prompt, response, padding]",
+        "minibatch shuffle: TRL's numpy permutation (unseeded in TRL; seeded here to the repeat), ours torch's",
+        "reward normalisation: ours divides each RM score by its stored reward_std after subtracting reward_mean; "
+        "TRL, which uses raw scores, gets the RM with that map folded into its head, so both optimise the same number",
+    ]
+    if a.ppo_critic == "head":
+        lines.append("critic: ours a value head on the reference pass's features (--critic head, the demo's); TRL has "
+                     "no such critic and keeps its value model, the RM with a LoRA adapter of its own")
+    return lines
+
+
+def gold_stats(runs, iteration):
+    """Mean gold reward (nanorlhf.gold:sentiment) of one iteration's rollouts, over every repeat's, and its standard
+    error over those rollouts."""
+    values = [g for r in runs for g in r["gold"][iteration]]
+    return statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
+def ppo_stage(a, python):
+    """--ppo-repeats interleaved runs of ours' PPO and trl's PPOTrainer (in the environment of `python`) on the same
+    models and prompts, then the table; True when the targets are met."""
+    from nanorlhf.gold import sentiment
+    runs = {"ours": [], "trl": []}
+    loads = [os.getloadavg()]
+    R, minibatch = a.ppo_rollouts, a.ppo_rollouts // a.ppo_minibatches
+    lora = f"LoRA r={a.lora_r} alpha={a.lora_alpha:g} on {','.join(t[:-5] for t in TARGETS)}"
+    print(f"ppo: SFT {a.sft}, RM {a.rm}, prompts {a.prompts}; fp32, {a.threads} thread(s); trl {TRL_PPO} from "
+          f"{python}")
+    print(f"ppo, the same on both sides: {a.ppo_iterations} iterations x {R} rollouts (the same prompts in ours' "
+          f"seeded order), {a.ppo_minibatches} minibatches of {minibatch} per epoch (each one forward and one "
+          f"optimizer step), {a.ppo_epochs} epoch(s), <= {a.ppo_max_new_tokens} new tokens cut after EOS, temperature "
+          f"{a.ppo_temperature:g}, KL coefficient {a.ppo_kl_coef:g} (k1, per token), gamma 1, lambda 0.95, clip 0.2, "
+          f"value clip 0.2, vf_coef 0.1, advantages whitened, rewards not, no missing-EOS penalty, lr {a.ppo_lr:g}, "
+          f"AdamW (weight decay 0), {lora} on the policy and the critic, "
+          f"{'the critic started from the RM, ' if a.ppo_critic == 'adapter' else ''}dropout off, no gradient "
+          f"checkpointing, {a.ppo_forward_batch} rows per sampling and scoring forward")
+    print("ppo, not matched:")
+    for line in ppo_unmatched(a):
+        print(f"  - {line}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in loads[0])}", flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        for rep in range(a.ppo_repeats):
+            for fw in ("ours", "trl") if rep % 2 == 0 else ("trl", "ours"):
+                spec = dict(framework=fw, stage="ppo", sft=os.path.abspath(a.sft), rm=os.path.abspath(a.rm),
+                            data=os.path.abspath(a.prompts), work=work, iterations=a.ppo_iterations, rollouts=R,
+                            minibatches=a.ppo_minibatches, epochs=a.ppo_epochs, forward_batch=a.ppo_forward_batch,
+                            max_new_tokens=a.ppo_max_new_tokens, max_prompt_length=a.ppo_max_prompt_length,
+                            temperature=a.ppo_temperature, kl_coef=a.ppo_kl_coef, lr=a.ppo_lr, critic=a.ppo_critic,
+                            lora_r=a.lora_r, lora_alpha=a.lora_alpha, seed=rep, threads=a.threads)
+                info = run(spec, a.threads, sys.executable if fw == "ours" else python)
+                info["gold"] = [sentiment([""] * len(r["texts"]), r["texts"]) for r in info["rollouts"]]
+                runs[fw].append(info)
+                loads.append(os.getloadavg())
+                gold = [statistics.mean(info["gold"][i]) for i in (0, -1)]
+                print(f"  repeat {rep + 1} ppo  {fw:<4}: median iteration {statistics.median(info['times'][1:]):.2f} s "
+                      f"(first {info['times'][0]:.2f} s), peak RSS {info['peak_rss']:.0f} MiB "
+                      f"(Δ {info['peak_rss'] - info['baseline_rss']:.0f}), gold {gold[0]:+.3f} -> {gold[1]:+.3f}, "
+                      f"load {info['load'][0]:.2f}->{info['load'][1]:.2f}, {info['wall']:.0f} s wall", flush=True)
+    for o, t in zip(runs["ours"], runs["trl"]):  # the same seed: the same prompts, iteration by iteration
+        assert [r["prompts"] for r in o["rollouts"]] == [r["prompts"] for r in t["rollouts"]], "prompt order differs"
+
+    def summary(rs):
+        return dict(time=statistics.median(x for r in rs for x in r["times"][1:]),
+                    spread=(min(statistics.median(r["times"][1:]) for r in rs),
+                            max(statistics.median(r["times"][1:]) for r in rs)),
+                    peak=statistics.median(r["peak_rss"] for r in rs),
+                    delta=statistics.median(r["peak_rss"] - r["baseline_rss"] for r in rs),
+                    base=statistics.median(r["baseline_rss"] for r in rs), trainable=rs[0]["trainable"],
+                    tokens=statistics.mean(x["tokens"] for r in rs for x in r["rollouts"]),
+                    first=gold_stats(rs, 0), last=gold_stats(rs, -1),
+                    curve=[statistics.mean(g for r in rs for g in r["gold"][i]) for i in range(a.ppo_iterations)])
+    o, t = summary(runs["ours"]), summary(runs["trl"])
+    rt, rm = o["time"] / t["time"], o["peak"] / t["peak"]
+    speedup, mem = GOALS["ppo"]
+    diff, se = o["last"][0] - t["last"][0], (o["last"][1] ** 2 + t["last"][1] ** 2) ** 0.5
+    ok_speed, ok_mem, ok_gold = rt <= 1 / speedup, rm <= mem, diff >= -2 * se
+    w = 14
+    print(f"\n== PPO  (ours: train_ppo.py vs trl {TRL_PPO} trl.experimental.ppo.PPOTrainer)")
+    print(f"  {'':<44}{'ours':>{w}}{'TRL':>{w}}{'ours/TRL':>{w}}")
+    print(f"  {'seconds per iteration, median after the 1st':<44}{o['time']:>{w}.2f}{t['time']:>{w}.2f}{rt:>{w}.2f}"
+          f"   -> ours {1 / rt:.2f}x {'faster' if rt < 1 else 'slower'}")
+    spread = lambda x: f"{x['spread'][0]:.2f}-{x['spread'][1]:.2f}"  # noqa: E731
+    print(f"  {'  per-repeat medians, min-max (s)':<44}{spread(o):>{w}}{spread(t):>{w}}")
+    print(f"  {'peak RSS (MiB)':<44}{o['peak']:>{w}.0f}{t['peak']:>{w}.0f}{rm:>{w}.2f}")
+    print(f"  {'peak RSS, Δ over the loaded models (MiB)':<44}{o['delta']:>{w}.0f}{t['delta']:>{w}.0f}"
+          f"{o['delta'] / t['delta']:>{w}.2f}")
+    print(f"  {'RSS after imports + the three models (MiB)':<44}{o['base']:>{w}.0f}{t['base']:>{w}.0f}")
+    print(f"  {'trainable params':<44}{o['trainable']:>{w},}{t['trainable']:>{w},}")
+    print(f"  {'response tokens per iteration (mean)':<44}{o['tokens']:>{w}.0f}{t['tokens']:>{w}.0f}")
+    gold = lambda g: f"{g[0]:+.3f}±{g[1]:.3f}"  # noqa: E731
+    for name, key in (("gold reward, iteration 1 (mean ± SE)", "first"),
+                      (f"gold reward, iteration {a.ppo_iterations} (mean ± SE)", "last")):
+        ratio = o[key][0] / t[key][0] if t[key][0] else float("nan")
+        print(f"  {name:<44}{gold(o[key]):>{w}}{gold(t[key]):>{w}}{ratio:>{w}.2f}")
+    print(f"  {'  ours - TRL at the last ± SE':<44}{f'{diff:+.3f}±{se:.3f}':>{w}}   -> "
+          f"{'higher' if diff > 0 else 'lower'}; {'within 2 SE or higher' if ok_gold else 'more than 2 SE lower'}")
+    for name, curve in (("ours", o["curve"]), ("TRL", t["curve"])):
+        print(f"  gold curve {name:<4} {' '.join(f'{x:+.3f}' for x in curve)}")
+    ok = ok_speed and ok_mem and ok_gold
+    print(f"  target (>= {speedup:g}x faster per iteration, <= {mem:g}x peak memory, gold at the last iteration within "
+          f"2 SE of TRL's or higher): {'met' if ok else 'NOT met'} (speed {'ok' if ok_speed else 'no'}, memory "
+          f"{'ok' if ok_mem else 'no'}, gold {'ok' if ok_gold else 'no'})")
+    ones = [l[0] for l in loads]
+    print(f"load average (1 min) over the ppo runs: min {min(ones):.2f}, median {statistics.median(ones):.2f}, "
+          f"max {max(ones):.2f} on {os.cpu_count()} CPUs")
+    return ok
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -456,7 +817,8 @@ def main():
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads on both sides (1: on a shared box, OpenMP threads spin against other "
                         "processes and the timings turn to noise; pass the core count on an idle machine)")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                   help=f"comma-separated subset of {','.join(STAGES)} (ppo only when named)")
     g = p.add_argument_group("grpo", "the GRPO stage (--steps, --batch-size and --seq-len are for sft, rm, dpo)")
     g.add_argument("--grpo-steps", type=int, default=16,
                    help="optimizer steps per GRPO run: the first --warmup untimed, all of them in the reward curve")
@@ -469,6 +831,31 @@ def main():
                    help="sampling temperature (low: the random model's favourite token is then frequent)")
     g.add_argument("--grpo-lr", type=float, default=3e-5, help="peak learning rate, cosine decay, no warmup")
     g.add_argument("--grpo-last", type=int, default=4, help="the reward compared: mean of the last N steps")
+    g = p.add_argument_group("ppo", f"the PPO stage, against trl {TRL_PPO}'s PPOTrainer (defaults: the demo's PPO; "
+                             "--lora-r, --lora-alpha and --threads apply too)")
+    g.add_argument("--sft", default="out/demo/sft", help="the SFT model both sides start from (the demo's)")
+    g.add_argument("--rm", default="out/demo/rm", help="the reward model (train_rm.py --out; the demo's)")
+    g.add_argument("--prompts", default="out/demo/data/prompts.jsonl", help="the prompts (the demo's)")
+    g.add_argument("--trl-venv", default=os.path.join(ROOT, ".cache", f"trl-{TRL_PPO}"),
+                   help=f"a virtual environment with trl=={TRL_PPO}; built there when the folder does not exist")
+    g.add_argument("--ppo-iterations", type=int, default=15)
+    g.add_argument("--ppo-rollouts", type=int, default=32, help="prompts (one response each) per iteration")
+    g.add_argument("--ppo-minibatches", type=int, default=4,
+                   help="minibatches per epoch, one forward and one optimizer step each (TRL: num_mini_batches)")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each iteration's rollouts")
+    g.add_argument("--ppo-forward-batch", type=int, default=32,
+                   help="rows per forward when sampling and scoring (TRL: local_rollout_forward_batch_size; ours "
+                        "samples the whole rollout at once and scores --score-batch-size rows)")
+    g.add_argument("--ppo-max-new-tokens", type=int, default=48)
+    g.add_argument("--ppo-max-prompt-length", type=int, default=256, help="longer prompts are left out on both sides")
+    g.add_argument("--ppo-temperature", type=float, default=0.7)
+    g.add_argument("--ppo-kl-coef", type=float, default=0.05)
+    g.add_argument("--ppo-lr", type=float, default=1e-3, help="peak learning rate, cosine decay to 0, no warmup")
+    g.add_argument("--ppo-critic", default="adapter", choices=["adapter", "head"],
+                   help="ours' critic. adapter: a LoRA adapter on a second base started from the RM "
+                        "(--critic-from-rm), as TRL's value model; head: a value head on the reference pass's "
+                        "features (--critic head, the demo's), which TRL has no counterpart of")
+    g.add_argument("--ppo-repeats", type=int, default=1, help="runs per side, interleaved (seed = repeat)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -484,7 +871,33 @@ def main():
                              or n_completions % a.grpo_micro_batch or a.num_generations < 2):
         p.error("grpo: need --grpo-steps > --warmup, 1 <= --grpo-last <= --grpo-steps, --num-generations >= 2 and "
                 "--grpo-prompts x --num-generations a multiple of --grpo-micro-batch")
+    env_failed = False
+    if "ppo" in stages:
+        if a.ppo_rollouts % a.ppo_minibatches or a.ppo_iterations < 2:
+            p.error("ppo: need --ppo-rollouts a multiple of --ppo-minibatches and --ppo-iterations >= 2")
+        missing = [f"{flag} {path}" for flag, path in (("--sft", a.sft), ("--rm", a.rm), ("--prompts", a.prompts))
+                   if not os.path.exists(path)]
+        if missing:
+            p.error(f"ppo: not found: {', '.join(missing)} (python -m nanorlhf.demo --out out/demo makes them)")
+        try:
+            trl_python = trl_env(os.path.abspath(a.trl_venv))
+        except EnvError as e:  # the other stages still run; the exit status says this one did not
+            print(f"bench_trl.py: ppo skipped: {e}", file=sys.stderr, flush=True)
+            stages.remove("ppo")
+            env_failed = True
+    ok_all = bool(stages)
+    if set(stages) - {"ppo"}:
+        ok_all &= trainer_stages(a, [s for s in stages if s != "ppo"])
+    if "ppo" in stages:
+        ok_all &= ppo_stage(a, trl_python)
+    if stages:
+        print(f"all targets met: {'yes' if ok_all else 'no'}")
+    sys.exit(1 if env_failed else 0)
 
+
+def trainer_stages(a, stages):
+    """sft, rm, dpo and grpo: --repeats interleaved runs of each side, then a table per stage; True when every
+    target is met."""
     import peft
     import torch
     import transformers
@@ -525,6 +938,7 @@ def main():
                   f"{a.threads} thread(s); {a.warmup} warmup + {a.steps} timed steps x {a.repeats} repeats per "
                   f"(framework, stage)")
         if "grpo" in stages:
+            n_completions = a.grpo_prompts * a.num_generations
             print(f"grpo: {a.grpo_prompts} prompts x k={a.num_generations} = {n_completions} completions per optimizer "
                   f"step (one generation, forward micro-batch {a.grpo_micro_batch}), max {a.max_new_tokens} new tokens, "
                   f"temperature {a.grpo_temperature:g}, top_p 1, top_k off, beta 0, loss grpo, scale_rewards group, lr "
@@ -589,7 +1003,8 @@ def main():
         print(f"  {'peak RSS, raw (MiB)':<36}{o['raw']:>{w}.0f}{t['raw']:>{w}.0f}{o['raw'] / t['raw']:>{w}.2f}")
         print(f"  {'RSS after imports + load (MiB)':<36}{o['base']:>{w}.0f}{t['base']:>{w}.0f}")
         print(f"  {'trainable params':<36}{o['trainable']:>{w},}{t['trainable']:>{w},}")
-        tokens = "completion tokens per step (mean)" if stage == "grpo" else "tokens per step (no padding)"
+        tokens = {"grpo": "completion tokens per step (mean)", "rm": "tokens per step (ours: prompt once)"}.get(
+            stage, "tokens per step (no padding)")
         print(f"  {tokens:<36}{o['tokens']:>{w},}{t['tokens']:>{w},}")
         print(f"  {'attention / threads in the step':<36}{o['attn'] + ' / ' + str(o['threads']):>{w}}"
               f"{t['attn'] + ' / ' + str(t['threads']):>{w}}")
@@ -606,7 +1021,7 @@ def main():
     ones = [l[0] for l in loads]
     print(f"\nload average (1 min) over the run: min {min(ones):.2f}, median {statistics.median(ones):.2f}, "
           f"max {max(ones):.2f} on {os.cpu_count()} CPUs; timings are medians of interleaved runs")
-    print(f"all targets met: {'yes' if ok_all else 'no'}")
+    return ok_all
 
 
 if __name__ == "__main__":
