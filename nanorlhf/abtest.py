@@ -394,9 +394,6 @@ def results(args):
     people = [battle(sides[v["id"]]["question_id"], sides[v["id"]]["model_a"], sides[v["id"]]["model_b"],
                      PICKS[v["winner"]], f"human:{v['rater']}", tasks[v["id"]]["prompt"], tasks[v["id"]]["a"],
                      tasks[v["id"]]["b"], v.get("tstamp")) for v in votes]
-    out = args.out or os.path.join(args.dir, "battles.jsonl")
-    with open(out, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(b, ensure_ascii=False) + "\n" for b in people)
 
     # the people's answers by (prompt, model), to check a judge's records are about the same answers
     shown = {(s["question_id"], s[m]): tasks[i][side] for i, s in sides.items() for m, side in
@@ -411,6 +408,9 @@ def results(args):
                     raise UserError(f"{where}: {r[m]}'s answer to prompt {r['question_id']} is not the one people "
                                     f"saw; sample with prepare's flags (key.json's settings)")
             judges.setdefault(r["judge"], []).append(r)
+    out = args.out or os.path.join(args.dir, "battles.jsonl")
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(b, ensure_ascii=False) + "\n" for b in people)
 
     report = {"people": win_rows(people, models, baseline)} | {j: win_rows(rs, models, baseline)
                                                                for j, rs in judges.items()}

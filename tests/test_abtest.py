@@ -349,4 +349,4 @@ def test_bad_input_is_one_line_and_loses_no_vote(tmp_path, capsys):
     assert "judge.jsonl:1: m1's answer to prompt 0 is not the one people saw" in run("--battles", str(judge))
     judge.write_text(json.dumps({"model_a": "m1", "model_b": "base", "winner": "model_c"}) + "\n")
     assert "judge.jsonl:1: expected a battle record" in run("--battles", str(judge))
-    assert votes.read_text() == whole
+    assert votes.read_text() == whole and not os.path.exists(os.path.join(folder, "battles.jsonl"))  # nothing written
