@@ -45,7 +45,7 @@ from nanorlhf.data import load_prompts
 from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy, trainable
 from nanorlhf.perf import Phases, shape
-from nanorlhf.rewards import Rewarder, part_means
+from nanorlhf.rewards import Rewarder, TrainerState, part_means
 from nanorlhf.rollout import (batch_logprobs, gae, kl_penalty, masked, masked_mean, micro_batches, minibatches,
                               response_logprobs, sample, shape_rewards, whiten)
 
@@ -56,9 +56,11 @@ class Args(RunArgs):
     rm: list[str] = arg([], "Reward model folder (train_rm.py --out). Give it several times for a weighted sum.")
     rm_weight: list[float] = arg([], "Weight of each --rm in the reward, in order (default 1 each).")
     reward_fn: list[str] = arg([], "Python reward 'module:function', called as TRL's GRPOTrainer calls one (prompts, "
-                               "completions, completion_ids and the data's other columns as keyword lists; None where "
-                               "it does not apply) or as f(prompts, responses); added to the RM scores, each logged as "
-                               "reward/<its name>. E.g. nanorlhf.arithmetic:accuracy.")
+                               "completions, completion_ids and the data's other columns as keyword lists, "
+                               "trainer_state, log_metric, log_extra; an async def is awaited; None where it does not "
+                               "apply) or, with a `responses` parameter and no `completions`, as f(prompts, "
+                               "responses); added to the RM scores, each logged as reward/<its name>. E.g. "
+                               "nanorlhf.arithmetic:accuracy.")
     reward_weight: list[float] = arg([], "Weight of each --reward-fn in the reward, in order (default 1 each).")
     gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `reward/gold`, never optimised.")
     max_steps: int | None = arg(None, "Iterations (sample, score, update); default: --epochs over the prompts.", gt=0)
@@ -347,7 +349,8 @@ def train(args):
         # 2. score: the reward (one scalar per response) and the logprobs the update compares against
         with phases.time("score"):
             response_ids = [r[:length].tolist() for r, length in zip(batch["responses"].cpu(), lengths.cpu())]
-            scores, parts, texts = rewarder(rows, queries, response_ids, ended.cpu(), args.score_batch_size)
+            scores, parts, texts = rewarder(rows, queries, response_ids, ended.cpu(), args.score_batch_size,
+                                            state=TrainerState.of(loop))
             if variant.needs_old_logprobs:
                 batch["logprobs"] = batch_logprobs(model, batch, args.temperature, "policy", args.score_batch_size)
             if variant.needs_ref_logprobs:
@@ -373,9 +376,11 @@ def train(args):
             **part_means(parts, "reward"),
             "frac_groups_tied": (nan_std(groups, 1) == 0).float().mean(), "response_length": lengths.float().mean(),
             "eos_frac": ended.float().mean(), "tokens": int(mask.sum())} | phases.metrics()
+        metrics, extra = rewarder.take_logged(metrics)  # what reward functions sent through log_metric, log_extra
         if args.sample_every and step % args.sample_every == 0:
             k = args.num_generations  # the first prompt's group
-            loop.log.samples([p.messages[-1]["content"] for p in rows[:k]], texts[:k], scores[:k].tolist(), "reward")
+            loop.log.samples([p.messages[-1]["content"] for p in rows[:k]], texts[:k], scores[:k].tolist(), "reward",
+                             extra)
         loop.end_step(metrics)
 
     if not loop.interrupted:  # after a signal the checkpoint holds the run, for --resume

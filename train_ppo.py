@@ -30,7 +30,7 @@ from nanorlhf.lora import add_lora, use_adapter
 from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy
 from nanorlhf.perf import Phases, shape
-from nanorlhf.rewards import Rewarder, part_means
+from nanorlhf.rewards import Rewarder, TrainerState, part_means
 from nanorlhf.rollout import (KLController, batch_inputs, gae, kl_penalty, masked, masked_mean, masked_var,
                               micro_batches, minibatches, response_logprobs, response_slice, sample, shape_rewards,
                               whiten)
@@ -43,10 +43,11 @@ class Args(RunArgs):
     rm: list[str] = arg([], "Reward model folder (train_rm.py --out). Give it several times for a weighted sum.")
     rm_weight: list[float] = arg([], "Weight of each --rm in the composite score, in order (default 1 each).")
     reward_fn: list[str] = arg([], "Python reward 'module:function', called as TRL's GRPOTrainer calls one (prompts, "
-                               "completions, completion_ids and the data's other columns as keyword lists; None where "
-                               "it does not apply) or as f(prompts, responses) on lists of strings (the last user "
-                               "message, the decoded response); added to the RM scores, each logged as score/<its "
-                               "name>. For verifiable rewards.")
+                               "completions, completion_ids and the data's other columns as keyword lists, "
+                               "trainer_state, log_metric, log_extra; an async def is awaited; None where it does not "
+                               "apply) or, with a `responses` parameter and no `completions`, as f(prompts, "
+                               "responses) on lists of strings (the last user message, the decoded response); added "
+                               "to the RM scores, each logged as score/<its name>. For verifiable rewards.")
     reward_weight: list[float] = arg([], "Weight of each --reward-fn in the composite score, in order (default 1 "
                                      "each).")
     gold_reward_fn: str | None = arg(None, "A 'module:function' reward logged as `score/gold` beside the score PPO "
@@ -298,7 +299,8 @@ def train(args):
             if features is not None:  # --critic head: the value head's inputs, fixed for this iteration
                 batch["features"] = features
             response_ids = [r[:length].tolist() for r, length in zip(batch["responses"].cpu(), lengths.cpu())]
-            scores_raw, parts, texts = rewarder(picked, queries, response_ids, ended.cpu(), args.score_batch_size)
+            scores_raw, parts, texts = rewarder(picked, queries, response_ids, ended.cpu(), args.score_batch_size,
+                                                state=TrainerState.of(loop))
             scores_raw = scores_raw.nan_to_num(nan=0.0)  # no reward function applies (the warning counts them)
             scores = missing_eos_scores(scores_raw, ended.cpu(), args)
             rewards = shape_rewards(scores.to(mask.device), batch["logprobs"], batch["ref_logprobs"], mask,
@@ -322,13 +324,15 @@ def train(args):
             "eos_frac": ended.float().mean(), "ppo_epochs_run": stats["ppo_epochs_run"][-1],
             "explained_variance": 1 - residual_var / masked_var(batch["returns"], mask),
             "tokens": int(mask.sum())} | phases.metrics()
+        metrics, extra = rewarder.take_logged(metrics)  # what reward functions sent through log_metric, log_extra
         if args.missing_eos != "none" and metrics["eos_frac"] < 0.5 and not warned_eos:
             warned_eos = True
             loop.log.write(f"warning: only {metrics['eos_frac']:.0%} of responses ended with EOS within "
                            f"--max-new-tokens {args.max_new_tokens}, so --missing-eos {args.missing_eos} sets most "
                            "scores; raise --max-new-tokens or pass --missing-eos none")
         if args.sample_every and step % args.sample_every == 0:
-            loop.log.samples([p.messages[-1]["content"] for p in picked[:3]], texts[:3], scores[:3].tolist())
+            loop.log.samples([p.messages[-1]["content"] for p in picked[:3]], texts[:3], scores[:3].tolist(),
+                             extra=extra)
         loop.end_step(metrics)
 
     if not loop.interrupted:  # after a signal the checkpoint holds the run, for --resume

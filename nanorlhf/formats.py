@@ -7,8 +7,8 @@ forces one), and parse it into the examples one stage needs:
     unpaired    UnpairedExample(prompt, completion, label)      train_kto (pairs become chosen=True,
                                                                 rejected=False)
     prompts     PromptExample(prompt, columns, conversational)  train_ppo, train_grpo (from any data;
-                                                                columns: the record's fields its format does not
-                                                                read, for reward functions)
+                                                                columns: the record's fields other than those the
+                                                                prompt is read from, for reward functions)
 
 A prompt is always a list of {"role": "system"|"user"|"assistant", "content": str} messages, so the
 tokenizer's chat template decides how it looks. Formats (see FORMATS for their fields):
@@ -288,19 +288,21 @@ _PARSERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": lambda rec: _c
             "prompt_completion": _prompt_completion, "preference": _preference, "hh": _hh, "ranked": _ranked,
             "prompt": lambda rec: [PromptExample(_messages(rec["prompt"], "prompt"))]}
 
-# The fields each format reads; any other field of a record is a column of its prompt (TRL hands a dataset's extra
-# columns, e.g. `answer`, to its reward functions).
-_READS = {"alpaca": {"instruction", "input", "output", "chosen", "rejected", "system", "history"},
-          "sharegpt": {"conversations", "chosen", "rejected"}, "messages": {"messages", "label"},
-          "prompt_completion": {"prompt", "completion", "label"},
-          "preference": {"prompt", "chosen", "rejected", "margin"},
-          "hh": {"chosen", "rejected"}, "ranked": {"prompt", "responses", "rank"}, "prompt": {"prompt"}}
+# The fields each format reads the prompt from, and the three TRL's GRPOTrainer keeps out of the columns it hands its
+# reward functions (it passes the prompt and the sampled completions itself). Every other field of a record is a
+# column of its prompt, as TRL hands on a dataset's every other column: an `answer`, an alpaca `output`, a KTO
+# `label`, a preference pair's `chosen` and `rejected` (hh's too, though its prompt is cut from them).
+_PROMPT_FIELDS = {"alpaca": {"instruction", "input", "system", "history"}, "sharegpt": {"conversations"},
+                  "messages": {"messages"}, "prompt_completion": set(), "preference": set(), "hh": set(),
+                  "ranked": set(), "prompt": set()}
+_TRL_OWN = {"prompt", "completion", "completion_ids"}
 
 
 def _prompt_row(ex, rec, fmt, where):
     """A PromptExample of `ex` carrying the record's other fields as columns, which must survive JSON (checkpoints
-    and torchrun ranks re-read the data, and the reward gets them as they are)."""
-    columns = {k: v for k, v in rec.items() if k not in _READS[fmt]}
+    and torchrun ranks re-read the data, and the reward gets them as they are). Records that share a prompt but are
+    not prompt-only (preference pairs, say) are one prompt, with the first record's columns (data.load_examples)."""
+    columns = {k: v for k, v in rec.items() if k not in _PROMPT_FIELDS[fmt] | _TRL_OWN}
     for k, v in columns.items():
         try:
             json.dumps(v)

@@ -44,8 +44,9 @@ class Args:
     k: int = arg(4, "Responses sampled per prompt. More gives cleaner best-worst pairs (a larger expected margin).",
                  ge=2)
     reward_fn: list[str] = arg([], "The judge as a Python 'module:function', called as TRL's GRPOTrainer calls a "
-                               "reward (the data's other columns included) or as f(prompts, responses) on lists of "
-                               "strings, returning floats, e.g. nanorlhf.gold:sentiment.")
+                               "reward (the data's other columns included; no trainer_state, log_metric or log_extra "
+                               "outside training) or as f(prompts, responses) on lists of strings, returning floats "
+                               "(None where it does not apply), e.g. nanorlhf.gold:sentiment.")
     reward_weight: list[float] = arg([], "Weight of each --reward-fn in the score, in order (default 1 each).")
     rm: list[str] = arg([], "A reward model folder (train_rm.py output) that judges too.")
     rm_weight: list[float] = arg([], "Weight of each --rm in the score, in order (default 1 each).")

@@ -86,10 +86,13 @@ class Log:
         """A line in the log that leaves the progress bar intact."""
         self.bar.write(text)
 
-    def samples(self, prompts, responses, scores, label="score"):
-        """A prompt -> response -> score table (PPO and GRPO, every --sample-every iterations)."""
-        for prompt, response, score in zip(prompts, responses, scores):
-            self.bar.write(f"--- prompt: {prompt[:200]!r}\n    response: {response[:300]!r}\n    {label}: {score:.3f}")
+    def samples(self, prompts, responses, scores, label="score", extra=None):
+        """A prompt -> response -> score table (PPO and GRPO, every --sample-every iterations); extra: {column: a
+        value per response} that reward functions sent through TRL's log_extra, shown under each response."""
+        for i, (prompt, response, score) in enumerate(zip(prompts, responses, scores)):
+            more = "".join(f"\n    {k}: {str(v[i])[:200]!r}" for k, v in (extra or {}).items() if i < len(v))
+            self.bar.write(f"--- prompt: {prompt[:200]!r}\n    response: {response[:300]!r}\n    {label}: {score:.3f}"
+                           + more)
 
     def close(self):
         self.bar.close()

@@ -4,21 +4,51 @@ the labeller (`python -m nanorlhf.label`) and the evaluation.
 A reward function is named `module:function`: a verifiable reward (an exact answer, a format) or a programmatic
 judge such as `nanorlhf.gold:sentiment`. It is called as TRL's GRPOTrainer calls one, with keyword arguments
 prompts, completions, completion_ids and every other column of the prompt's row as a list (e.g. answer=[...]),
-and returns one float per completion, or None where it does not apply; a function whose signature is
-f(prompts, responses) (no `completions`, no **kwargs) gets two lists of strings instead, the last user message
-and the decoded response.
+in a training run also trainer_state, log_metric and log_extra, and returns one float per completion, or None
+where it does not apply; an `async def` function is awaited, all of them concurrently, as TRL gathers them. A
+function written to nanorlhf's own contract, f(prompts, responses) (a `responses` parameter and no `completions`,
+with or without **kwargs), gets two lists of strings instead, the last user message and the decoded response.
+Which contract each function is called with is said once, at its first call.
 """
+import asyncio
 import importlib
 import inspect
 import os
 import sys
+import threading
+from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from . import dist
 from . import model as M
 from .cli import UserError
 from .data import Prompt, render_prompt
+
+# TRL's keywords that are not columns of the data, and why a function that needs one can be without it here
+NOT_COLUMNS = {
+    "trainer_state": "only a training run (train_grpo.py, train_ppo.py) has a step and an epoch to pass",
+    "log_metric": "only a training run (train_grpo.py, train_ppo.py) has a metrics log to feed",
+    "log_extra": "only a training run (train_grpo.py, train_ppo.py) has a samples table to show it in",
+    "environments": "TRL passes it only with an environment_factory (tool-calling rollouts), and nanorlhf samples "
+                    "no tool calls, so there are none to pass",
+}
+
+
+@dataclass
+class TrainerState:
+    """What a reward function reads from TRL's `trainer_state` (transformers' TrainerState), as far as a run here has
+    it: the iterations finished before this one, the run's iterations, and the passes over the prompts so far, this
+    iteration's included. For rewards that change with training progress."""
+    global_step: int
+    max_steps: int
+    epoch: float
+
+    @classmethod
+    def of(cls, loop):
+        stream = loop.stream
+        return cls(loop.step, loop.total_steps, stream.epoch + stream.pos / stream.n)
 
 
 def load_reward_fn(spec, flag="--reward-fn"):
@@ -34,11 +64,27 @@ def load_reward_fn(spec, flag="--reward-fn"):
         raise UserError(f"{flag} {spec}: cannot import it ({e}); expected module:function") from None
 
 
+_LOOP = None
+
+
+def event_loop():
+    """The one asyncio loop, on a daemon thread, that every async reward function runs on for the life of the
+    process (as TRL): a client a function keeps between calls stays on one loop, and it runs even where the caller
+    has a loop of its own running (a notebook), where asyncio.run would refuse."""
+    global _LOOP
+    if _LOOP is None:
+        _LOOP = asyncio.new_event_loop()
+        threading.Thread(target=_LOOP.run_forever, daemon=True).start()
+    return _LOOP
+
+
 class RewardFunction:
-    """One --reward-fn: called in TRL's GRPOTrainer contract when its signature asks for it (a `completions`
-    parameter or **kwargs): keyword arguments prompts, completions, completion_ids and every column of the prompt's
-    row as a list, returning a float or None ("does not apply") per completion. Otherwise as f(prompts, responses)
-    on two lists of strings, the last user message and the decoded response, as nanorlhf always called it."""
+    """One --reward-fn: called in TRL's GRPOTrainer contract unless it is written to nanorlhf's own: keyword
+    arguments prompts, completions, completion_ids, every column of the prompt's row as a list and, in a training
+    run, trainer_state, log_metric and log_extra (a function without **kwargs gets those it names), returning a float
+    or None ("does not apply") per completion. A function with a `responses` parameter and no `completions` is
+    nanorlhf's own, f(prompts, responses) on two lists of strings, the last user message and the decoded response,
+    with or without **kwargs: `responses` is not a name TRL passes."""
 
     def __init__(self, spec, weight=1.0, flag="--reward-fn"):
         self.spec, self.weight, self.flag = spec, weight, flag
@@ -49,23 +95,39 @@ class RewardFunction:
         self.accepts = None if any(p.kind is p.VAR_KEYWORD for p in params) else {p.name for p in params}
         self.required = [p.name for p in params if p.default is p.empty
                          and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        self.trl = self.accepts is None or "completions" in self.accepts
+        names = {p.name for p in params}
+        self.trl = "completions" in names or (self.accepts is None and "responses" not in names)
+        self.said = False  # its contract is said once, at its first call
 
-    def __call__(self, rows, texts, completion_ids):
-        """(B,) float tensor, NaN where the function returned None. rows: the Prompt of each response."""
+    def call(self, rows, texts, completion_ids, keywords):
+        """What the function returns for these responses: its values, or for an async function an awaitable of them
+        (`check` reads them, once awaited). rows: the Prompt of each response; keywords: TRL's keywords that are not
+        columns (trainer_state, log_metric, log_extra), in a training run."""
         if not self.trl:
-            values = self.fn([r.messages[-1]["content"] for r in rows], texts)
-        else:
-            values = self._call_trl(rows, texts, completion_ids)
-        return self._check(values, len(texts))
+            self.say("called as f(prompts, responses), nanorlhf's own contract (it names `responses`, not "
+                     "`completions`): the last user message and the decoded response, two lists of strings")
+            return self.fn([r.messages[-1]["content"] for r in rows], texts)
+        kwargs, columns = self._trl_kwargs(rows, texts, completion_ids, keywords)
+        self.say(f"called as TRL's GRPOTrainer calls a reward function, with {', '.join(kwargs)}")
+        try:
+            out = self.fn(**kwargs)
+        except KeyError as e:
+            self._missing_key(e, kwargs, columns)
+        return self._awaited(out, kwargs, columns) if inspect.isawaitable(out) else out
 
-    def _call_trl(self, rows, texts, completion_ids):
-        """Standard data (a prompt given as text) gets strings; conversational data gets message lists, the
-        completion as [{"role": "assistant", "content": text}], as TRL passes them."""
+    def say(self, contract):
+        if not self.said and dist.is_main():
+            tqdm.write(f"{self.flag} {self.spec}: {contract}")  # above a progress bar, if one is running
+        self.said = True
+
+    def _trl_kwargs(self, rows, texts, completion_ids, keywords):
+        """(the keyword arguments, the data's columns). Standard data (a prompt given as text) gets strings;
+        conversational data gets message lists, the completion as [{"role": "assistant", "content": text}], as TRL
+        passes them. A column named like one of TRL's keywords does not replace it."""
         kwargs = {"prompts": [r.messages if r.conversational else r.messages[-1]["content"] for r in rows],
                   "completions": [[{"role": "assistant", "content": t}] if r.conversational else t
                                   for r, t in zip(rows, texts)],
-                  "completion_ids": completion_ids}
+                  "completion_ids": completion_ids, **keywords}
         columns = dict.fromkeys(k for r in rows for k in r.columns)  # every row's, in order; a row without one: None
         kwargs |= {k: [r.columns.get(k) for r in rows] for k in columns if k not in kwargs}
         missing = [name for name in self.required if name not in kwargs]
@@ -73,21 +135,31 @@ class RewardFunction:
             self._no_column(missing[0], columns)
         if self.accepts is not None:
             kwargs = {k: v for k, v in kwargs.items() if k in self.accepts}
+        return kwargs, columns
+
+    async def _awaited(self, awaitable, kwargs, columns):
         try:
-            return self.fn(**kwargs)
-        except KeyError as e:  # a **kwargs function reading kwargs["answer"] on data without that column
-            if self.accepts is None and e.args and isinstance(e.args[0], str) and e.args[0] not in kwargs:
-                self._no_column(e.args[0], columns)
-            raise
+            return await awaitable
+        except KeyError as e:
+            self._missing_key(e, kwargs, columns)
+
+    def _missing_key(self, e, kwargs, columns):
+        """A **kwargs function reading kwargs["answer"] on data without that column: one line, not a KeyError."""
+        if self.accepts is None and e.args and isinstance(e.args[0], str) and e.args[0] not in kwargs:
+            self._no_column(e.args[0], columns)
+        raise e
 
     def _no_column(self, name, columns):
+        if name in NOT_COLUMNS:
+            raise UserError(f"{self.flag} {self.spec} needs {name!r}, which is not passed here: {NOT_COLUMNS[name]}")
         have = ", ".join(columns) or "none besides the prompt"
         raise UserError(f"{self.flag} {self.spec} needs the column {name!r}, which the data lacks (its columns: "
                         f"{have}); add it to each record of --data")
 
-    def _check(self, values, n):
-        values = list(values)  # a generator would be spent by the first pass below
+    def check(self, values, n):
+        """(n,) float tensor of a function's values, NaN where it returned None; a one-line error otherwise."""
         try:
+            values = list(values)  # a generator would be spent by the first pass below
             none = torch.tensor([v is None for v in values], dtype=torch.bool)
             scores = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float)
         except (TypeError, ValueError):
@@ -138,6 +210,7 @@ class Rewarder:
             raise UserError(f"--reward-weight: got {len(reward_weights)} weights for {len(specs)} --reward-fn "
                             "functions; expected one per function, in order")
         self.tokenizer, self.rms, self.unscored = tokenizer, [], unscored
+        self.logged, self.extra = {}, {}  # what functions sent through log_metric and log_extra, until take_logged
         for path, w in zip(rms, weights):
             rm, rm_tok = M.load_reward_model(path, **load_kw)
             self.rms.append((rm, rm_tok, w))
@@ -158,10 +231,12 @@ class Rewarder:
         return rm_tok.get_vocab() == tok.get_vocab() and rm_tok.chat_template == tok.chat_template
 
     @torch.no_grad()
-    def __call__(self, prompts, queries, responses, ended, batch_size, tokenizer=None):
+    def __call__(self, prompts, queries, responses, ended, batch_size, tokenizer=None, state=None):
         """(scores (B,), {part: (B,)}, texts) for prompts (data.Prompt rows, or bare message lists, and their token
         ids) and responses (token-id lists cut after EOS; `ended` says which ones emitted it), both in
-        `tokenizer`'s ids (default the policy's). A score is NaN where no judge applies."""
+        `tokenizer`'s ids (default the policy's). A score is NaN where no judge applies. state: the run's
+        TrainerState in a training run, where functions also get trainer_state, log_metric and log_extra (their
+        values wait for take_logged)."""
         tokenizer = tokenizer or self.tokenizer
         rows = [p if isinstance(p, Prompt) else Prompt(p, q) for p, q in zip(prompts, queries)]
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
@@ -176,9 +251,13 @@ class Rewarder:
             parts["rm" if i == 0 else f"rm{i + 1}"] = part = M.score_sequences(rm, seqs, rm_tok.pad_token_id,
                                                                                batch_size)
             scores = scores + weight * part.float().cpu()
-        for f in self.fns:
-            parts[f.name] = part = f(rows, texts, ids)
+        functions = self.fns + ([self.gold] if self.gold is not None else [])  # the gold part: logged, not optimised
+        values = self._values(functions, rows, texts, ids, state)
+        for f, part in zip(self.fns, values):
+            parts[f.name] = part
             scores = scores + f.weight * part.nan_to_num(0.0)  # None: no contribution (TRL's nansum)
+        if self.gold is not None:
+            parts["gold"] = values[-1]
         if self.fns and not self.rms:
             unscored = torch.stack([parts[f.name] for f in self.fns]).isnan().all(0)
             scores[unscored] = float("nan")
@@ -189,6 +268,37 @@ class Rewarder:
                          if unscored.any() else "")
                 print(f"warning: no --reward-fn applies to {n_unscored} of {n} responses (every function returned "
                       f"None), {self.unscored}{first}", file=sys.stderr)
-        if self.gold is not None:  # logged, never optimised
-            parts["gold"] = self.gold(rows, texts, ids)
         return scores, parts, texts
+
+    def _values(self, functions, rows, texts, ids, state):
+        """Each function's (B,) values. The async ones run together on the event loop, as TRL gathers them: an LLM
+        judge's requests overlap instead of queueing behind each other."""
+        outs = [f.call(rows, texts, ids, self._keywords(f, state)) for f in functions]
+        waiting = [i for i, out in enumerate(outs) if inspect.isawaitable(out)]
+        if waiting:
+            async def gather():
+                return await asyncio.gather(*(outs[i] for i in waiting))
+            for i, out in zip(waiting, asyncio.run_coroutine_threadsafe(gather(), event_loop()).result()):
+                outs[i] = out
+        return [f.check(out, len(texts)) for f, out in zip(functions, outs)]
+
+    def _keywords(self, f, state):
+        """TRL's keywords that are not columns, for function f in a training run (state given): trainer_state;
+        log_metric(name, value), a scalar for this step's metrics (the mean of a step's values); log_extra(column,
+        values), a value per response, shown beside each one in the samples table."""
+        if state is None:
+            return {}
+        return {"trainer_state": state,
+                "log_metric": lambda name, value: self.logged.setdefault(name, (f.spec, []))[1].append(float(value)),
+                "log_extra": lambda column, values: self.extra.setdefault(column, []).extend(values)}
+
+    def take_logged(self, metrics):
+        """(metrics with what functions logged through log_metric since the last call, each under its own name as
+        TRL logs it; {column: values} they sent through log_extra), and forget both. A name the stage logs itself
+        is an error: one of the two would hide the other."""
+        logged, extra, self.logged, self.extra = self.logged, self.extra, {}, {}
+        for name, (spec, values) in logged.items():
+            if name in metrics:
+                raise UserError(f"--reward-fn {spec} logged {name!r} through log_metric, a metric the run logs "
+                                "itself; expected another name")
+        return metrics | {name: sum(values) / len(values) for name, (_, values) in logged.items()}, extra

@@ -75,7 +75,8 @@ def test_prompt_completion_strings_and_conversational(tmp_path):
     assert load_examples(sft, "sft") == [SFTExample([user("p")], "c")]
     kto = write(tmp_path, "pc.json", [{"prompt": [user("p2")], "completion": [assistant("c2")], "label": True}])
     assert load_examples(kto, "unpaired") == [UnpairedExample([user("p2")], "c2", True)]
-    assert load_examples(kto, "prompts") == [PromptExample([user("p2")], conversational=True)]
+    # as prompts, the record's other fields are columns for reward functions, but not `completion` (TRL keeps it out)
+    assert load_examples(kto, "prompts") == [PromptExample([user("p2")], {"label": True}, conversational=True)]
 
 
 def test_json_lines_in_a_json_file(tmp_path):
@@ -174,7 +175,9 @@ def test_conversions_pairs_to_unpaired_sft_and_deduped_prompts(tmp_path):
     assert load_examples(path, "unpaired")[:2] == [UnpairedExample([user("p1")], "c1", True),
                                                    UnpairedExample([user("p1")], "r1", False)]
     assert [e.completion for e in load_examples(path, "sft")] == ["c1", "c2", "c3"]
-    assert load_examples(path, "prompts") == [PromptExample([user("p1")]), PromptExample([user("p2")])]
+    # each prompt once, with its first pair's chosen and rejected as columns (TRL hands them to reward functions)
+    assert load_examples(path, "prompts") == [PromptExample([user("p1")], {"chosen": "c1", "rejected": "r1"}),
+                                              PromptExample([user("p2")], {"chosen": "c2", "rejected": "r2"})]
     assert len(load_examples(path, "pairs", limit=2)) == 2
     sft = write(tmp_path, "s.jsonl", [{"prompt": "p", "completion": "c"}])
     with pytest.raises(UserError, match=r"s\.jsonl:1: this prompt_completion record .* pairs needs chosen and rejected"):

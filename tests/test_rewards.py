@@ -3,6 +3,7 @@ conversational data, weights, None, and one-line errors; through the Rewarder an
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -63,6 +64,61 @@ def reads_answer(completions, **kwargs):
 
 def old_style(prompts, responses):
     return [float(p == "What is 2+2?") for p in prompts]
+
+
+def old_style_catch_all(prompts, responses, **kwargs):
+    SEEN.append(dict(prompts=prompts, responses=responses, **kwargs))
+    return [float(len(r)) for r in responses]
+
+
+def progress(completions, trainer_state, log_metric, log_extra, **kwargs):
+    """A reward that grows with training, as TRL's documentation shows one, logging a metric and a column."""
+    SEEN.append((trainer_state.global_step, trainer_state.epoch, trainer_state.max_steps))
+    log_metric("progress/step_seen", trainer_state.global_step)
+    log_extra("why", [f"{len(text(c))} characters" for c in completions])
+    return [trainer_state.global_step + 0.5] * len(completions)
+
+
+def clash(completions, log_metric, **kwargs):
+    log_metric("reward", 1.0)
+    return [0.0] * len(completions)
+
+
+def uses_environments(completions, environments, **kwargs):
+    return [0.0] * len(completions)
+
+
+def reads_state(completions, **kwargs):
+    return [float(kwargs["trainer_state"].global_step)] * len(completions)
+
+
+def pair_columns(prompts, completions, chosen, rejected, **kwargs):
+    """1 for the preferred reply of the prompt's preference pair, -1 for the rejected one, 0 for anything else."""
+    return [float(c == a) - float(c == b) for c, a, b in zip(completions, chosen, rejected)]
+
+
+TURNS = []
+
+
+async def first(completions, **kwargs):
+    """Two async judges that can only finish together: each waits for the other to have started."""
+    import asyncio
+    TURNS.append("first")
+    while "second" not in TURNS:
+        await asyncio.sleep(0.01)
+    return [1.0] * len(completions)
+
+
+async def second(completions, **kwargs):
+    import asyncio
+    TURNS.append("second")
+    while "first" not in TURNS:
+        await asyncio.sleep(0.01)
+    return [2.0] * len(completions)
+
+
+async def async_reads_answer(completions, **kwargs):
+    return [float(a) for a in kwargs["answer"]]
 '''
 
 
@@ -178,6 +234,93 @@ def test_a_response_no_function_scores_gets_advantage_0_outside_the_baseline(tok
     assert part_means({"reward": scores}) == {"reward": pytest.approx(2 / 3)}
 
 
+def test_old_contract_with_a_catch_all_is_called_the_old_way_and_each_contract_is_said_once(
+        tokenizer, tmp_path, trl_module, capsys):
+    """f(prompts, responses, **kwargs) names `responses`, which TRL never passes: it is nanorlhf's own contract, two
+    lists of strings, not a TRL function that lacks a column. Each function's contract is said once."""
+    prompts = load_prompts(write_data(tmp_path / "d.jsonl", conversational=True), tokenizer, 256)
+    rewarder = Rewarder(tokenizer, reward_fn=["trl_rewards:old_style_catch_all", "trl_rewards:length_reward"])
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in ("four", "six!")]
+    for _ in range(2):
+        scores, parts, _ = rewarder(prompts, [p.ids for p in prompts], ids, [True, True], 2)
+    assert parts["old_style_catch_all"].tolist() == [4.0, 4.0]
+    import trl_rewards
+    assert trl_rewards.SEEN[0] == {"prompts": ["What is 2+2?", "What is 3+3?"], "responses": ["four", "six!"]}
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--reward-fn")]
+    assert said == ["--reward-fn trl_rewards:old_style_catch_all: called as f(prompts, responses), nanorlhf's own "
+                    "contract (it names `responses`, not `completions`): the last user message and the decoded "
+                    "response, two lists of strings",
+                    "--reward-fn trl_rewards:length_reward: called as TRL's GRPOTrainer calls a reward function, with "
+                    "prompts, completions, completion_ids, solution"]
+
+
+def test_trainer_state_log_metric_and_log_extra_in_a_training_run(tokenizer, tmp_path, trl_module):
+    """TRL's keywords that are not columns, given a run's state: the step and epoch, a metric for the run's log (the
+    mean of a step's values), a column for the samples table; take_logged hands them over once."""
+    from nanorlhf.rewards import TrainerState
+    prompts = load_prompts(write_data(tmp_path / "d.jsonl", conversational=False), tokenizer, 256)
+    rewarder = Rewarder(tokenizer, reward_fn=["trl_rewards:progress", "trl_rewards:reads_state"])
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in ("four", "six")]
+    for step in (3, 5):  # two calls before the run takes what was logged
+        scores, parts, _ = rewarder(prompts, [p.ids for p in prompts], ids, [True, True], 2,
+                                    state=TrainerState(global_step=step, max_steps=10, epoch=step / 4))
+    assert parts["progress"].tolist() == [5.5, 5.5] and parts["reads_state"].tolist() == [5.0, 5.0]
+    import trl_rewards
+    assert trl_rewards.SEEN == [(3, 0.75, 10), (5, 1.25, 10)]
+    metrics, extra = rewarder.take_logged({"loss": 0.1})
+    assert metrics == {"loss": 0.1, "progress/step_seen": 4.0} and extra == {"why": ["4 characters", "3 characters"] * 2}
+    assert rewarder.take_logged({}) == ({}, {})  # taken: the next step starts empty
+    rewarder = Rewarder(tokenizer, reward_fn="trl_rewards:clash")
+    rewarder(prompts, [p.ids for p in prompts], ids, [True, True], 2, state=TrainerState(0, 1, 0.0))
+    with pytest.raises(UserError, match=r"^--reward-fn trl_rewards:clash logged 'reward' through log_metric, a "
+                                        r"metric the run logs itself; expected another name"):
+        rewarder.take_logged({"reward": 0.5})
+
+
+@pytest.mark.parametrize("name, why", [
+    ("progress", "'trainer_state', which is not passed here: only a training run (train_grpo.py, train_ppo.py) has "
+                 "a step and an epoch to pass"),
+    ("reads_state", "'trainer_state', which is not passed here: only a training run"),  # kwargs["trainer_state"]
+    ("uses_environments", "'environments', which is not passed here: TRL passes it only with an "
+                          "environment_factory (tool-calling rollouts), and nanorlhf samples no tool calls"),
+])
+def test_what_cannot_be_passed_is_said_not_add_the_column(tokenizer, tmp_path, trl_module, name, why):
+    """Outside a training run (the labeller, the evaluation) there is no trainer_state, and nowhere environments: the
+    error says so, instead of asking for a column the data cannot hold."""
+    prompts = load_prompts(write_data(tmp_path / "d.jsonl", conversational=False), tokenizer, 256)
+    rewarder = Rewarder(tokenizer, reward_fn=f"trl_rewards:{name}")
+    with pytest.raises(UserError, match=f"^--reward-fn trl_rewards:{name} needs {re.escape(why)}") as e:
+        rewarder(prompts, [p.ids for p in prompts], [[1], [1]], [True, True], 2)
+    assert "add it" not in str(e.value)
+
+
+def test_async_functions_are_awaited_together(tokenizer, tmp_path, trl_module):
+    """Two async judges that finish only once both have started: run one after the other, they would never end.
+    An async function reading a column the data lacks is the same one line as a plain one."""
+    prompts = load_prompts(write_data(tmp_path / "d.jsonl", conversational=False), tokenizer, 256)
+    rewarder = Rewarder(tokenizer, reward_fn=["trl_rewards:first", "trl_rewards:second"], reward_weights=[1.0, 10.0])
+    scores, parts, _ = rewarder(prompts, [p.ids for p in prompts], [[1], [1]], [True, True], 2)
+    assert parts["first"].tolist() == [1.0, 1.0] and parts["second"].tolist() == [2.0, 2.0]
+    assert scores.tolist() == [21.0, 21.0]
+    rewarder = Rewarder(tokenizer, reward_fn="trl_rewards:async_reads_answer")
+    with pytest.raises(UserError, match=r"^--reward-fn trl_rewards:async_reads_answer needs the column 'answer'"):
+        rewarder(prompts, [p.ids for p in prompts], [[1], [1]], [True, True], 2)
+
+
+def test_preference_data_keeps_chosen_and_rejected_for_reward_functions(tokenizer, tmp_path, trl_module):
+    """Prompts read from preference pairs keep every column but the prompt: a function can score against the pair."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon.",
+                                "source": "quiz"}) + "\n")
+    (prompt,) = load_prompts(str(data), tokenizer, 256)
+    assert prompt.columns == {"chosen": "Paris.", "rejected": "Lyon.", "source": "quiz"}
+    rewarder = Rewarder(tokenizer, reward_fn="trl_rewards:pair_columns")
+    texts = ["Paris.", "Lyon.", "Nice."]
+    _, parts, _ = rewarder([prompt] * 3, [prompt.ids] * 3,
+                           [tokenizer(t, add_special_tokens=False).input_ids for t in texts], [True] * 3, 3)
+    assert parts["pair_columns"].tolist() == [1.0, -1.0, 0.0]
+
+
 def test_a_missing_column_or_bad_weights_are_one_line(tokenizer, tmp_path, trl_module):
     prompts = load_prompts(write_data(tmp_path / "d.jsonl", conversational=False), tokenizer, 256)
     for name in ("needs_answer", "reads_answer"):  # a parameter, or kwargs["answer"] under **kwargs
@@ -214,6 +357,31 @@ def test_one_grpo_step_with_trl_functions(actor_dir, tmp_path, trl_module, conve
     assert isinstance(seen["completions"][0], list) == conversational
 
 
+@pytest.mark.parametrize("script", ["grpo", "ppo"])
+def test_a_run_passes_its_state_and_logs_what_functions_send(actor_dir, tmp_path, trl_module, capsys,  # noqa: F811
+                                                               script):
+    """In GRPO and PPO: trainer_state holds the iterations done and the epochs so far (4 prompts, 2 an iteration),
+    log_metric's value is in metrics.jsonl, log_extra's column under each response of the samples table."""
+    import train_ppo
+    from test_ppo import make_args as ppo_args
+    kw = dict(data=write_data(tmp_path / "d.jsonl", conversational=False, n=4), reward_fn=["trl_rewards:progress"],
+              max_steps=2, sample_every=1)
+    if script == "grpo":
+        args = make_args(tmp_path, actor_dir, rollout_batch_size=1, num_generations=2, **kw)
+        train_grpo.train(args)
+    else:
+        args = ppo_args(tmp_path, actor_dir, rollout_batch_size=2, minibatch_size=2, batch_size=2, **kw)
+        train_ppo.train(args)
+    import trl_rewards
+    expected = [(0, 0.25, 2), (1, 0.5, 2)] if script == "grpo" else [(0, 0.5, 2), (1, 1.0, 2)]
+    assert trl_rewards.SEEN == expected
+    rows = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
+    assert [r["progress/step_seen"] for r in rows] == [0.0, 1.0]
+    out = capsys.readouterr().out
+    assert len(re.findall(r"\n    why: '\d+ characters'", out)) == 2 * 2  # two responses shown, twice
+    assert out.count("--reward-fn trl_rewards:progress: called as TRL's GRPOTrainer") == 1
+
+
 @pytest.mark.parametrize("extra, expected", [
     (["--reward-fn", "trl_rewards:needs_answer"], "error: --reward-fn trl_rewards:needs_answer needs the column "
                                                   "'answer', which the data lacks (its columns: solution)"),
@@ -233,7 +401,6 @@ def test_script_bad_reward_input_is_one_line(actor_dir, tmp_path, trl_module, ex
 def test_readme_own_reward_example_runs_as_shown(actor_dir, tokenizer, tmp_path, monkeypatch):  # noqa: F811
     """The README's functions and command, taken from the README: the command parses, the functions score the
     shipped arithmetic data as their docstrings say, and one GRPO step runs with them on that data."""
-    import re
     import shlex
 
     from nanorlhf import cli
@@ -294,7 +461,7 @@ def test_a_generator_of_scores_is_read_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     f = RewardFunction("gen_reward:reward")
-    assert f._check((v for v in [1, 2, None]), 3).tolist()[:2] == [1.0, 2.0]
+    assert f.check((v for v in [1, 2, None]), 3).tolist()[:2] == [1.0, 2.0]
 
 
 def test_part_means_leave_out_none_and_parts_that_applied_nowhere():
