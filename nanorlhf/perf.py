@@ -12,7 +12,9 @@ response tokens; `kernels.token_logprobs` skips the others):
     backward   through a frozen base with LoRA: the base's matmuls need only the gradient of their input (2·N_base
                per token, not the 4 of full training), the adapters both theirs (4·N_lora), attention both
                operands (2× its forward)
-    generate   the forward of the prompt and the response once each (the KV cache), the lm_head on the response
+    generate   the forward of the prompt and of the response but its last token once each (the KV cache; the last
+               sampled token is never fed back), the lm_head on the response (each token sampled from the position
+               before it)
 
 A reward model's or critic's pass has no lm_head (a 1-wide head instead, negligible).
 """
@@ -50,8 +52,10 @@ class Shape:
             2 * n_frozen * T + 4 * n_lora * T + 4 * self.layers * self.attn_dim * T * (T + 1) for T in lengths)
 
     def generate(self, prompt_lengths, response_lengths, adapter=None):
-        """FLOPs of sampling with a KV cache: every token's forward once, the lm_head on the response tokens."""
-        lengths = [p + r for p, r in zip(prompt_lengths, response_lengths)]
+        """FLOPs of sampling with a KV cache: the forward of every token once but the last sampled one, which no
+        position reads (a response of r tokens is sampled from the prompt's last position and r - 1 fed tokens), and
+        the lm_head on those r positions."""
+        lengths = [p + r - 1 for p, r in zip(prompt_lengths, response_lengths)]
         return self.forward(lengths, sum(response_lengths), adapter)
 
 

@@ -41,8 +41,9 @@ def test_shape_counts_by_hand(lora_llama):
     # backward: input gradients of the frozen base and head (2·N), both gradients of the adapter (4·N_lora), 2×
     # attention
     assert s.backward([3], 3, adapter="policy") == 2 * (73728 + V * 64) * 3 + 4 * 8192 * 3 + 4 * 2 * 64 * 3 * 4
-    # generation: the forward of prompt + response without the head, the head on the response tokens
-    assert s.generate([4], [3]) == 2 * 73728 * 7 + 2 * 2 * 64 * 7 * 8 + 2 * V * 64 * 3
+    # generation: the forward of the prompt and the response but its last token (never fed back: 4 + 3 - 1 = 6
+    # positions) without the head, the head on the 3 positions the response tokens are sampled from
+    assert s.generate([4], [3]) == 2 * 73728 * 6 + 2 * 2 * 64 * 6 * 7 + 2 * V * 64 * 3
 
 
 def test_forward_matmuls_match_torchs_flop_counter(lora_llama):
@@ -75,6 +76,25 @@ def test_backward_through_frozen_base_matches_torchs_flop_counter(lora_llama):
     assert bwd.get_total_flops() < 1.2 * fwd.get_total_flops()  # not the 2× of full training
 
 
+def test_generation_matmuls_match_torchs_flop_counter(lora_llama):
+    """Sampling 4 tokens after a 5-token prompt with the KV cache: the linear maps run on the prompt and the first 3
+    sampled tokens (the 4th is never fed back) and the lm_head on the 4 positions sampled from. FlopCounterMode sees
+    every matmul; eager attention's (4·L·d per query and key: the 5 × 5 prefill, then 1 query over 6, 7, 8 keys) is
+    counted apart, as our causal count is."""
+    from types import SimpleNamespace
+
+    from nanorlhf.model import generate
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=-1)  # no EOS: every response runs to max_new_tokens
+    torch.manual_seed(0)
+    with use_adapter(lora_llama, "policy"), FlopCounterMode(display=False) as counter:
+        out = generate(lora_llama, tokenizer, [[5, 6, 7, 8, 9]], max_new_tokens=4)
+    assert out["lengths"].tolist() == [4]
+    s = perf.shape(lora_llama)
+    attention = 4 * s.layers * s.attn_dim * (5 * 5 + 6 + 7 + 8)
+    matmuls = s.generate([5], [4], adapter="policy") - 2 * s.layers * s.attn_dim * 8 * 9  # T = 5 + 4 - 1 positions
+    assert counter.get_total_flops() - attention == matmuls
+
+
 def test_phases_report_tokens_rate_and_mfu():
     phases = perf.Phases(torch.device("cpu"), torch.float32)
     assert phases.peak > 1e8  # any CPU does 0.1 GFLOP/s
@@ -99,8 +119,9 @@ def test_an_iterations_passes_by_hand(monkeypatch):
     phases = perf.Phases(torch.device("cpu"), torch.float32)
     phases.add_iteration(batch, policy, [(policy, True, "policy"), (policy, True, None)], [(policy, True, "policy")],
                          epochs=2)
-    # generate: every token without the lm_head (n = 12: 2·12·3 + 24 = 96 a sequence) + the lm_head on 3 responses
-    assert phases.flops["generate"] == 2 * 96 + 2 * 5 * 3 and phases.tokens["generate"] == 6
+    # generate: every token but each response's last, which is never fed, without the lm_head (n = 12, 2 positions a
+    # sequence: 2·12·2 + 2·2·3 = 60) + the lm_head on the 3 positions the response tokens are sampled from
+    assert phases.flops["generate"] == 2 * 60 + 2 * 5 * 3 and phases.tokens["generate"] == 6
     # score: the policy (n = 12: 96 a sequence), the reference (n = 10: 84), each with the head on 3 tokens (30)
     assert phases.flops["score"] == 2 * 96 + 30 + 2 * 84 + 30 and phases.tokens["score"] == 12
     # update, 2 epochs: forward 96 a sequence + 30, backward 2·10·3 + 4·2·3 + 4·12 = 132 a sequence + 30
