@@ -9,11 +9,13 @@ SFT model's own samples, ranked by a known reward. Any `module:function` judges 
 as can trained reward models (`--rm`, repeatable, weighted). --out gets three files our loader reads:
 
     samples.jsonl  every prompt's k responses with their scores and EOS flags ("ranked" format): tied responses
-                   share a rank and unfinished ones have rank null, so the loader's pairs are pairs.jsonl's rule
+                   share a rank and unfinished ones have rank null, so the loader makes every pair of a better and
+                   a worse usable response: pairs.jsonl's pairs under --pairs all --min-margin 0, and more than
+                   pairs.jsonl holds under best-worst or a margin floor
     pairs.jsonl    {prompt, chosen, rejected, margin}: best against worst of each prompt's responses
                    (--pairs all: every pair), margin = the score difference, kept when >= --min-margin
-    kto.jsonl      {prompt, completion, label}: desirable when the score is above its prompt's mean (or
-                   --kto-threshold), undesirable when below, left out when equal
+    kto.jsonl      {prompt, completion, label}: desirable when the score is above the mean of its prompt's usable
+                   responses (or --kto-threshold), undesirable when below, left out when equal
 
 Responses that hit --max-new-tokens without EOS are left out of pairs and KTO examples (--keep-unfinished
 keeps them): the loader appends EOS to every completion, which would teach the model to stop mid-sentence. So are
@@ -54,8 +56,8 @@ class Args:
     min_margin: float = arg(0.0, "Write only pairs whose score difference is at least this (ties are never written).",
                             ge=0)
     kto_threshold: float | None = arg(None, "Label a response desirable when its score is above this, undesirable "
-                                      "when below, and leave it out when equal; default: its prompt's mean score "
-                                      "(the sign of GRPO's advantage).")
+                                      "when below, and leave it out when equal; default: the mean score of its "
+                                      "prompt's usable responses (finished, unless --keep-unfinished, and scored).")
     keep_unfinished: bool = arg(False, "Also pair and label responses that never emitted EOS.")
     max_prompt_length: int = arg(256, "Skip prompts longer than this many tokens.", gt=0, alias="--max-length")
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
@@ -92,9 +94,10 @@ def ranks(scores, usable):
 
 def kto_labels(scores, usable, threshold=None):
     """[(index, desirable)]: above the threshold is desirable, below is undesirable, equal says nothing and is left
-    out. The default threshold is the mean of the usable scores, so the label is the sign of the response's GRPO
-    advantage (Shao et al. 2024 §4.1.2): a binary judge's [1, 0, 0, 0] and [1, 1, 1, 0] give both labels, where the
-    median equals the majority's score and would leave the whole majority out."""
+    out. The default threshold is the mean of the usable scores: the sign of a GRPO advantage (Shao et al. 2024
+    §4.1.2) taken over the usable responses alone, not GRPO's own baseline, which counts every scored response of
+    the group, unfinished ones too. A binary judge's [1, 0, 0, 0] and [1, 1, 1, 0] give both labels, where the median
+    equals the majority's score and would leave the whole majority out."""
     kept = [i for i in range(len(scores)) if usable[i]]
     if not kept:
         return []

@@ -57,6 +57,11 @@ def test_samples_jsonl_pairs_no_ties_and_no_unfinished(scripted_label):
     ranked = [(e.chosen, e.rejected) for e in load_examples(str(out / "samples.jsonl"), "pairs")]
     assert ranked == [("yes", "no"), ("yes", "no way")] * 2
     assert ranked == [(e.chosen, e.rejected) for e in load_examples(str(out / "pairs.jsonl"), "pairs")]
+    # under best-worst (or a margin floor) pairs.jsonl keeps fewer: one pair a prompt, of the loader's two
+    out = scripted_label()
+    best_worst = [(e.chosen, e.rejected) for e in load_examples(str(out / "pairs.jsonl"), "pairs")]
+    assert len(best_worst) == 2 and set(best_worst) < set(ranked)
+    assert len(load_examples(str(out / "samples.jsonl"), "pairs")) == 4
 
 
 def test_kto_jsonl_labels_both_sides_of_a_binary_judge(scripted_label):
