@@ -32,6 +32,7 @@ the loss. Each iteration, in train():
         --out out/grpo
 """
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -215,6 +216,10 @@ def resolve_variant(args, updates):
     advantages = {"grpo": grpo_token_advantages, "rloo": rloo_token_advantages,
                   "reinforce++": reinforce_pp_token_advantages}[args.advantage]
     loss_type = args.loss_type or ("rloo" if args.advantage == "rloo" else "grpo")
+    if args.importance_sampling_level == "sequence" and loss_type != "grpo" and dist.is_main():  # as TRL warns
+        print(f"warning: --importance-sampling-level sequence with --loss-type {loss_type}: the loss sums each "
+              "response's tokens, each carrying the response's one ratio, so a response weighs as much as it is "
+              "long; GSPO's objective (Zheng et al. 2025) is one term per response, --loss-type grpo", file=sys.stderr)
     return Variant(advantages, needs_old_logprobs=updates > 1 or (kl_in_reward and args.beta > 0),
                    needs_ref_logprobs=args.beta > 0, loss_beta=0.0 if kl_in_reward else args.beta,
                    loss_type=loss_type)

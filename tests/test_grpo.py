@@ -132,6 +132,17 @@ def test_variant_is_resolved_once_from_the_flags(advantage, beta, updates, expec
     assert (variant.needs_old_logprobs, variant.needs_ref_logprobs, variant.loss_beta) == expected
 
 
+@pytest.mark.parametrize("loss_type, level, warned", [
+    ("dapo", "sequence", True), ("dr_grpo", "sequence", True), ("grpo", "sequence", False), ("dapo", "token", False)])
+def test_gspo_with_a_token_sum_aggregation_is_warned_about(capsys, loss_type, level, warned):
+    """GSPO's ratio is one per response, on each of its tokens: dapo and dr_grpo sum those tokens, so the response
+    weighs by its length, not as GSPO's per-response objective; TRL warns, and so do we (once, before the loop)."""
+    train_grpo.resolve_variant(train_grpo.Args(loss_type=loss_type, importance_sampling_level=level), 1)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: --importance-sampling-level sequence with --loss-type {loss_type}: ") == warned
+    assert ("GSPO's objective (Zheng et al. 2025) is one term per response, --loss-type grpo" in err) == warned
+
+
 def test_reinforce_pp_without_logprob_passes_is_the_score_alone():
     """β = 0 and one update: neither pass ran, and the advantages are the whitened score-to-go of each token."""
     scores, mask = torch.tensor([1.0, -1.0]), torch.tensor([[1, 1, 1], [1, 0, 0]])
