@@ -162,7 +162,7 @@ def judge_margins(judge, tokenizer, messages, firsts, seconds, batch_size):
         padded = collate([(q, []) for q in batch], tokenizer.pad_token_id)  # right-padded
         mask = padded["attention_mask"].to(weight.device)
         hidden = M.hidden_states(judge, padded["input_ids"].to(weight.device), mask)  # (B, T, H)
-        last = hidden[torch.arange(len(batch)), mask.sum(-1) - 1].float()  # (B, H): the answer position
+        last = hidden[torch.arange(len(batch), device=mask.device), mask.sum(-1) - 1].float()  # (B, H): answer position
         logits = scale * last @ rows.T  # (B, 2)
         return (logits[:, 0] - logits[:, 1]).cpu()
     return by_length(margins, asked, len, batch_size)
