@@ -93,9 +93,9 @@ adapter of its own (ours --critic-from-rm; TRL's value_model; --ppo-critic head 
         torch.compile; ours `step_time`, TRL between on_step_end calls), peak RSS (VmHWM read inside the child at
         the end of each iteration), and the gold reward (nanorlhf.gold:sentiment, computed here) of the rollouts of
         the first and the last iteration: each child returns every iteration's decoded responses as its reward model
-        scored them. The memory target is judged on the peak (both sides hold the same three models); Δ over the RSS
-        with the models loaded is shown too. The gold target: ours - TRL at the last iteration >= -2 x the standard
-        error of that difference (over the rollouts).
+        scored them. Memory is the peak alone: a Δ over the RSS after loading would count the weights that
+        safetensors maps lazily and the first iteration pages in. The gold target: ours - TRL at the last iteration
+        >= -2 x the standard error of that difference (over the rollouts).
 """
 import argparse
 import hashlib
@@ -291,8 +291,6 @@ def child_ours(spec):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             info["trainable"] = sum(p.numel() for p in self.optimizer_step.params)
-            if spec["stage"] == "ppo":  # the policy, the reward model and the critic are all loaded by now
-                info["baseline_rss"] = rss_mib()
 
     script.load_policy, script.Loop = measured_load_policy, CountingLoop
     if spec["stage"] == "ppo":  # each iteration's prompts and decoded responses, as the reward model scores them
@@ -573,7 +571,7 @@ def child_trl_ppo(spec):
         return get_reward(model, query_responses, pad_token_id, context_length)
 
     ppo_module.get_reward = recording_get_reward
-    info = {"baseline_rss": rss_mib(), "attn": policy.config._attn_implementation, "trl": trl.__version__,
+    info = {"attn": policy.config._attn_implementation, "trl": trl.__version__,
             "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
     trainer.train()
     assert len(times) == len(rollouts) == spec["iterations"], (len(times), len(rollouts))
@@ -749,8 +747,8 @@ def ppo_stage(a, python):
                 loads.append(os.getloadavg())
                 gold = [statistics.mean(info["gold"][i]) for i in (0, -1)]
                 print(f"  repeat {rep + 1} ppo  {fw:<4}: median iteration {statistics.median(info['times'][1:]):.2f} s "
-                      f"(first {info['times'][0]:.2f} s), peak RSS {info['peak_rss']:.0f} MiB "
-                      f"(Δ {info['peak_rss'] - info['baseline_rss']:.0f}), gold {gold[0]:+.3f} -> {gold[1]:+.3f}, "
+                      f"(first {info['times'][0]:.2f} s), peak RSS {info['peak_rss']:.0f} MiB, "
+                      f"gold {gold[0]:+.3f} -> {gold[1]:+.3f}, "
                       f"load {info['load'][0]:.2f}->{info['load'][1]:.2f}, {info['wall']:.0f} s wall", flush=True)
     for o, t in zip(runs["ours"], runs["trl"]):  # the same seed: the same prompts, iteration by iteration
         assert [r["prompts"] for r in o["rollouts"]] == [r["prompts"] for r in t["rollouts"]], "prompt order differs"
@@ -759,9 +757,7 @@ def ppo_stage(a, python):
         return dict(time=statistics.median(x for r in rs for x in r["times"][1:]),
                     spread=(min(statistics.median(r["times"][1:]) for r in rs),
                             max(statistics.median(r["times"][1:]) for r in rs)),
-                    peak=statistics.median(r["peak_rss"] for r in rs),
-                    delta=statistics.median(r["peak_rss"] - r["baseline_rss"] for r in rs),
-                    base=statistics.median(r["baseline_rss"] for r in rs), trainable=rs[0]["trainable"],
+                    peak=statistics.median(r["peak_rss"] for r in rs), trainable=rs[0]["trainable"],
                     tokens=statistics.mean(x["tokens"] for r in rs for x in r["rollouts"]),
                     first=gold_stats(rs, 0), last=gold_stats(rs, -1),
                     curve=[statistics.mean(g for r in rs for g in r["gold"][i]) for i in range(a.ppo_iterations)])
@@ -778,9 +774,6 @@ def ppo_stage(a, python):
     spread = lambda x: f"{x['spread'][0]:.2f}-{x['spread'][1]:.2f}"  # noqa: E731
     print(f"  {'  per-repeat medians, min-max (s)':<44}{spread(o):>{w}}{spread(t):>{w}}")
     print(f"  {'peak RSS (MiB)':<44}{o['peak']:>{w}.0f}{t['peak']:>{w}.0f}{rm:>{w}.2f}")
-    print(f"  {'peak RSS, Δ over the loaded models (MiB)':<44}{o['delta']:>{w}.0f}{t['delta']:>{w}.0f}"
-          f"{o['delta'] / t['delta']:>{w}.2f}")
-    print(f"  {'RSS after imports + the three models (MiB)':<44}{o['base']:>{w}.0f}{t['base']:>{w}.0f}")
     print(f"  {'trainable params':<44}{o['trainable']:>{w},}{t['trainable']:>{w},}")
     print(f"  {'response tokens per iteration (mean)':<44}{o['tokens']:>{w}.0f}{t['tokens']:>{w}.0f}")
     gold = lambda g: f"{g[0]:+.3f}±{g[1]:.3f}"  # noqa: E731
