@@ -43,6 +43,7 @@ from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
+from nanorlhf.kernels import entropy_grad
 from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy, trainable
 from nanorlhf.perf import Phases, shape
@@ -289,7 +290,8 @@ def update(model, batch, variant, eps_high, loop, args):
             n_responses, n_tokens = dist.all_sum(len(mb["mask"])), dist.all_sum(mb["loss_mask"].sum())
             mb_loss = 0.0
             for _, micro in micro_batches(mb, args.batch_size):
-                logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
+                with entropy_grad(False):  # logged, never in this loss: no gradient work for it
+                    logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
                 old_logprobs = micro["logprobs"] if variant.needs_old_logprobs else logprobs.detach()
                 per_token, s = grpo_loss(logprobs, old_logprobs, micro["advantages"], micro["loss_mask"],
                                          args.cliprange, eps_high, micro.get("ref_logprobs"), variant.loss_beta,

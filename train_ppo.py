@@ -26,6 +26,7 @@ from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
+from nanorlhf.kernels import entropy_grad
 from nanorlhf.lora import add_lora, use_adapter
 from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy
@@ -215,7 +216,8 @@ def update(model, critic, value_head, batch, loop, args):
         for mb in minibatches(batch, args.minibatch_size):
             n_tokens = dist.all_sum(mb["mask"].sum())  # every rank's minibatch: one process's, split
             for _, micro in micro_batches(mb, args.batch_size):
-                logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
+                with entropy_grad(args.entropy_coef > 0):  # its gradient only when the bonus is in the loss
+                    logprobs, entropy = response_logprobs(model, micro, args.temperature, "policy", True)
                 values = critic_values(critic, value_head, micro)
                 pg_loss, vf_loss, s = ppo_loss(logprobs, micro["logprobs"], values, micro["values"],
                                                micro["advantages"], micro["returns"], micro["mask"], args.cliprange,

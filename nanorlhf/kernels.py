@@ -16,10 +16,15 @@ Two backward strategies:
 - trainable lm_head: forward saves only the per-token logsumexp and E_p[z]; backward recomputes
   each logits tile and accumulates grads for hidden and weight (4 matmuls vs eager's 3).
 
+The entropy's gradient costs a (chunk, V) tile and a matmul with W per chunk of its own. A stage that logs the entropy
+but keeps it out of its loss (GRPO's update; PPO's at --entropy-coef 0) says so with `entropy_grad(False)`, and the
+kernel forms neither: the entropy comes back as a value without a gradient.
+
 No vocabulary tiling: tiling V needs an online logsumexp, and p (hence p @ W) is only known after
 a full pass over the vocabulary, so the logits would be computed twice. The chunk size already
 bounds the (chunk, V) tile, so tiling V would cost a matmul and save nothing we need.
 """
+import contextlib
 import os
 
 import torch
@@ -27,6 +32,20 @@ import torch
 IGNORE_INDEX = -100
 TILE_BYTES = 90 * 2**20  # default chunk: a (chunk, V) fp32 tile of <= 90 MiB; 480 tokens at V=49152
 COMPILED = os.environ.get("NANORLHF_EAGER", "0") != "1"  # NANORLHF_EAGER=1: debug eagerly
+_entropy_grad = True  # entropy_grad's switch
+
+
+@contextlib.contextmanager
+def entropy_grad(enabled):
+    """Within it, the entropy token_logprobs returns under grad has a gradient only if `enabled`: what
+    torch.set_grad_enabled is to every tensor, for the entropy alone. The logprobs are untouched. Off, the frozen-head
+    forward skips the entropy's gradient tiles and their matmul, and the entropy does not require grad."""
+    global _entropy_grad
+    previous, _entropy_grad = _entropy_grad, enabled
+    try:
+        yield
+    finally:
+        _entropy_grad = previous
 
 
 def _softmax_rows(z, y, inv_t, g_out, q_out):
@@ -89,7 +108,8 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_t, C, mode, entropy_grad, compiled):
         # hidden (N, H), weight (V, H), targets (N,), C tokens per chunk;
-        # mode "none" (no grads) | "frozen" (grads for hidden only) | "trainable" (weight too)
+        # mode "none" (no grads) | "frozen" (grads for hidden only) | "trainable" (weight too);
+        # entropy_grad: the entropy output has a gradient (else it is a value only)
         rows = _compiled_softmax_rows if compiled else _softmax_rows
         (N, H), frozen = hidden.shape, mode == "frozen"
         w = weight.float()  # once per call, not per chunk: the copy is weight-sized, not N-sized
@@ -115,6 +135,8 @@ class _TokenLogprobs(torch.autograd.Function):
         logp = torch.where(valid, z_y - lse, 0.0)
         ent = torch.where(valid, lse - mean_z, 0.0)  # -sum p log p = lse - E_p[z]
         ctx.set_materialize_grads(False)  # an unused output gets None: skip its work
+        if not entropy_grad:
+            ctx.mark_non_differentiable(ent)
         ctx.meta = (mode, inv_t, C, compiled, hidden.dtype)
         if frozen:
             ctx.save_for_backward(g_logp, g_ent)
@@ -167,8 +189,8 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None,
     """log softmax(hidden @ weight.T / temperature)[targets] without materialising all logits.
 
     hidden (..., H), weight (V, H) lm_head weight, targets (...) int64 with ignore_index -100.
-    Returns logprobs (...) fp32 [and entropy (...) fp32 when return_entropy]; ignored targets
-    give 0 and no gradient. Grads come back in the input dtypes.
+    Returns logprobs (...) fp32 [and entropy (...) fp32 when return_entropy, with a gradient unless inside
+    entropy_grad(False)]; ignored targets give 0 and no gradient. Grads come back in the input dtypes.
 
     Only the tokens with a target go through the lm_head: a prompt or padding position has none, and
     in an RL batch those are most of the rows (in the demo's PPO, two thirds), each a V-wide matmul
@@ -187,7 +209,7 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None,
     compiled = COMPILED if compiled is None else compiled
     logp, ent = _TokenLogprobs.apply(
         hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), weight, targets[rows], 1.0 / temperature,
-        chunk, mode, return_entropy and mode == "frozen", compiled)
+        chunk, mode, return_entropy and mode != "none" and _entropy_grad, compiled)
     # (n,) -> (N,): 0 at every position without a target
     logp, ent = (t.new_zeros(targets.shape).index_copy(0, rows, t) for t in (logp, ent))
     return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)

@@ -290,6 +290,23 @@ def make_args(tmp_path, actor, **kw):
     return train_grpo.Args(**(defaults | kw))
 
 
+def test_the_update_asks_for_the_entropy_without_its_gradient(actor_dir, tmp_path, moon_reward, monkeypatch):
+    """GRPO's loss never holds the entropy, which is only logged: the update's pass returns it without a gradient,
+    so the kernel forms no entropy-gradient tiles (tests/test_kernels.py), and the entropy is still logged."""
+    real, seen = train_grpo.response_logprobs, []
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        seen.append(out[1].requires_grad)
+        return out
+    monkeypatch.setattr(train_grpo, "response_logprobs", spy)
+    args = make_args(tmp_path, actor_dir, reward_fn=moon_reward, max_steps=1, batch_size=8)
+    train_grpo.train(args)
+    assert seen == [False, False]  # 16 responses, 8 a forward
+    (row,) = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
+    assert row["entropy"] > 0
+
+
 def test_beta_zero_runs_no_reference_pass(actor_dir, tmp_path, moon_reward, monkeypatch):
     calls = {}
     real = rollout.response_logprobs

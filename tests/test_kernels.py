@@ -108,6 +108,37 @@ def test_bf16_inputs_give_bf16_grads(trainable):
         torch.testing.assert_close(g.float(), ref_g.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_entropy_logged_without_its_gradient(trainable, monkeypatch):
+    """entropy_grad(False): the entropy's value is eager's, it has no gradient, and the logprobs' values and gradients
+    are eager's (a loss that adds the entropy gets the logprob part alone). With a frozen head the forward forms no
+    entropy-gradient tile (the q_out buffer, _softmax_rows' last argument) and no (N, H) matmul for it."""
+    hidden, weight, targets = make((3, 21), 32, 1500)
+    tiles, mms = [], []
+    rows, mm = kernels._compiled_softmax_rows, torch.mm
+    monkeypatch.setattr(kernels, "_compiled_softmax_rows", lambda *a: tiles.append(a[-1]) or rows(*a))
+    monkeypatch.setattr(kernels.torch, "mm", lambda a, b, **kw: mms.append(tuple(b.shape)) or mm(a, b, **kw))
+    with kernels.entropy_grad(False):
+        logp, ent, grads = run(fused, hidden, weight, targets, trainable, True, chunk_size=16, temperature=0.7)
+    monkeypatch.undo()
+    assert not ent.requires_grad and logp.requires_grad
+    ref_logp, ref_ent, _ = run(eager_reference, hidden, weight, targets, trainable, True, temperature=0.7)
+    _, _, ref_grads = run(eager_reference, hidden, weight, targets, trainable, False, temperature=0.7)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
+    for g, ref_g in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref_g, atol=1e-5, rtol=1e-5)
+    if not trainable:  # 60 target tokens in 4 chunks: each a logits matmul and the logprob's gradient matmul only
+        assert len(tiles) == 4 and all(q is None for q in tiles)
+        assert mms.count((1500, 32)) == 4  # (chunk, V) @ W: the logprob's; the entropy's would double it
+    # the switch is scoped: outside it the entropy has its gradient again, the eager one
+    logp, ent, grads = run(fused, hidden, weight, targets, trainable, True, chunk_size=16, temperature=0.7)
+    _, _, ref_grads = run(eager_reference, hidden, weight, targets, trainable, True, temperature=0.7)
+    assert ent.requires_grad
+    for g, ref_g in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref_g, atol=1e-5, rtol=1e-5)
+
+
 def test_no_grad_rollout():
     hidden, weight, targets = make((2, 40), 16, 1000)
     hidden.requires_grad_()

@@ -306,6 +306,52 @@ def test_head_critic_reads_the_reference_pass(actor_dir, tmp_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".policy." in n)
 
 
+def test_the_entropy_gradient_is_formed_only_when_the_bonus_is_in_the_loss(actor_dir, tmp_path, monkeypatch):
+    """At --entropy-coef 0 the update's entropy is logged only: the kernel returns it without a gradient (no
+    entropy tiles), and the policy's gradient is the one a loss without the entropy has. At 0.05 it has one, and the
+    bonus moves the gradient."""
+    model, tok = M.load_model(actor_dir)
+    add_lora(model, 4, 8, name="policy")
+    queries = [tok(t, add_special_tokens=False).input_ids for t in ("Hello there", "Hi")]
+    torch.manual_seed(0)
+    data, _, _ = train_ppo.sample(model, tok, queries, 4, 1.0)
+    B, R = data["mask"].shape
+    real, seen = train_ppo.response_logprobs, []
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        if torch.is_grad_enabled():  # the update's pass, not scoring's
+            seen.append(out[1].requires_grad)
+        return out
+    monkeypatch.setattr(train_ppo, "response_logprobs", spy)
+    grads = {}
+    for coef in (0.0, 0.05):
+        args = make_args(tmp_path, actor_dir, critic="head", batch_size=2, minibatch_size=2, rollout_batch_size=2,
+                         ppo_epochs=1, entropy_coef=coef)
+        critic, head = train_ppo.make_critic(model, None, args)
+        logprobs, _, ref_logprobs, values, features = train_ppo.score_tokens(model, critic, head, data, args)
+        batch = dict(data, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, features=features,
+                     advantages=torch.linspace(-1, 1, B * R).view(B, R) * data["mask"], returns=values)
+
+        class Steps:  # the update's optimizer step: keep the policy's gradient, step nothing
+            def optimizer_step(self):
+                grads[coef] = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if ".policy." in n])
+                model.zero_grad()
+                return {}
+        train_ppo.update(model, critic, head, batch, Steps(), args)
+    assert seen == [False, True]
+    assert not torch.allclose(grads[0.0], grads[0.05])
+    # at 0 the gradient is the clipped surrogate's alone: the same loss through a pass with the entropy's gradient
+    with torch.enable_grad():
+        lp, ent = real(model, batch, 1.0, "policy", True)
+        pg_loss, _, _ = train_ppo.ppo_loss(lp, batch["logprobs"], batch["values"], batch["values"], batch["advantages"],
+                                           batch["returns"], batch["mask"], 0.2, 0.2)
+        pg_loss.backward()
+    expected = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if ".policy." in n])
+    assert ent.requires_grad
+    torch.testing.assert_close(grads[0.0], expected, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("extra", [[], ["--load-in-4bit", "--critic-from-rm"], ["--critic", "head"]])
 def test_ppo_script_smoke(actor_dir, tiny_rm_dir, tmp_path, extra):
     prompts = tmp_path / "p.jsonl"
