@@ -63,6 +63,7 @@ def child(spec):
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from nanorlhf import model as M
+    from nanorlhf import prefix
     script = importlib.import_module(f"train_{spec['stage']}")
     M.save_model = lambda *a, **k: None  # the final merge + save is not a training step
     shapes, gen = set(), []
@@ -72,6 +73,13 @@ def child(spec):
         if torch.is_grad_enabled():
             shapes.add(tuple(input_ids.shape))
         return hidden_states(model, input_ids, attention_mask)
+
+    packed_hidden_states = prefix.hidden_states
+
+    def recording_packed_hidden_states(model, batch):  # the RM's rows [prompt, chosen, rejected]
+        if torch.is_grad_enabled():
+            shapes.add(tuple(batch["input_ids"].shape))
+        return packed_hidden_states(model, batch)
 
     def recording_generate(model, tokenizer, prompts, *a, **k):
         out = generate(model, tokenizer, prompts, *a, **k)
@@ -85,6 +93,7 @@ def child(spec):
         return out
 
     M.hidden_states, M.generate, script.load_policy = recording_hidden_states, recording_generate, marked_load_policy
+    prefix.hidden_states = recording_packed_hidden_states
     args = script.Args(**spec["args"])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         script.train(args)
@@ -174,8 +183,10 @@ def planned(name, stage, ckpt, args, res):
         n, P, R = res["gen"][0]
         k = args.get("num_generations", 1)
         kw.update(batch_size=B, max_length=P, max_new_tokens=R, rollout_batch_size=n // k, num_generations=k)
+    elif stage == "rm":  # B rows [prompt, chosen, rejected] of T tokens: B pairs, planned as rows of 2 x T/2
+        kw.update(batch_size=B, max_length=-(-T // 2))
     else:
-        kw.update(batch_size=B // 2 if stage in ("rm", "dpo") else B, max_length=T)
+        kw.update(batch_size=B // 2 if stage == "dpo" else B, max_length=T)
     return memory.estimate(cfg, stage, **kw), f"{B}×{T}"
 
 
