@@ -10,12 +10,16 @@ function that saturates like prospect theory's, so examples already well on thei
 z₀ is the mean r over *mismatched* pairs of the step's batch, completion i after prompt (i+1) mod n:
 an answer to another question, so its r measures how far π has drifted overall, not how good the
 answer is. It is clamped at 0 and detached. It uses the step's whole batch (--batch-size ×
---grad-accum examples, as HALOs reduces it over GPUs), so accumulation equals one big batch and
-the set of mismatched completions is the set of matched ones (TRL PR#1402). Pairs data is split
-into desirable (chosen) and undesirable (rejected) examples.
+--grad-accum examples, every rank's under torchrun), so accumulation equals one big batch and
+the set of mismatched completions is the set of matched ones (TRL PR#1402). Under torchrun the
+pairs are the ones a single process forms from the whole batch, in its order, and each rank
+scores a share of them: pairs within each rank's own examples would be other pairs, and another
+z₀ (held-out z₀ alike). Pairs data is split into desirable (chosen) and undesirable (rejected)
+examples.
 
     python train_kto.py --model out/sft --data data/kto_en_demo.json --out out/kto
 """
+import itertools
 import sys
 from dataclasses import dataclass
 
@@ -41,7 +45,8 @@ class Args(PreferenceArgs):
     undesirable_weight: float = arg(1.0, "λ_U, the weight of undesirable examples' losses.", gt=0)
     max_steps: int | None = arg(None, "Optimizer steps to run; default: --epochs over the examples.", gt=0)
     epochs: float = arg(1.0, "Passes over the training examples when --max-steps is not given.", gt=0)
-    batch_size: int = arg(4, "Examples per micro-batch (per process under torchrun); z₀ uses the whole step's.", gt=0)
+    batch_size: int = arg(4, "Examples per micro-batch (per process under torchrun); z₀ uses the whole step's, every "
+                          "process's, paired as one process pairs them.", gt=0)
     grad_accum: int = arg(4, "Micro-batches per optimizer step: batch_size * grad_accum examples a step.", gt=0)
     lr: float = arg(5e-5, "Peak learning rate (cosine decay after warmup). LoRA: 5e-6 to 5e-5; full fine-tuning "
                     "wants ~1e-6.", gt=0)
@@ -84,10 +89,25 @@ def mismatched(rows, max_length):
     return seqs
 
 
+def step_pairs(train_rows, batches, max_length):
+    """This rank's share of the step's mismatched pairs, formed as one process forms them: from every rank's
+    micro-batches (`batches`: this rank's share of each, as example indices), each micro-batch's shares in rank
+    order, which is the order one process holding the whole batch reads (Loop.take deals contiguous shares)."""
+    order = [i for shares in zip(*dist.gather(batches)) for share in shares for i in share]
+    return mismatched([train_rows[i] for i in order], max_length)[dist.rank()::dist.world()]
+
+
+def held_out_pairs(rows, max_length):
+    """This rank's share of the held-out set's mismatched pairs, formed as one process forms them: from every rank's
+    rows, back in the order data.load_data dealt them out in (row j to rank j mod world)."""
+    rows = [r for dealt in itertools.zip_longest(*dist.gather(rows)) for r in dealt if r is not None]
+    return mismatched(rows, max_length)[dist.rank()::dist.world()]
+
+
 @torch.no_grad()
 def estimate_kl(model, reference, seqs, pad_id, batch_size):
     """z₀ = max(0, mean of log π - log π_ref over mismatched pairs), or None when there are none. Under torchrun
-    `seqs` are this rank's pairs and the mean is over every rank's."""
+    `seqs` are this rank's share of the pairs and the mean is over every rank's."""
     total = 0.0
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
@@ -146,9 +166,10 @@ def add(totals, sums):
 
 
 @torch.no_grad()
-def evaluate(model, reference, rows, z0, args, pad_id):
-    """Loss and rewards over held-out examples, with z₀ from the whole held-out set's mismatched pairs."""
-    kl = estimate_kl(model, reference, mismatched(rows, args.max_length), pad_id, args.batch_size)
+def evaluate(model, reference, rows, pairs, z0, args, pad_id):
+    """Loss and rewards over held-out examples, with z₀ from the whole held-out set's mismatched pairs (this rank's
+    share of them: held_out_pairs)."""
+    kl = estimate_kl(model, reference, pairs, pad_id, args.batch_size)
     kl = z0.kl if kl is None else kl
     totals = {}
     for i in range(0, len(rows), args.batch_size):
@@ -180,7 +201,8 @@ def train(args):
     if args.precompute_ref:
         reference.precompute([(r.prompt, r.completion) for r in train_rows], args.batch_size)
     reference.precompute([(r.prompt, r.completion) for r in eval_rows], args.batch_size)
-    reference.precompute(mismatched(eval_rows, args.max_length), args.batch_size)
+    eval_pairs = held_out_pairs(eval_rows, args.max_length)
+    reference.precompute(eval_pairs, args.batch_size)
     z0 = ReferencePoint()
     # The optimizer: AdamW on what is trainable, linear warmup then cosine decay to 0 over the run.
     steps = total_steps(args.max_steps, args.epochs, len(train_rows), args.batch_size * args.grad_accum)
@@ -189,14 +211,16 @@ def train(args):
     loop = Loop(args, {"model": model}, optimizer, scheduler, len(train_rows), steps, args.max_grad_norm,
                 stateful={"z0": z0})
     if evaluating and not args.resume:
-        loop.log.metrics({"step": 0, **evaluate(model, reference, eval_rows, z0, args, pad_id)})
+        loop.log.metrics({"step": 0, **evaluate(model, reference, eval_rows, eval_pairs, z0, args, pad_id)})
 
     for step in loop:
         batches = loop.batches(args.batch_size, args.grad_accum)
         step_rows = [train_rows[i] for idx in batches for i in idx]
         n_step = dist.all_sum(len(step_rows))
-        # z₀ first, from the whole step and without grad: every micro-batch then shares one reference point.
-        kl = z0.update(estimate_kl(model, reference, mismatched(step_rows, args.max_length), pad_id, args.batch_size))
+        # z₀ first, from the whole step (every rank's) and without grad: every micro-batch then shares one
+        # reference point.
+        kl = z0.update(estimate_kl(model, reference, step_pairs(train_rows, batches, args.max_length), pad_id,
+                                   args.batch_size))
         totals = {}
         for idx in batches:
             rows = [train_rows[i] for i in idx]
@@ -207,13 +231,13 @@ def train(args):
         metrics["tokens"] = sum(len(r.prompt) + len(r.completion) for r in step_rows)
         metrics |= loop.optimizer_step()
         if evaluating and args.eval_every and step % args.eval_every == 0:
-            metrics |= evaluate(model, reference, eval_rows, z0, args, pad_id)
+            metrics |= evaluate(model, reference, eval_rows, eval_pairs, z0, args, pad_id)
         loop.end_step(metrics)
     if loop.interrupted:  # a signal: the checkpoint holds the run; --resume continues it
         return
 
     if evaluating:
-        final = evaluate(model, reference, eval_rows, z0, args, pad_id)
+        final = evaluate(model, reference, eval_rows, eval_pairs, z0, args, pad_id)
         loop.log.final(loop.step, final)
     M.save_model(model, tokenizer, args.out)
 

@@ -40,6 +40,37 @@ def test_whitening_uses_every_ranks_statistics(tmp_path):
     assert not torch.allclose(torch.load(tmp_path / "w.0"), whiten(x[:3], mask[:3]), atol=1e-3)  # not local stats
 
 
+def _kto_pairs_worker(rank, world, init_file, rows, batches, out):
+    """One of two gloo ranks: its share of KTO's mismatched pairs, held-out (the rows load_data deals it) and of a
+    step (its share of each micro-batch)."""
+    import torch.distributed as dist
+
+    import train_kto
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save((train_kto.held_out_pairs(rows[rank::world], 100), train_kto.step_pairs(rows, batches[rank], 100)),
+               f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_kto_pairs_on_two_ranks_are_one_processs(tmp_path):
+    """KTO's z₀ pairs completion i with prompt i+1 of the whole batch. On 2 ranks the pairs are one process's, split
+    between the ranks, not pairs within each rank's own rows (which would pair other completions and prompts)."""
+    import train_kto
+    from nanorlhf.data import UnpairedRow
+    rows = [UnpairedRow([i], [10 + i], i % 2 == 0) for i in range(5)]
+    # one process's two micro-batches of 4 example indices; each rank holds half of each (Loop.take)
+    step = [[3, 1, 4, 0], [2, 0, 1, 3]]
+    batches = [[mb[:2] for mb in step], [mb[2:] for mb in step]]
+    torch.multiprocessing.spawn(_kto_pairs_worker, args=(2, str(tmp_path / "init"), rows, batches,
+                                                         str(tmp_path / "p")), nprocs=2)
+    (held0, step0), (held1, step1) = (torch.load(tmp_path / f"p.{r}") for r in range(2))
+    held = train_kto.mismatched(rows, 100)  # one process on all 5 held-out rows: 5 pairs
+    assert len(held) == 5 and (held0, held1) == (held[0::2], held[1::2])
+    pairs = train_kto.mismatched([rows[i] for mb in step for i in mb], 100)
+    assert len(pairs) == 7 and (step0, step1) == (pairs[0::2], pairs[1::2])  # the last, 3 after 3, is matched
+    assert ([2], [10]) not in held0 + held1  # within rank 0's own held-out rows 0, 2, 4 it would pair 0 with 2
+
+
 def cpu_stand_in(spec):
     """A group spec that serves the devices `spec` serves, as torch reads it ("nccl" alone: cuda only), with gloo in
     place of NCCL, which a CPU build lacks: a CPU tensor can be reduced in it exactly when it can in `spec`'s."""
@@ -100,10 +131,18 @@ def pairs_data(tmp_path):
                                                   "rejected": f"No, not {i}."} for i in range(8)])
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def desirable_data(tmp_path):
+    """KTO examples, all desirable and alike but for their number: raising them raises the mismatched pairs' log-ratios
+    too (an answer after another question), so z₀ moves off its clamp at 0."""
+    return write_json(tmp_path / "kto.json", [{"prompt": f"Question {i}?", "completion": f"Yes {i}.", "label": True}
+                                              for i in range(16)])
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "kto"])
 def test_two_ranks_equal_one_process_on_the_global_batch(tiny_dir, tmp_path, stage):
-    """2 ranks × batch 2 (× grad-accum 2) give the per-step losses and the final adapter of 1 process × batch 4."""
-    data = sft_data(tmp_path) if stage == "sft" else pairs_data(tmp_path)
+    """2 ranks × batch 2 (× grad-accum 2) give the per-step losses and the final adapter of 1 process × batch 4. KTO's
+    z₀ is one process's too: its mismatched pairs are formed over every rank's examples."""
+    data = {"sft": sft_data, "dpo": pairs_data, "kto": desirable_data}[stage](tmp_path)
     common = [f"train_{stage}.py", "--model", tiny_dir, "--data", data, "--max-steps", "3", "--grad-accum", "2",
               "--lr", "1e-2", "--eval-frac", "0", "--max-length", "48", "--log-every", "100"]
     common += ["--samples", "0"] if stage == "sft" else []
@@ -113,6 +152,10 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tiny_dir, tmp_path, sta
     r2 = run(TORCHRUN + common + ["--out", two, "--batch-size", "2"])
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert_same_run(one, two)
+    if stage == "kto":
+        (s1, kl1), (s2, kl2) = zip(*losses(one, "kl")), zip(*losses(two, "kl"))
+        assert s1 == s2 == (1, 2, 3) and max(kl1) > 0, kl1  # π = π_ref at step 1: z₀ 0; then it has moved
+        assert kl1 == pytest.approx(kl2, abs=1e-6, rel=1e-5), (kl1, kl2)
     assert json.load(open(os.path.join(two, "args.json")))["world_size"] == 2
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(two).config.vocab_size == 49152  # rank 0's merged model loads
