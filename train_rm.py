@@ -2,12 +2,12 @@
 
 The model is the SFT model with a one-output linear `score` head in place of the lm_head, read at the
 last real token of prompt + reply: the EOS every reply ends with, the same position PPO adds the score
-at (docs/ppo-details.md §1). Both replies of a pair go through one forward as one row [prompt, chosen,
-rejected], the prompt computed once (prefix sharing, Wang et al. 2024; nanorlhf/prefix.py). The loss is
-Bradley-Terry, -log σ(r_chosen - r_rejected) (Stiennon et al. 2020; Ouyang et al. 2022 eq. 1), with an
-optional per-pair margin from the data (Touvron et al. 2023 §3.2.2), or a hinge (`--loss margin-ranking`).
-At the end, the mean and std of the model's scores are stored in config.json as `reward_mean` /
-`reward_std`, so PPO can centre rewards on a known scale (docs/ppo-details.md §8).
+at (docs/ppo-details.md §1). A pair's prompt is computed once for both replies, which continue from its KV
+cache (prefix sharing, Wang et al. 2024; nanorlhf/prefix.py). The loss is Bradley-Terry,
+-log σ(r_chosen - r_rejected) (Stiennon et al. 2020; Ouyang et al. 2022 eq. 1), with an optional per-pair
+margin from the data (Touvron et al. 2023 §3.2.2), or a hinge (`--loss margin-ranking`). At the end, the
+mean and std of the model's scores are stored in config.json as `reward_mean` / `reward_std`, so PPO can
+centre rewards on a known scale (docs/ppo-details.md §8).
 
     python train_rm.py --model out/sft --data data/hh_harmless.jsonl --out out/rm
 """
@@ -33,8 +33,8 @@ class Args(RunArgs):
                      "model to train further.")
     max_steps: int | None = arg(None, "Optimizer steps to run; default: --epochs over the pairs.", gt=0)
     epochs: float = arg(1.0, "Passes over the training pairs when --max-steps is not given.", gt=0)
-    batch_size: int = arg(4, "Pairs per micro-batch (per process under torchrun), one forward: each pair one row "
-                          "[prompt, chosen, rejected].", gt=0)
+    batch_size: int = arg(4, "Pairs per micro-batch (per process under torchrun): their prompts in one forward, then "
+                          "both replies of each in another.", gt=0)
     grad_accum: int = arg(4, "Micro-batches per optimizer step: batch_size * grad_accum pairs a step.", gt=0)
     lr: float = arg(2e-4, "Peak learning rate (cosine decay after warmup). Full fine-tuning wants ~1e-5.", gt=0)
     warmup: float = arg(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.", ge=0)
@@ -99,8 +99,8 @@ def reward_loss(chosen_rewards, rejected_rewards, margin=None, loss_type="sigmoi
 
 
 def pair_rewards(model, rows, pad_id, device):
-    """(chosen (B,), rejected (B,), margin (B,), tokens) for pair rows: one forward, each pair's prompt computed once
-    for both replies (prefix sharing, nanorlhf/prefix.py)."""
+    """(chosen (B,), rejected (B,), margin (B,), tokens) for pair rows, each pair's prompt computed once for both
+    replies (prefix sharing, nanorlhf/prefix.py)."""
     chosen, rejected, tokens = prefix.pair_scores(model, rows, pad_id, device)
     margin = torch.tensor([r.margin or 0.0 for r in rows], device=device)
     return chosen, rejected, margin, tokens
@@ -111,7 +111,8 @@ def evaluate(model, rows, pad_id, batch_size, device, loss_type="sigmoid", ranki
     """Mean loss and pairwise accuracy (the share of pairs with r_c > r_r) over `rows`: this rank's share of the
     held-out pairs, totals summed over ranks."""
     n = dist.all_sum(len(rows))
-    rows = sorted(rows, key=lambda r: len(r.prompt) + len(r.chosen) + len(r.rejected))  # similar lengths: less padding
+    # similar lengths: less padding
+    rows = sorted(rows, key=lambda r: len(r.prompt) + max(len(r.chosen), len(r.rejected)))
     total, correct = 0.0, 0
     for i in range(0, len(rows), batch_size):
         chosen, rejected, margin, _ = pair_rewards(model, rows[i:i + batch_size], pad_id, device)
@@ -174,7 +175,7 @@ def train(args):
     if evaluating and not args.resume:
         loop.log.metrics({"step": 0, **evaluate(model, eval_rows, pad_id, **eval_kw)})
 
-    # 2. Train: each micro-batch scores chosen and rejected replies in one forward, each prompt computed once.
+    # 2. Train: each micro-batch scores its chosen and rejected replies, each prompt computed once.
     for step in loop:
         chosen, rejected, metrics = [], [], {"loss": 0.0, "tokens": 0}
         for idx in loop.batches(args.batch_size, args.grad_accum):

@@ -185,15 +185,15 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
         n["critic"] = ("2nd base from --rm (--critic-from-rm)" if critic_from_rm else "value adapter on policy base"
                        if critic == "adapter" else "--critic head: the rollout's reference hidden states")
 
-    # A step's moments; the peak is the largest. Each forward with grad sees N tokens (DPO stacks the chosen and
-    # rejected rows; the RM packs each pair into one row [prompt, chosen, rejected] of up to 2T tokens, always under
-    # a 4D mask, nanorlhf/prefix.py); what it saves lives until backward, temporaries only at their moment.
+    # A step's moments; the peak is the largest. Each forward with grad sees N tokens (RM and DPO stack the
+    # chosen and rejected rows; the RM runs each prompt once, then both replies under a mask that reaches the cached
+    # prompt: always a mask, nanorlhf/prefix.py); what it saves lives until backward, temporaries only at their moment.
     T = max_length + (max_new_tokens if stage in RL else 0)
     N = batch_size * T * (2 if stage in ("rm", "dpo") else 1)
-    row, masked = (2 * T, True) if stage == "rm" else (T, padded)
+    masked = padded or stage == "rm"
     dense = I * H * s if bits < 16 else 0  # bnb dequantises one linear's weight per matmul
-    saved = activation_bytes(cfg, s, N, row, lora, bits, masked, gradient_checkpointing)
-    recompute = N * layer_saved(cfg, s, row, lora, bits, masked) if gradient_checkpointing else 0
+    saved = activation_bytes(cfg, s, N, T, lora, bits, masked, gradient_checkpointing)
+    recompute = N * layer_saved(cfg, s, T, lora, bits, masked) if gradient_checkpointing else 0
     entropy, kernel = stage in RL, stage != "rm"  # RL asks for entropy: one more row gradient and tile
     rows = N * (F32 * H * (1 + entropy) if lora else s * H + 8) * kernel
     bwd = N * work_bytes(cfg, s, lora, True) + dense + recompute

@@ -8,31 +8,7 @@ from nanorlhf.data import PairRow, collate
 from nanorlhf.lora import add_lora, lora_layers
 
 
-def test_pack_and_mask_by_hand():
-    """Row 0: prompt (5, 6), chosen (7), rejected (8, 9); row 1 is longer, so row 0 ends in one padding column."""
-    rows = [PairRow([5, 6], [7], [8, 9], None), PairRow([5], [7, 7], [8, 8, 8], None)]
-    b = prefix.pack(rows, pad_id=0)
-    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0], [5, 7, 7, 8, 8, 8]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 2, 3, 0], [0, 1, 2, 1, 2, 3]]  # rejected restarts after prompt
-    assert b["segments"].tolist() == [[0, 0, 1, 2, 2, -1], [0, 1, 1, 2, 2, 2]]
-    assert b["chosen_end"].tolist() == [2, 2] and b["rejected_end"].tolist() == [4, 5]
-    mask = prefix.attention_mask(b["segments"])
-    assert mask.shape == (2, 1, 6, 6)
-    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],   # p
-                                         [1, 1, 0, 0, 0, 0],   # p
-                                         [1, 1, 1, 0, 0, 0],   # c: the prompt and itself
-                                         [1, 1, 0, 1, 0, 0],   # r: the prompt and itself, not c
-                                         [1, 1, 0, 1, 1, 0],   # r
-                                         [1, 1, 0, 0, 0, 1]]   # padding: the prompt and itself
-    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],
-                                         [1, 1, 0, 0, 0, 0],
-                                         [1, 1, 1, 0, 0, 0],
-                                         [1, 0, 0, 1, 0, 0],
-                                         [1, 0, 0, 1, 1, 0],
-                                         [1, 0, 0, 1, 1, 1]]
-
-
-def reward_model(tiny_dir, attn):
+def reward_model(tiny_dir, attn="sdpa"):
     """The tiny Llama as a reward model with a LoRA adapter that does something (B != 0) and a trained head."""
     from transformers import AutoModelForSequenceClassification
     torch.manual_seed(0)
@@ -42,57 +18,85 @@ def reward_model(tiny_dir, attn):
         torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05)
     train_rm.init_head(model.score)
     model.score.requires_grad_(True)
-    return model
+    return model.train()
+
+
+def pairs():
+    """Prompts and replies of different lengths, so every pass pads (and pass 2 pads between prompt and reply)."""
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(3, 1000, (n,), generator=g).tolist()  # noqa: E731
+    return [PairRow(ids(7), ids(3), ids(5), None), PairRow(ids(2), ids(6), ids(1), None),
+            PairRow(ids(11), ids(4), ids(4), None)]
+
+
+def loss_and_grads(model, chosen, rejected):
+    loss = train_rm.reward_loss(chosen, rejected, torch.tensor([0.0, 0.5, -0.2])).mean()
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def two_rows(model, rows):
+    """The reference: rows [prompt, chosen] and [prompt, rejected], each prompt computed twice."""
+    batch = collate([(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows], 0)
+    scores = M.reward_scores(model, batch["input_ids"], batch["attention_mask"])
+    return scores[:len(rows)], scores[len(rows):]
+
+
+def assert_same(model, shared, rows):
+    """pair_scores' scores, loss and every gradient == the two rows'."""
+    chosen, rejected, tokens = shared
+    ours = loss_and_grads(model, chosen, rejected)
+    ref_chosen, ref_rejected = two_rows(model, rows)
+    torch.testing.assert_close(chosen, ref_chosen, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rejected, ref_rejected, atol=1e-5, rtol=1e-5)
+    loss, grads = loss_and_grads(model, ref_chosen, ref_rejected)
+    torch.testing.assert_close(ours[0], loss, atol=1e-6, rtol=1e-6)
+    assert len(grads) > 2 and all(g.abs().sum() > 0 for g in grads)  # LoRA A and B of every layer, and the head
+    for g, ref in zip(ours[1], grads):
+        torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_pairs_match_two_rows_forward_and_backward(tiny_dir, attn):
-    """One packed row per pair gives the scores, loss and every gradient of the two rows [prompt, reply] that
-    M.reward_scores computes, over pairs whose prompts and replies differ in length (so both layouts pad)."""
-    model = reward_model(tiny_dir, attn)
-    g = torch.Generator().manual_seed(1)
-    ids = lambda n: torch.randint(3, 1000, (n,), generator=g).tolist()  # noqa: E731
-    rows = [PairRow(ids(7), ids(3), ids(5), None), PairRow(ids(2), ids(6), ids(1), None),
-            PairRow(ids(11), ids(4), ids(4), None)]
-    margin = torch.tensor([0.0, 0.5, -0.2])
-
-    def loss_and_grads(chosen, rejected):
-        loss = train_rm.reward_loss(chosen, rejected, margin).mean()
-        loss.backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        model.zero_grad()
-        return loss.detach(), grads
-
+def test_prompt_once_matches_two_rows_forward_and_backward(tiny_dir, attn):
+    """The prompt's cache serving both replies gives the scores, loss and every gradient of the two rows, and runs
+    each prompt once."""
+    model, rows = reward_model(tiny_dir, attn), pairs()
     assert prefix.shares_prompt(model, rows)
-    chosen, rejected, tokens = prefix.pair_scores(model, rows, pad_id=0, device=torch.device("cpu"))
-    assert tokens == sum(len(r.prompt) + len(r.chosen) + len(r.rejected) for r in rows)  # each prompt once
-    packed = loss_and_grads(chosen, rejected)
-
-    batch = collate([(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows], 0)
-    scores = M.reward_scores(model, batch["input_ids"], batch["attention_mask"])
-    torch.testing.assert_close(chosen, scores[:3], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rejected, scores[3:], atol=1e-5, rtol=1e-5)
-    loss, grads = loss_and_grads(scores[:3], scores[3:])
-    torch.testing.assert_close(packed[0], loss, atol=1e-6, rtol=1e-6)
-    assert len(grads) > 2 and all(g.abs().sum() > 0 for g in grads)  # LoRA A and B of every layer, and the head
-    for ours, ref in zip(packed[1], grads):
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    shared = prefix.pair_scores(model, rows, pad_id=0, device=torch.device("cpu"))
+    assert shared[2] == sum(len(r.prompt) + len(r.chosen) + len(r.rejected) for r in rows)
+    assert_same(model, shared, rows)
 
 
-def test_rows_past_a_sliding_window_are_scored_as_two_rows(tiny_dir):
-    """A 4D mask switches off a model's sliding window, so a pair longer than the window is not packed; its scores
-    are still those of the two rows."""
-    model = reward_model(tiny_dir, "sdpa")
-    rows = [PairRow([5, 6, 7], [8, 9], [10], None)]
-    model.config.sliding_window = 5
-    assert prefix.shares_prompt(model, rows)  # prompt + the longer reply: 5 tokens, within the window
-    model.config.sliding_window = 4
+def test_checkpointing_runs_two_rows_with_grad_and_shares_without(tiny_dir):
+    """Gradient checkpointing drops the cache in a pass with grad: there the two rows run (same numbers); without
+    grad (evaluation) the cache survives and the prompt is shared again."""
+    model, rows = reward_model(tiny_dir), pairs()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not prefix.shares_prompt(model, rows)
+    shared = prefix.pair_scores(model, rows, pad_id=0, device=torch.device("cpu"))
+    assert shared[2] == sum(2 * len(r.prompt) + len(r.chosen) + len(r.rejected) for r in rows)
+    assert_same(model, shared, rows)
+    with torch.no_grad():
+        assert prefix.shares_prompt(model, rows)
+        chosen, rejected, _ = prefix.pair_scores(model, rows, pad_id=0, device=torch.device("cpu"))
+        ref_chosen, ref_rejected = two_rows(model, rows)
+    torch.testing.assert_close(torch.cat([chosen, rejected]), torch.cat([ref_chosen, ref_rejected]),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_sliding_window_shorter_than_the_rows_runs_two_rows(tiny_dir):
+    """Pass 2's columns are the longest prompt + the longest reply (padding between them included); a window shorter
+    than that would cut what the two rows see, so they run instead."""
+    model, rows = reward_model(tiny_dir), pairs()  # longest prompt 11, longest reply 6
+    model.config.sliding_window = 17
+    assert prefix.shares_prompt(model, rows)
+    model.config.sliding_window = 16
     assert not prefix.shares_prompt(model, rows)
     with torch.no_grad():
         chosen, rejected, tokens = prefix.pair_scores(model, rows, pad_id=0, device=torch.device("cpu"))
-        batch = collate([([5, 6, 7], [8, 9]), ([5, 6, 7], [10])], 0)
-        scores = M.reward_scores(model, batch["input_ids"], batch["attention_mask"])
-    assert tokens == 9 and torch.equal(torch.cat([chosen, rejected]), scores)
-    model.config._attn_implementation = "flash_attention_2"  # takes no 4D mask
-    model.config.sliding_window = None
-    assert not prefix.shares_prompt(model, rows)
+        assert torch.equal(torch.cat([chosen, rejected]), torch.cat(two_rows(model, rows)))

@@ -35,8 +35,8 @@ Same conditions: one model folder (a random Llama of --hidden/--layers with Smol
 tied embeddings as SmolLM2); fp32; sdpa attention; LoRA r/alpha on q,k,v,o,gate,up,down with no dropout (TRL through
 `peft_config=LoraConfig`; the RM's score head trained whole on both sides: ours does it itself, PEFT via
 modules_to_save); AdamW (torch.optim.AdamW: TRL's optim="adamw_torch"), weight decay 0, clip at 1.0; no gradient
-checkpointing; batch --batch-size (pairs for RM/DPO, both replies in one forward on both sides: ours packs each pair
-into one row [prompt, chosen, rejected] that runs the prompt once, nanorlhf/prefix.py), grad accumulation 1;
+checkpointing; batch --batch-size (pairs for RM/DPO, both replies in one forward on both sides; ours' RM runs each
+prompt once and both replies from its KV cache, nanorlhf/prefix.py), grad accumulation 1;
 the same --threads (OMP_NUM_THREADS and torch.set_num_threads in every subprocess). The data are tokenised once by
 nanorlhf.data (chat template + truncation to --seq-len) and TRL gets exactly those token ids pre-tokenised, so every
 sequence on both sides is exactly --seq-len tokens (half prompt, half completion) and no batch has padding.
@@ -697,6 +697,9 @@ def ppo_unmatched(a):
         "reward normalisation: ours divides each RM score by its stored reward_std after subtracting reward_mean; "
         "TRL, which uses raw scores, gets the RM with that map folded into its head, so both optimise the same number",
     ]
+    if a.ppo_forward_batch < a.ppo_rollouts:
+        lines.append(f"sampling batch: TRL samples {a.ppo_forward_batch} prompts at a time "
+                     f"(local_rollout_forward_batch_size), ours all {a.ppo_rollouts} of an iteration at once")
     if a.ppo_critic == "head":
         lines.append("critic: ours a value head on the reference pass's features (--critic head, the demo's); TRL has "
                      "no such critic and keeps its value model, the RM with a LoRA adapter of its own")
@@ -727,7 +730,7 @@ def ppo_stage(a, python):
           f"value clip 0.2, vf_coef 0.1, advantages whitened, rewards not, no missing-EOS penalty, lr {a.ppo_lr:g}, "
           f"AdamW (weight decay 0), {lora} on the policy and the critic, "
           f"{'the critic started from the RM, ' if a.ppo_critic == 'adapter' else ''}dropout off, no gradient "
-          f"checkpointing, {a.ppo_forward_batch} rows per sampling and scoring forward")
+          f"checkpointing, {a.ppo_forward_batch} rows per scoring forward")
     print("ppo, not matched:")
     for line in ppo_unmatched(a):
         print(f"  - {line}")
@@ -837,8 +840,8 @@ def main():
                    help="minibatches per epoch, one forward and one optimizer step each (TRL: num_mini_batches)")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each iteration's rollouts")
     g.add_argument("--ppo-forward-batch", type=int, default=32,
-                   help="rows per forward when sampling and scoring (TRL: local_rollout_forward_batch_size; ours "
-                        "samples the whole rollout at once and scores --score-batch-size rows)")
+                   help="rows per scoring forward (TRL's local_rollout_forward_batch_size, which it samples in "
+                        "too; ours' --score-batch-size: it samples the whole rollout in one batch)")
     g.add_argument("--ppo-max-new-tokens", type=int, default=48)
     g.add_argument("--ppo-max-prompt-length", type=int, default=256, help="longer prompts are left out on both sides")
     g.add_argument("--ppo-temperature", type=float, default=0.7)

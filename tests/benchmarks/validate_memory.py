@@ -74,12 +74,13 @@ def child(spec):
             shapes.add(tuple(input_ids.shape))
         return hidden_states(model, input_ids, attention_mask)
 
-    packed_hidden_states = prefix.hidden_states
+    reply_hidden_states = prefix.reply_hidden_states
 
-    def recording_packed_hidden_states(model, batch):  # the RM's rows [prompt, chosen, rejected]
-        if torch.is_grad_enabled():
-            shapes.add(tuple(batch["input_ids"].shape))
-        return packed_hidden_states(model, batch)
+    def recording_reply_hidden_states(model, rows, *a, **k):  # the RM: each prompt once, then 2 rows of replies
+        if torch.is_grad_enabled():  # as the rows [prompt, reply] it stands for: 2B of the longest prompt + reply
+            shapes.add((2 * len(rows), max(len(r.prompt) for r in rows)
+                        + max(max(len(r.chosen), len(r.rejected)) for r in rows)))
+        return reply_hidden_states(model, rows, *a, **k)
 
     def recording_generate(model, tokenizer, prompts, *a, **k):
         out = generate(model, tokenizer, prompts, *a, **k)
@@ -93,7 +94,7 @@ def child(spec):
         return out
 
     M.hidden_states, M.generate, script.load_policy = recording_hidden_states, recording_generate, marked_load_policy
-    prefix.hidden_states = recording_packed_hidden_states
+    prefix.reply_hidden_states = recording_reply_hidden_states
     args = script.Args(**spec["args"])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         script.train(args)
@@ -183,10 +184,8 @@ def planned(name, stage, ckpt, args, res):
         n, P, R = res["gen"][0]
         k = args.get("num_generations", 1)
         kw.update(batch_size=B, max_length=P, max_new_tokens=R, rollout_batch_size=n // k, num_generations=k)
-    elif stage == "rm":  # B rows [prompt, chosen, rejected] of T tokens: B pairs, planned as rows of 2 x T/2
-        kw.update(batch_size=B, max_length=-(-T // 2))
     else:
-        kw.update(batch_size=B // 2 if stage == "dpo" else B, max_length=T)
+        kw.update(batch_size=B // 2 if stage in ("rm", "dpo") else B, max_length=T)
     return memory.estimate(cfg, stage, **kw), f"{B}×{T}"
 
 
