@@ -288,17 +288,21 @@ class Rewarder:
         values), a value per response, shown beside each one in the samples table."""
         if state is None:
             return {}
-        return {"trainer_state": state,
-                "log_metric": lambda name, value: self.logged.setdefault(name, (f.spec, []))[1].append(float(value)),
-                "log_extra": lambda column, values: self.extra.setdefault(column, []).extend(values)}
+
+        def log_metric(name, value):
+            self.logged.setdefault(name, (f"{f.flag} {f.spec}", []))[1].append(float(value))
+
+        def log_extra(column, values):
+            self.extra.setdefault(column, []).extend(values)
+        return {"trainer_state": state, "log_metric": log_metric, "log_extra": log_extra}
 
     def take_logged(self, metrics):
         """(metrics with what functions logged through log_metric since the last call, each under its own name as
         TRL logs it; {column: values} they sent through log_extra), and forget both. A name the stage logs itself
         is an error: one of the two would hide the other."""
         logged, extra, self.logged, self.extra = self.logged, self.extra, {}, {}
-        for name, (spec, values) in logged.items():
+        for name, (who, values) in logged.items():
             if name in metrics:
-                raise UserError(f"--reward-fn {spec} logged {name!r} through log_metric, a metric the run logs "
-                                "itself; expected another name")
+                raise UserError(f"{who} logged {name!r} through log_metric, a metric the run logs itself; expected "
+                                "another name")
         return metrics | {name: sum(values) / len(values) for name, (_, values) in logged.items()}, extra

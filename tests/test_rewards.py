@@ -268,7 +268,8 @@ def test_trainer_state_log_metric_and_log_extra_in_a_training_run(tokenizer, tmp
     import trl_rewards
     assert trl_rewards.SEEN == [(3, 0.75, 10), (5, 1.25, 10)]
     metrics, extra = rewarder.take_logged({"loss": 0.1})
-    assert metrics == {"loss": 0.1, "progress/step_seen": 4.0} and extra == {"why": ["4 characters", "3 characters"] * 2}
+    assert metrics == {"loss": 0.1, "progress/step_seen": 4.0}
+    assert extra == {"why": ["4 characters", "3 characters"] * 2}
     assert rewarder.take_logged({}) == ({}, {})  # taken: the next step starts empty
     rewarder = Rewarder(tokenizer, reward_fn="trl_rewards:clash")
     rewarder(prompts, [p.ids for p in prompts], ids, [True, True], 2, state=TrainerState(0, 1, 0.0))
