@@ -15,6 +15,7 @@ from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import arg, main
 from nanorlhf.data import collate, load_data
+from nanorlhf.engine import generate
 from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy, trainable
 
@@ -103,7 +104,7 @@ def train(args):
     M.save_model(model, tokenizer, args.out)
     prompts = [row.prompt for row in (eval_rows or train_rows)[:args.samples]]
     if prompts and dist.is_main():
-        out = M.generate(model, tokenizer, prompts, args.max_new_tokens, temperature=0)
+        out = generate(model, tokenizer, prompts, args.max_new_tokens, temperature=0)
         for prompt, response, n in zip(prompts, out["responses"], out["lengths"]):
             print(f"\n--- prompt\n{tokenizer.decode(prompt)}\n--- response\n{tokenizer.decode(response[:n])}")
 

@@ -32,6 +32,7 @@ import torch
 from . import model as M
 from .cli import UserError, arg, main
 from .data import by_length, collate, load_examples, load_prompts, render_prompt
+from .engine import generate_all
 from .preference import summed_logprobs
 from .rewards import Rewarder
 
@@ -82,7 +83,7 @@ def sample(model, tok, prompts, tokenizer, args):
     chat template; texts without special tokens."""
     queries = [p.ids for p in prompts] if tok is tokenizer else [render_prompt(tok, p.messages) for p in prompts]
     torch.manual_seed(args.seed)
-    responses, ended = M.generate_all(model, tok, queries, args.max_new_tokens, args.temperature, args.batch_size)
+    responses, ended = generate_all(model, tok, queries, args.max_new_tokens, args.temperature, args.batch_size)
     return queries, responses, ended, [tok.decode(r, skip_special_tokens=True) for r in responses]
 
 

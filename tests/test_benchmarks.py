@@ -130,16 +130,19 @@ def test_bench_eval_batches_counts_padding_and_runs(tiny_dir, tiny_rm_dir, tmp_p
 
 
 def test_bench_generate_runs(tiny_dir):
-    """It runs end to end on the tiny model (so the calls it times cannot drift from the real ones), one line per
-    thing timed, each compared line with its ratio."""
+    """It runs end to end on the tiny model (so the calls it times cannot drift from the real ones): a table row per
+    generator and shape, each with its ratio to the plain loop, and the same random prompts of the length asked."""
     import subprocess
     import sys
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "benchmarks", "bench_generate.py"), "--model",
-                        tiny_dir, "--dtype", "float32", "--rows", "2", "--new-tokens", "3", "--repeats", "1"],
-                       capture_output=True, text=True, timeout=300)
+                        tiny_dir, "--dtype", "float32", "--shapes", "2x1x3,2x2x3", "--prompt-tokens", "5",
+                        "--decode", "eager", "--repeats", "1"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = [line for line in r.stdout.splitlines() if line[:2] in {f"{i}." for i in range(1, 8)}]
-    assert len(lines) == 7 and sum("x of line" in line for line in lines) == 4, r.stdout
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| 2x")]
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        ("| 2x1x3", "5", "plain loop"), ("| 2x1x3", "5", "engine, eager"),
+        ("| 2x2x3", "5", "plain loop"), ("| 2x2x3", "5", "engine, eager")], r.stdout
+    assert all(row[-1].strip() == "1.00 |" for row in rows[::2])  # the plain loop is each shape's baseline
 
 
 def test_bench_layout_runs_and_its_layouts_agree(tiny_dir, tmp_path):

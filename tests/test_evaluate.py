@@ -65,16 +65,16 @@ def test_each_rm_is_scored_by_its_own_model_and_agrees_with_the_reward_function(
 def test_length_sorted_batches_keep_each_prompts_response_and_ties(tiny_dir, tiny_rm_dir, tmp_path, monkeypatch):
     """Generation and the KL passes run rows of similar length together; every result still belongs to its own
     prompt, and a model judged against itself still ties everywhere (win rate 0.5, gain 0, KL 0)."""
-    from nanorlhf import model as M
+    from nanorlhf import engine
     prompts = [[7] * n for n in (5, 1, 9, 3, 1, 7)]
     seen = []
 
-    def fake_generate(model, tokenizer, batch, max_new_tokens, temperature):  # answers each prompt with its length
+    def fake_generate(model, tokenizer, batch, max_new_tokens, temperature, seeds):  # answers with each prompt's length
         seen.append([len(p) for p in batch])
         responses = torch.tensor([[len(p), 2] for p in batch])
         return {"responses": responses, "lengths": torch.full((len(batch),), 2), "ended": torch.ones(len(batch)) > 0}
-    monkeypatch.setattr(M, "generate", fake_generate)
-    responses, ended = M.generate_all(None, None, prompts, 4, batch_size=2)
+    monkeypatch.setattr(engine, "generate", fake_generate)
+    responses, ended = engine.generate_all(None, None, prompts, 4, batch_size=2)
     assert responses == [[len(p), 2] for p in prompts] and all(ended)
     assert seen == [[1, 1], [3, 5], [7, 9]]  # sorted by length, stable
     monkeypatch.undo()

@@ -37,7 +37,7 @@ def scripted_label(tiny_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     texts, ended = ["yes", "no", "no way", "yes but"], [True, True, True, False]
-    monkeypatch.setattr(L.M, "generate_all", lambda model, tokenizer, queries, *a, **kw: (
+    monkeypatch.setattr(L, "generate_all", lambda model, tokenizer, queries, *a, **kw: (
         [tok(texts[i % 4], add_special_tokens=False).input_ids for i in range(len(queries))],
         [ended[i % 4] for i in range(len(queries))]))
 

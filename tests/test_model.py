@@ -1,5 +1,4 @@
 import json
-import math
 import os
 
 import pytest
@@ -8,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from nanorlhf import model as M
 from nanorlhf.cli import UserError
+from nanorlhf.engine import generate
 from nanorlhf.lora import add_lora, lora_layers
 
 
@@ -88,7 +88,7 @@ def test_save_model_merged_and_adapter(tiny_dir, tmp_path):
         torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05)
     ids = torch.randint(3, 1000, (1, 8))
     ours = model(ids).logits.detach()
-    M.generate(model, tok, [[5, 6, 7]], max_new_tokens=3)  # an inference pass first, as PPO's rollouts do
+    generate(model, tok, [[5, 6, 7]], max_new_tokens=3)  # an inference pass first, as PPO's rollouts do
     M.save_model(model, tok, str(tmp_path / "out"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(merged(ids).logits, ours, atol=1e-4, rtol=1e-4)
@@ -114,7 +114,7 @@ def test_inference_keeps_4bit_layers_on_their_training_kernel(tiny_dir, monkeypa
         for i, (_, m) in enumerate(lora_layers(model)):
             torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05, generator=torch.Generator().manual_seed(i))
         if generate_first:
-            M.generate(model, tok, [[5, 6, 7]], max_new_tokens=3)
+            generate(model, tok, [[5, 6, 7]], max_new_tokens=3)
             assert not any(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
                            for m in model.modules() if hasattr(m, "weight"))
         model.train()
@@ -163,109 +163,6 @@ def test_gradient_checkpointing_replays_the_forward_adapter(tiny_dir):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4 * 14
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def meddling_dir(tmp_path_factory, tokenizer):
-    """A tiny random Llama whose generation_config.json would change sampling: it suppresses every id >= 1000, keeps
-    the top 5 tokens, penalises repeats and forbids repeated unigrams (the settings Qwen and others ship)."""
-    from conftest import tiny_llama
-    model = tiny_llama(len(tokenizer))
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(5)  # logits far from uniform (entropy ~9 nats), so a top-k would show
-    g = model.generation_config
-    g.suppress_tokens, g.do_sample, g.top_k = list(range(1000, len(tokenizer))), True, 5
-    g.repetition_penalty, g.no_repeat_ngram_size = 3.0, 1
-    path = str(tmp_path_factory.mktemp("meddling"))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_sampling_ignores_the_models_generation_config(meddling_dir):
-    """Samples come from softmax(logits / T) alone (the π the ratio and the KL assume), through the path that
-    nanorlhf.label and nanorlhf.evaluate use (generate_all), whatever the model's generation_config says."""
-    model, tok = M.load_model(meddling_dir)
-    assert model.generation_config.suppress_tokens  # the shipped config is loaded ...
-    torch.manual_seed(0)
-    prompts = [[5 + i, 7, 9] for i in range(24)]
-    responses, _ = M.generate_all(model, tok, prompts, max_new_tokens=4, temperature=0.7, batch_size=24)
-    # ... and ignored: per sampled token, the eager softmax's mass on ids >= 1000 and the token's logprob
-    expected_high, sampled_high, nll, entropy = 0.0, 0, 0.0, 0.0
-    with torch.no_grad():
-        for p, r in zip(prompts, responses):
-            logp = torch.log_softmax(model(torch.tensor([p + r])).logits[0, len(p) - 1:-1] / 0.7, -1)  # (len(r), V)
-            expected_high += logp[:, 1000:].exp().sum().item()
-            sampled_high += sum(t >= 1000 for t in r)
-            nll -= logp[torch.arange(len(r)), torch.tensor(r)].sum().item()
-            entropy -= (logp.exp() * logp).sum().item()
-    n = sum(len(r) for r in responses)
-    assert n >= 48 and 0.5 < expected_high / n  # the test has power: most of the mass is on suppressed ids
-    assert abs(sampled_high - expected_high) < 4 * math.sqrt(expected_high) + 2, (sampled_high, expected_high, n)
-    # E[-log π(sampled)] = entropy; a leaked top-k of 5 would sample far likelier tokens than π does
-    assert abs(nll - entropy) / n < 0.25 * entropy / n + 0.1, (nll / n, entropy / n)
-    # greedy is the eager argmax: no repetition penalty or n-gram ban either
-    out = M.generate(model, tok, [[5, 7, 9]], max_new_tokens=5, temperature=0)
-    ids = [5, 7, 9]
-    with torch.no_grad():
-        for _ in range(5):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert out["responses"][0, :out["lengths"][0]].tolist() == ids[3:3 + int(out["lengths"][0])]
-
-
-def test_sample_token_draws_from_the_softmax_and_its_nucleus():
-    """40,000 draws per row against the distribution worked out by hand: softmax(logits / T), and with top_p 0.8 the
-    three likeliest tokens renormalised (their masses 0.563, 0.207, 0.126 first reach 0.8). The vocabulary is out of
-    order, so the nucleus must map back to the right ids; a -inf logit is never drawn; temperature 0 is the argmax."""
-    logits = torch.tensor([0.5, -1.0, 2.0, float("-inf"), 0.0, 1.0])  # likeliest first: ids 2, 5, 0, 4, 1
-    e = {i: math.exp(x) for i, x in enumerate(logits.tolist()) if x > float("-inf")}
-    full = {i: v / sum(e.values()) for i, v in e.items()}
-    nucleus = {i: e[i] / (e[2] + e[5] + e[0]) for i in (2, 5, 0)}
-    cooled = {i: math.exp(x / 0.5) for i, x in enumerate(logits.tolist()) if x > float("-inf")}
-    cooled = {i: v / sum(cooled.values()) for i, v in cooled.items()}
-    n = 40000
-    torch.manual_seed(0)
-    for temperature, top_p, expected in ((1.0, 1.0, full), (1.0, 0.8, nucleus), (0.5, 1.0, cooled)):
-        counts = torch.bincount(M.sample_token(logits.expand(n, -1), temperature, top_p), minlength=6).tolist()
-        for i in range(6):
-            p = expected.get(i, 0.0)
-            assert abs(counts[i] - n * p) <= 4 * math.sqrt(n * p * (1 - p)), (temperature, top_p, i, counts, p)
-    assert M.sample_token(torch.stack([logits, -logits.nan_to_num(neginf=0)]), 0).tolist() == [2, 1]
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_generate_left_padded_batch_decodes_each_prompt_as_alone(tokenizer, arch):
-    """The KV-cache loop over a left-padded batch (positions from the mask, the cache passed under each transformers
-    version's name) gives each prompt the greedy tokens a cache-free forward of that prompt alone picks."""
-    from conftest import tiny_llama
-    from transformers import GPT2Config, GPT2LMHeadModel
-    if arch == "llama":
-        model = tiny_llama(len(tokenizer))
-    else:
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=64))
-    model.eval()
-    prompts = [[5, 6], [7, 8, 9, 10, 11], [12, 13, 14]]
-    out = M.generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0)
-    assert out["queries"].shape == (3, 5) and out["query_mask"].sum(1).tolist() == [2, 5, 3]
-    for b, p in enumerate(prompts):
-        ids = list(p)
-        with torch.no_grad():
-            for _ in range(6):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-        n = int(out["lengths"][b])
-        assert out["responses"][b, :n].tolist() == ids[len(p):len(p) + n], (arch, b)
-
-
-def test_generate_without_a_cache_is_one_line(tokenizer):
-    """A model that hands back no KV cache would be fed each new token alone: one line, not a wrong sample."""
-    from conftest import tiny_llama
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-    model = tiny_llama(len(tokenizer))
-    forward = model.forward
-    model.forward = lambda **kw: CausalLMOutputWithPast(logits=forward(**kw).logits)
-    with pytest.raises(UserError, match="returned no KV cache"):
-        M.generate(model, tokenizer, [[5, 6]], max_new_tokens=2)
 
 
 def test_native_bf16_reads_the_cpu_flags(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT, tiny_llama
 
 import train_ppo
+from nanorlhf import engine
 from nanorlhf import model as M
 from nanorlhf import rollout
 from nanorlhf.lora import add_lora, lora_layers
@@ -203,13 +204,13 @@ def test_logprob_temperature_is_the_sampling_temperature(actor_dir, tmp_path, mo
     model, tok, head = policy_and_critic(actor_dir)
     args = make_args(tmp_path, actor_dir, temperature=0.6)
     seen = {}
-    real_sample_token = M.sample_token
+    real_sample_token = engine.sample_token
 
-    def spy(logits, temperature, top_p=1.0):
+    def spy(logits, temperature, top_p=1.0, u=None):
         seen["temperature"] = temperature  # every decoding step draws through sample_token
-        return real_sample_token(logits, temperature, top_p)
+        return real_sample_token(logits, temperature, top_p, u)
 
-    monkeypatch.setattr(M, "sample_token", spy)
+    monkeypatch.setattr(engine, "sample_token", spy)
     queries = [tok("Hello there", add_special_tokens=False).input_ids, tok("Hi", add_special_tokens=False).input_ids]
     data, lengths, _ = train_ppo.sample(model, tok, queries, args.max_new_tokens, args.temperature)
     logprobs, entropy, ref_logprobs, values, features = train_ppo.score_tokens(model, model, head, data, args)

@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from nanorlhf import model as M  # noqa: E402
 from nanorlhf.data import load_prompts  # noqa: E402
+from nanorlhf.engine import generate_all  # noqa: E402
 from nanorlhf.preference import summed_logprobs  # noqa: E402
 from nanorlhf.rewards import Rewarder  # noqa: E402
 
@@ -48,7 +49,7 @@ def main():
     prompts = load_prompts(args.data, tokenizer, 256, None, args.limit, flag="--data")
     queries = [q.ids for q in prompts]
     torch.manual_seed(0)
-    responses, ended = M.generate_all(model, tokenizer, queries, 48, 0.7, args.batch_size)
+    responses, ended = generate_all(model, tokenizer, queries, 48, 0.7, args.batch_size)
     rows = list(zip(queries, responses))
     lengths = [len(q) + len(r) for q, r in rows]
     summed_logprobs(base, rows[:2], 0, 0.7)  # compile the logprob kernel before any timing

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from nanorlhf.rollout import response_logprobs, sample  # noqa: E402
 from nanorlhf import model as M  # noqa: E402
 from nanorlhf.data import render_prompt  # noqa: E402
+from nanorlhf.engine import generate  # noqa: E402
 from nanorlhf.lora import add_lora, lora_layers  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -70,9 +71,9 @@ def main():
     for repack in (False, True, False, True):
         model, tok = load(repack)
         qs = prompts(tok, 16)
-        M.generate(model, tok, qs[:2], 4, 0.7)  # the first inference is where bitsandbytes repacks
+        generate(model, tok, qs[:2], 4, 0.7)  # the first inference is where bitsandbytes repacks
         t = time.perf_counter()
-        M.generate(model, tok, qs, 32, 0.7)
+        generate(model, tok, qs, 32, 0.7)
         times[repack].append(time.perf_counter() - t)
     print(f"sampling 16 x 32 tokens: training kernel {times[False]} s, bf16 kernel {times[True]} s, ratio "
           f"{min(times[False]) / min(times[True]):.2f}")

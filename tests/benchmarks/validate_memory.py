@@ -63,11 +63,11 @@ def child(spec):
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from nanorlhf import model as M
-    from nanorlhf import prefix
+    from nanorlhf import prefix, rollout
     script = importlib.import_module(f"train_{spec['stage']}")
     M.save_model = lambda *a, **k: None  # the final merge + save is not a training step
     shapes, gen = set(), []
-    hidden_states, generate, load_policy = M.hidden_states, M.generate, script.load_policy
+    hidden_states, generate, load_policy = M.hidden_states, rollout.generate, script.load_policy
 
     def recording_hidden_states(model, input_ids, attention_mask):
         if torch.is_grad_enabled():
@@ -93,7 +93,7 @@ def child(spec):
             pass
         return out
 
-    M.hidden_states, M.generate, script.load_policy = recording_hidden_states, recording_generate, marked_load_policy
+    M.hidden_states, rollout.generate, script.load_policy = recording_hidden_states, recording_generate, marked_load_policy
     prefix.reply_hidden_states = recording_reply_hidden_states
     args = script.Args(**spec["args"])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
