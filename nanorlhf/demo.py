@@ -42,7 +42,7 @@ COMMAND = "$ python "  # starts the first line of a stage's log: the command tha
 DONE = "# nanorlhf.demo:"  # starts the last line of a stage's log: its exit code and seconds
 # The β each method runs at, and the sweep that draws its frontier when --scale > 1 (PPO: the KL coefficient).
 # PPO on gold at 0.02: on dev prompts it won 0.74 and 0.77 against SFT where 0.05 won 0.62 and 0.60 (two seeds),
-# at a larger KL (8.0, 10.3 against 3.3, 2.4; docs/gold-demo.md, eleventh session)
+# at a larger KL (8.0, 10.3 against 3.3, 2.4; docs/gold-demo.md, "2026-12-01: β for PPO on gold")
 BETAS = {"ppo_rm": (0.05, [0.02, 0.05, 0.2]), "ppo_gold": (0.02, [0.02, 0.05, 0.2]),
          "dpo": (0.1, [0.05, 0.1, 0.5]), "kto": (0.1, [0.05, 0.1, 0.5])}
 
@@ -112,7 +112,8 @@ def stages(out, paths, scale, model, dtype="float32", seed=0):
                  "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3", "--eval-frac", "0.05", "--max-length",
                  "160", "--log-every", "4"]),
         # 512 labelled prompts and 64 RM steps at lr 1e-3: on the dev pairs the demo's RM ranked 0.80 and 0.74 (two
-        # seeds) against 0.71 and 0.70 with 384 prompts and 48 steps (docs/gold-demo.md, seventh session)
+        # seeds) against 0.71 and 0.70 with 384 prompts and 48 steps (docs/gold-demo.md, "2026-11-30: the time the
+        # kernel freed, spent on the RM's data")
         ("labels", ["-m", "nanorlhf.label", "--model", sft, "--data", paths["prompts"], "--limit", s(512), "--k", "4",
                     "--reward-fn", GOLD, "--max-new-tokens", "48", "--batch-size", "64", "--out", labels]),
         ("rm", ["train_rm.py", "--model", sft, "--data", pairs, "--out", rm, "--max-steps", s(64), "--batch-size", "8",
