@@ -29,6 +29,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .cli import UserError
+from .kernels import chunk_rows
 from .model import lm_head
 
 
@@ -199,6 +200,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
     stops = torch.tensor(stop_ids(model, tokenizer), device=device)
     weight, scale = lm_head(model)
     weight = weight.float()  # (V, H), once per call, as the kernel does: the logits' operands are the scorer's
+    tile = chunk_rows(B, weight.shape[0])  # rows whose (rows, V) logits, probabilities and CDF are alive at once
     generators = [torch.Generator().manual_seed(s) for s in (seeds if seeds is not None else row_seeds(B))]
     was_training = model.training
     model.eval()  # gradient checkpointing disables the KV cache in train mode
@@ -236,9 +238,9 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
         lengths = torch.full((B,), max_new_tokens, device=device)
         ended = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
-            logits = torch.mm(hidden.float(), weight.t())  # (b, V) fp32, as the kernel forms them
             u = torch.cat([torch.rand(1, generator=generators[r]) for r in rows.tolist()]).to(device)
-            token = sample_token(logits, temperature / scale, top_p, u)  # the kernel's temperature / scale too
+            token = torch.cat([sample_token(torch.mm(h.float(), weight.t()), temperature / scale, top_p, v)
+                               for h, v in zip(hidden.split(tile), u.split(tile))])  # fp32 logits, as the kernel's
             responses[rows[live], t] = token[live]
             stopped = live & torch.isin(token, stops)
             lengths[rows[stopped]], ended[rows[stopped]] = t + 1, True  # the stop token is part of the response
