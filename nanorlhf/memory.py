@@ -224,11 +224,15 @@ def estimate(cfg, stage, *, load_in_4bit=False, load_in_8bit=False, lora_r=16, b
     n["row_grads"] = ("kernel's (N, H) fp32 dlogp/dh" + (" + dentropy/dh" if entropy else "")) if rows else "-"
     n["transient"] = f"at {b.peak}"
     peak = b["activations"] + rows + b["transient"]
-    if stage in RL:  # generation: the KV cache of every sequence, after a no-grad prefill of the prompts
-        seqs = rollout_batch_size * (num_generations if stage == "grpo" else 1)  # GRPO repeats each prompt k times
-        kv = lambda t: kv_cache_bytes(cfg, s, seqs * t)
-        prefill = seqs * max_length * (work_bytes(cfg, s, lora, False) + s * max_length * padded)
-        b["kv_cache"] = max(kv(T), kv(max_length) + prefill + dense) + 3 * seqs * V * F32
+    if stage in RL:  # generation (nanorlhf/engine.py): a no-grad prefill of the distinct prompts, then decoding into
+        # every sequence's preallocated KV cache beside the fp32 copy of a 16-bit lm_head and the sampler's row tiles
+        # (fp32 logits and probabilities, a float64 CDF)
+        seqs = rollout_batch_size * (num_generations if stage == "grpo" else 1)  # GRPO samples each prompt k times
+        prefill = (rollout_batch_size * max_length * (work_bytes(cfg, s, lora, False) + s * max_length * padded)
+                   + kv_cache_bytes(cfg, s, rollout_batch_size * max_length))
+        decode = (kv_cache_bytes(cfg, s, seqs * T) + (V * H * F32 if s != F32 else 0)
+                  + chunk_rows(seqs, V) * V * 4 * F32)
+        b["kv_cache"] = max(prefill, decode) + dense
         n["kv_cache"] = f"generation, {seqs} × {T} tokens: " + (
             "the peak" if b["kv_cache"] > peak else "not at the peak (KV is freed before training)")
         if b["kv_cache"] > peak:
