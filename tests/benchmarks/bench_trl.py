@@ -90,7 +90,8 @@ adapter of its own (ours --critic-from-rm; TRL's value_model; --ppo-critic head 
         --threads. Every setting that cannot be shared is printed with why (ppo_unmatched), e.g. TRL never clips
         gradients, so ours runs without.
   Per side: seconds per iteration (median over the iterations after the first, which holds our kernel's
-        torch.compile; ours `step_time`, TRL between on_step_end calls), peak RSS (VmHWM read inside the child at
+        torch.compile; ours `step_time`, TRL between on_step_end calls) and of it the sampling (ours `time/generate`,
+        TRL its batch_generation call), peak RSS (VmHWM read inside the child at
         the end of each iteration), and the gold reward (nanorlhf.gold:sentiment, computed here) of the rollouts of
         the first and the last iteration: each child returns every iteration's decoded responses as its reward model
         scored them. Memory is the peak alone: a Δ over the RSS after loading would count the weights that
@@ -315,6 +316,7 @@ def child_ours(spec):
     info["threads"] = torch.get_num_threads()
     if spec["stage"] == "ppo":
         assert len(steps) == len(info["rollouts"]) == spec["iterations"], (len(steps), len(info["rollouts"]))
+        info["sampling"] = [m["time/generate"] for m in steps]  # train_ppo's phase 1, rollout
         return info
     assert len(steps) == spec["warmup"] + spec["steps"], len(steps)
     # attention-mask sum (GRPO: completion tokens, the mean over the run as lengths may change)
@@ -570,14 +572,24 @@ def child_trl_ppo(spec):
             rollouts[-1]["tokens"] += int(responses.ne(pad_token_id).sum())
         return get_reward(model, query_responses, pad_token_id, context_length)
 
-    ppo_module.get_reward = recording_get_reward
+    sampling = []
+    batch_generation = ppo_module.batch_generation
+
+    def timed_batch_generation(*a, **k):  # each iteration's sampling, as ours' time/generate
+        t = time.perf_counter()
+        out = batch_generation(*a, **k)
+        sampling.append(time.perf_counter() - t)
+        return out
+
+    ppo_module.get_reward, ppo_module.batch_generation = recording_get_reward, timed_batch_generation
     info = {"attn": policy.config._attn_implementation, "trl": trl.__version__,
             "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
     trainer.train()
     assert len(times) == len(rollouts) == spec["iterations"], (len(times), len(rollouts))
     for r in rollouts:
         r["prompts"] = prompt_digest(r["prompts"])
-    return info | {"times": times, "peak_rss": peak["rss"], "threads": peak["threads"], "rollouts": rollouts}
+    return info | {"times": times, "sampling": sampling, "peak_rss": peak["rss"], "threads": peak["threads"],
+                   "rollouts": rollouts}
 
 
 class EnvError(Exception):
@@ -758,6 +770,7 @@ def ppo_stage(a, python):
 
     def summary(rs):
         return dict(time=statistics.median(x for r in rs for x in r["times"][1:]),
+                    sampling=statistics.median(x for r in rs for x in r["sampling"][1:]),
                     spread=(min(statistics.median(r["times"][1:]) for r in rs),
                             max(statistics.median(r["times"][1:]) for r in rs)),
                     peak=statistics.median(r["peak_rss"] for r in rs), trainable=rs[0]["trainable"],
@@ -776,6 +789,8 @@ def ppo_stage(a, python):
           f"   -> ours {1 / rt:.2f}x {'faster' if rt < 1 else 'slower'}")
     spread = lambda x: f"{x['spread'][0]:.2f}-{x['spread'][1]:.2f}"  # noqa: E731
     print(f"  {'  per-repeat medians, min-max (s)':<44}{spread(o):>{w}}{spread(t):>{w}}")
+    print(f"  {'  of which sampling (generate), median (s)':<44}{o['sampling']:>{w}.2f}{t['sampling']:>{w}.2f}"
+          f"{o['sampling'] / t['sampling']:>{w}.2f}")
     print(f"  {'peak RSS (MiB)':<44}{o['peak']:>{w}.0f}{t['peak']:>{w}.0f}{rm:>{w}.2f}")
     print(f"  {'trainable params':<44}{o['trainable']:>{w},}{t['trainable']:>{w},}")
     print(f"  {'response tokens per iteration (mean)':<44}{o['tokens']:>{w}.0f}{t['tokens']:>{w}.0f}")
