@@ -12,9 +12,10 @@ response tokens; `kernels.token_logprobs` skips the others):
     backward   through a frozen base with LoRA: the base's matmuls need only the gradient of their input (2·N_base
                per token, not the 4 of full training), the adapters both theirs (4·N_lora), attention both
                operands (2× its forward)
-    generate   the forward of the prompt and of the response but its last token once each (the KV cache; the last
-               sampled token is never fed back), the lm_head on the response (each token sampled from the position
-               before it)
+    generate   as nanorlhf/engine.py runs it: the forward of each distinct prompt once (GRPO's k samples of a
+               prompt share its prefill), then each response's tokens but the last fed one at a time through the
+               KV cache (the last sampled token is never fed back), each attending over the tokens before it; the
+               lm_head on the response (each token sampled from the position before it)
 
 A reward model's or critic's pass has no lm_head (a 1-wide head instead, negligible).
 """
@@ -51,12 +52,16 @@ class Shape:
         return 2 * self.head * head_tokens + sum(
             2 * n_frozen * T + 4 * n_lora * T + 4 * self.layers * self.attn_dim * T * (T + 1) for T in lengths)
 
-    def generate(self, prompt_lengths, response_lengths, adapter=None):
-        """FLOPs of sampling with a KV cache: the forward of every token once but the last sampled one, which no
-        position reads (a response of r tokens is sampled from the prompt's last position and r - 1 fed tokens), and
-        the lm_head on those r positions."""
-        lengths = [p + r - 1 for p, r in zip(prompt_lengths, response_lengths)]
-        return self.forward(lengths, sum(response_lengths), adapter)
+    def generate(self, prompt_lengths, response_lengths, adapter=None, prefill_lengths=None):
+        """FLOPs of sampling with a KV cache: the prefill of each distinct prompt (prefill_lengths; default every
+        row's own), then each row's r - 1 fed response tokens, the one at position t attending over t + 1 keys (a
+        response of r tokens is sampled from the prompt's last position and r - 1 fed tokens: the last sampled one is
+        never fed), and the lm_head on those r positions. Without shared prompts, the forward of p + r - 1 tokens."""
+        prefill = self.forward(prompt_lengths if prefill_lengths is None else prefill_lengths, adapter=adapter)
+        n = self.base + self.lora.get(adapter, 0)
+        decode = sum(2 * n * (r - 1) + 2 * self.layers * self.attn_dim * ((p + r - 1) * (p + r) - p * (p + 1))
+                     for p, r in zip(prompt_lengths, response_lengths))
+        return prefill + decode + 2 * self.head * sum(response_lengths)
 
 
 def shape(model):
@@ -123,15 +128,16 @@ class Phases:
         return _Timer(self, phase)
 
     def add_iteration(self, batch, policy, score, train, epochs):
-        """One RL iteration's tokens and model FLOPs (PPO, GRPO): sampling with `policy`'s adapter "policy"; the
-        no-grad passes `score`; per epoch a forward and a backward of each of `train`. A pass is (Shape, with the
-        lm_head, adapter); the lm_head runs on the response tokens. A sequence's tokens count once per pass, a
-        forward with its backward being one pass. Lengths are real tokens, prompt and response: padding is not
-        model work."""
+        """One RL iteration's tokens and model FLOPs (PPO, GRPO): sampling with `policy`'s adapter "policy" (each
+        distinct prompt of batch["queries"] prefilled once); the no-grad passes `score`; per epoch a forward and a
+        backward of each of `train`. A pass is (Shape, with the lm_head, adapter); the lm_head runs on the response
+        tokens. A sequence's tokens count once per pass, a forward with its backward being one pass. Lengths are real
+        tokens, prompt and response: padding is not model work."""
         prompts, responses = batch["query_mask"].sum(1).tolist(), batch["mask"].sum(1).tolist()
         lengths = [p + r for p, r in zip(prompts, responses)]
         tokens, heads = sum(lengths), sum(responses)
-        self.add("generate", tokens, policy.generate(prompts, responses, "policy"))
+        distinct = {tuple(q[m.bool()].tolist()) for q, m in zip(batch["queries"], batch["query_mask"])}
+        self.add("generate", tokens, policy.generate(prompts, responses, "policy", [len(q) for q in distinct]))
         self.add("score", tokens * len(score), sum(m.forward(lengths, heads * h, a) for m, h, a in score))
         self.add("update", tokens * len(train) * epochs, epochs * sum(
             m.forward(lengths, heads * h, a) + m.backward(lengths, heads * h, a) for m, h, a in train))

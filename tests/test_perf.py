@@ -44,6 +44,11 @@ def test_shape_counts_by_hand(lora_llama):
     # generation: the forward of the prompt and the response but its last token (never fed back: 4 + 3 - 1 = 6
     # positions) without the head, the head on the 3 positions the response tokens are sampled from
     assert s.generate([4], [3]) == 2 * 73728 * 6 + 2 * 2 * 64 * 6 * 7 + 2 * V * 64 * 3
+    # two samples of one 4-token prompt (GRPO's group), 3 and 2 tokens: the prompt's prefill once, then 2 and 1 fed
+    # tokens at positions 4, 5 and 4, each 4·L·d per key it attends over (5, 6 and 5)
+    assert s.generate([4, 4], [3, 2], prefill_lengths=[4]) == (2 * 73728 * 4 + 2 * 2 * 64 * 4 * 5
+                                                               + 2 * 73728 * 3 + 4 * 2 * 64 * (5 + 6 + 5)
+                                                               + 2 * V * 64 * 5)
 
 
 def test_forward_matmuls_match_torchs_flop_counter(lora_llama):
@@ -77,21 +82,22 @@ def test_backward_through_frozen_base_matches_torchs_flop_counter(lora_llama):
 
 
 def test_generation_matmuls_match_torchs_flop_counter(lora_llama):
-    """Sampling 4 tokens after a 5-token prompt with the KV cache: the linear maps run on the prompt and the first 3
-    sampled tokens (the 4th is never fed back) and the lm_head on the 4 positions sampled from. FlopCounterMode sees
-    every matmul; eager attention's (4·L·d per query and key: the 5 × 5 prefill, then 1 query over 6, 7, 8 keys) is
-    counted apart, as our causal count is."""
+    """Two samples of one 5-token prompt, 4 tokens each, through the engine: the prompt is prefilled once, then each
+    row feeds its first 3 sampled tokens (the 4th is never fed back), and the lm_head runs on the 4 positions each
+    row samples from. FlopCounterMode sees every matmul; eager attention's (4·L·d per query and key: the 5 × 5
+    prefill, then per row 1 query over 6, 7, 8 keys) is counted apart, as our causal count is."""
     from types import SimpleNamespace
 
-    from nanorlhf.model import generate
-    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=-1)  # no EOS: every response runs to max_new_tokens
-    torch.manual_seed(0)
+    from nanorlhf.engine import generate
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)
+    lora_llama.generation_config.eos_token_id = None  # no stop token: every response runs to max_new_tokens
     with use_adapter(lora_llama, "policy"), FlopCounterMode(display=False) as counter:
-        out = generate(lora_llama, tokenizer, [[5, 6, 7, 8, 9]], max_new_tokens=4)
-    assert out["lengths"].tolist() == [4]
+        out = generate(lora_llama, tokenizer, [[5, 6, 7, 8, 9]] * 2, max_new_tokens=4, seeds=[0, 1])
+    assert out["lengths"].tolist() == [4, 4]
     s = perf.shape(lora_llama)
-    attention = 4 * s.layers * s.attn_dim * (5 * 5 + 6 + 7 + 8)
-    matmuls = s.generate([5], [4], adapter="policy") - 2 * s.layers * s.attn_dim * 8 * 9  # T = 5 + 4 - 1 positions
+    attention = 4 * s.layers * s.attn_dim * (5 * 5 + 2 * (6 + 7 + 8))
+    causal = 2 * s.layers * s.attn_dim * (5 * 6 + 2 * (8 * 9 - 5 * 6))
+    matmuls = s.generate([5, 5], [4, 4], adapter="policy", prefill_lengths=[5]) - causal
     assert counter.get_total_flops() - attention == matmuls
 
 
@@ -114,7 +120,8 @@ def test_an_iterations_passes_by_hand(monkeypatch):
     the frozen base 2·n_frozen·T + 4·n_lora·T + 4·T·(T + 1), and the lm_head 2·5 each way on each of the 3 response
     tokens alone; tokens count once per pass."""
     policy = perf.Shape(base=10, head=5, lora={"policy": 2}, layers=1, attn_dim=1)
-    batch = {"query_mask": torch.tensor([[1, 1], [0, 1]]), "mask": torch.tensor([[1, 0], [1, 1]])}
+    batch = {"queries": torch.tensor([[7, 8], [0, 9]]), "query_mask": torch.tensor([[1, 1], [0, 1]]),
+             "mask": torch.tensor([[1, 0], [1, 1]])}
     monkeypatch.setattr(perf, "peak_flops", lambda device, dtype: 1.0)  # the counts alone: no peak to measure
     phases = perf.Phases(torch.device("cpu"), torch.float32)
     phases.add_iteration(batch, policy, [(policy, True, "policy"), (policy, True, None)], [(policy, True, "policy")],
@@ -126,6 +133,11 @@ def test_an_iterations_passes_by_hand(monkeypatch):
     assert phases.flops["score"] == 2 * 96 + 30 + 2 * 84 + 30 and phases.tokens["score"] == 12
     # update, 2 epochs: forward 96 a sequence + 30, backward 2·10·3 + 4·2·3 + 4·12 = 132 a sequence + 30
     assert phases.flops["update"] == 2 * (2 * 96 + 30 + 2 * 132 + 30) and phases.tokens["update"] == 12
+    # the same prompt twice (a GRPO group of 2): its prefill (1 token, n = 12: 2·12 + 2·2 = 28) runs once, then 0 and
+    # 1 fed tokens (the second at position 1: 2·12 + 2·(2·3 - 1·2) = 32), and the lm_head on the 3 response tokens
+    phases.add_iteration(dict(batch, queries=torch.tensor([[0, 9], [0, 9]]), query_mask=torch.tensor([[0, 1]] * 2)),
+                         policy, [], [], epochs=1)
+    assert phases.flops["generate"] - (2 * 60 + 2 * 5 * 3) == 28 + 32 + 2 * 5 * 3
 
 
 def test_peak_memory_is_the_processs_own():
