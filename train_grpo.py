@@ -325,7 +325,7 @@ def train(args):
     rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, args.gold_reward_fn, args.reward_weight,
                         unscored="so they get advantage 0 and stay out of their group's baseline and the logged "
                         "reward (as TRL)", device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
-                        load_in_8bit=args.load_in_8bit)
+                        load_in_8bit=args.load_in_8bit, compile=args.compile)
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")
     optimizer = adamw(trainable(model), args.optim, lr=args.lr, weight_decay=args.weight_decay)

@@ -253,7 +253,7 @@ def train(args):
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
     rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, args.gold_reward_fn, args.reward_weight,
                         unscored="so they score 0", device=args.device, dtype=args.dtype,
-                        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+                        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, compile=args.compile)
     critic, value_head = make_critic(model, rewarder, args)
     for m in (model, critic):  # LoRA's dropout too: with any dropout the ratio is not 1 at the first update
         if m is not None:  # --critic head has no critic model

@@ -24,6 +24,7 @@ What it keeps exact:
     share its batch or when they end: two models given the same prompts and seed draw the same stream per row.
 """
 import inspect
+import itertools
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -161,6 +162,13 @@ def _step(body, cache, cache_kw, tokens, positions, mask):
     return out.last_hidden_state[:, -1]
 
 
+def _eager_step(*args):
+    """`_step` run eagerly, through decoder layers compiled for training (--compile) too: their graphs, traced for a
+    whole sequence, would be traced again at every decoding step."""
+    with torch.compiler.set_stance("force_eager"):
+        return _step(*args)
+
+
 _COMPILED = {}
 
 
@@ -215,8 +223,9 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
         source = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)  # (B,)
         positions = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding, each prompt starts at 0
         cache_kw = cache_keyword(model.base_model)
-        out = model.base_model(input_ids=queries[first], attention_mask=query_mask[first],
-                               position_ids=positions[first], use_cache=True)
+        with torch.compiler.set_stance("force_eager"):  # as `_eager_step`
+            out = model.base_model(input_ids=queries[first], attention_mask=query_mask[first],
+                                   position_ids=positions[first], use_cache=True)
         cache = out.get(cache_kw)
         if cache is None:  # decoding on without it would feed each new token with no context
             raise UserError(f"{type(model).__name__} returned no KV cache (`{cache_kw}`); generation needs a causal "
@@ -225,7 +234,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
                                                                                device.type == "cuda"))
         cache.reorder_cache(source)
         hidden = out.last_hidden_state[source, -1]  # (B, H) the state before each row's first response token
-        step = compiled_step(device) if static else _step
+        step = compiled_step(device) if static else _eager_step
 
         # 2. decode. `rows` (b,) are the original rows of the batch, `live` which of them still sample. Eager, a row
         # that stops leaves the batch at once, cache and all. Static, the batch keeps its shape (a dead row's step is
@@ -269,19 +278,27 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
 
 @torch.no_grad()
 def generate_all(model, tokenizer, prompts, max_new_tokens, temperature=1.0, batch_size=8, desc=None):
-    """`generate` over many token-id prompts, `batch_size` rows at a time, with a progress bar when `desc` is given.
-    Returns each response's token ids (cut after its stop token) and whether it ended with one, in prompt order.
+    """`generate` over many token-id prompts, at most `batch_size` rows at a time, with a progress bar when `desc` is
+    given. Returns each response's token ids (cut after its stop token) and whether it ended with one, in prompt
+    order.
 
-    Batches hold prompts of similar length (sorted, stable), so little of each is left-padding, and the copies of
-    one prompt stay together (one prefill for them all). Each row's seed is drawn up front, in prompt order, so a
-    row's samples depend on its prompt and the global seed alone: two models given the same prompts and seed draw
-    the same random stream per row."""
+    Batches hold prompts of similar length (sorted), so little of each is left-padding, and a batch takes the copies
+    of a prompt whole, so they share one prefill (a prompt with more copies than `batch_size` is split). Each row's
+    seed is drawn up front, in prompt order, so a row's samples depend on its prompt and the global seed alone: two
+    models given the same prompts and seed draw the same random stream per row."""
     from tqdm.auto import tqdm
     seeds = row_seeds(len(prompts))
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i]))  # copies side by side
+    batches = [[]]
+    for _, copies in itertools.groupby(order, key=lambda i: prompts[i]):
+        copies = list(copies)
+        for k in range(0, len(copies), batch_size):
+            part = copies[k:k + batch_size]
+            if len(batches[-1]) + len(part) > batch_size:
+                batches.append([])
+            batches[-1] += part
     responses, ended = [None] * len(prompts), [None] * len(prompts)
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, dynamic_ncols=True):
-        rows = order[i:i + batch_size]
+    for rows in tqdm(batches, desc=desc, disable=desc is None, dynamic_ncols=True):
         out = generate(model, tokenizer, [prompts[j] for j in rows], max_new_tokens, temperature,
                        seeds=[seeds[j] for j in rows])
         for j, r, n, e in zip(rows, out["responses"].cpu(), out["lengths"].cpu(), out["ended"].tolist()):

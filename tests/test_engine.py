@@ -270,3 +270,23 @@ def test_the_compiled_step_samples_what_the_eager_one_does(chatty, tokenizer):
     assert len(set(eager["lengths"].tolist())) >= 3  # rows stopped at different steps, so the batch was halved
     for key in ("responses", "lengths", "ended", "mask"):
         assert torch.equal(eager[key], compiled[key]), key
+
+
+def test_generate_all_keeps_a_prompts_copies_in_one_batch(monkeypatch):
+    """Copies of a prompt are prefilled once only if they share a batch: with 3 copies each and batches of 4 rows,
+    no batch splits a prompt's copies (one of 3 fits, a second does not), and every row gets its own response."""
+    from nanorlhf import engine
+    seen = []
+
+    def fake_generate(model, tokenizer, batch, max_new_tokens, temperature, seeds):
+        seen.append(batch)
+        return {"responses": torch.tensor([[len(p), 9] for p in batch]), "lengths": torch.full((len(batch),), 2),
+                "ended": torch.ones(len(batch), dtype=torch.bool)}
+    monkeypatch.setattr(engine, "generate", fake_generate)
+    prompts = [[7] * n for n in (2, 1, 3) for _ in range(3)]
+    responses, _ = engine.generate_all(None, None, prompts, 2, batch_size=4)
+    assert seen == [[[7]] * 3, [[7, 7]] * 3, [[7, 7, 7]] * 3]
+    assert responses == [[len(p), 9] for p in prompts]
+    seen.clear()
+    engine.generate_all(None, None, [[5]] * 5, 2, batch_size=2)  # more copies than a batch: split
+    assert [len(b) for b in seen] == [2, 2, 1]

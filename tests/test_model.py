@@ -173,3 +173,33 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path):
         assert M.native_bf16(torch.device("cpu"), str(tmp_path / "cpuinfo")) is expected
     assert M.native_bf16(torch.device("cpu"), str(tmp_path / "missing")) is False
     assert M.pick_dtype(torch.device("cpu")) == torch.float32  # auto stays fp32 on every CPU (docs/benchmarks.md)
+
+
+def test_compiled_layers_train_and_score_as_eager_and_sample_eagerly(tiny_dir):
+    """--compile: every decoder layer compiled (one trace shared by all, dynamic shapes): in fp32 the policy's and the
+    reference's logprobs and the adapter's gradients equal the eager model's to rounding, and sampling, which runs
+    the layers eagerly, draws the same responses."""
+    from nanorlhf.rollout import response_logprobs
+    runs = []
+    for compiled in (False, True):
+        model, tok = M.load_model(tiny_dir, compile=compiled)
+        torch.manual_seed(0)
+        add_lora(model, r=4, alpha=8, name="policy", verbose=False)
+        for i, (_, m) in enumerate(lora_layers(model)):
+            torch.nn.init.normal_(m.lora_B["policy"].weight, std=0.05, generator=torch.Generator().manual_seed(i))
+        from nanorlhf.lora import use_adapter
+        with use_adapter(model, "policy"):
+            out = generate(model, tok, [[5, 6, 7], [8, 9], [10, 11, 12, 13]], 6, 1.0, seeds=[1, 2, 3])
+        batch = {k: out[k] for k in ("queries", "query_mask", "responses", "mask")}
+        model.train()
+        logprobs = response_logprobs(model, batch, 1.0, "policy")
+        logprobs.sum().backward()
+        ref_logprobs = response_logprobs(model, batch, 1.0, None)
+        grads = torch.cat([m.lora_A["policy"].weight.grad.flatten() for _, m in lora_layers(model)])
+        runs.append((out["responses"], logprobs.detach(), ref_logprobs.detach(), grads))
+    (responses, logprobs, ref_logprobs, grads), compiled = runs
+    assert torch.equal(responses, compiled[0])
+    torch.testing.assert_close(compiled[1], logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled[2], ref_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled[3], grads, atol=1e-6, rtol=1e-4)
+    assert grads.abs().sum() > 0
