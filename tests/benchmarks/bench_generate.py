@@ -8,7 +8,8 @@ sampled with until 2026-12-07 (kept below as `plain_loop`, the baseline), and tr
 A shape is PROMPTSxKxTOKENS: that many prompts, K samples of each, at most TOKENS new tokens. The defaults are the
 demo's: a PPO rollout (32 prompts × 1 × 48) and the labeller's batch (64 prompts × 4 × 48). For each shape and
 prompt length it samples the same prompts with each generator and prints sampled tokens per second (padding and
-rows that already ended do not count) and the ratio to the plain loop:
+rows that already ended do not count), the median of --repeats rounds in which the generators take turns, and
+the ratio to the plain loop:
   - plain loop: every row decoded until the longest ends, k copies of a prompt prefilled k times, bf16 logits from
     the model's lm_head (the labeller ran it 64 rows at a time: `--plain-batch`);
   - engine: one prefill per distinct prompt, a preallocated cache, rows leaving at their stop token, fp32 logits;
@@ -84,19 +85,21 @@ def ours(decode):
     return run
 
 
-def timed(fn, model, tokenizer, prompts, new_tokens, repeats, sync, batch=None):
-    """(best tokens/s over `repeats` timed runs after one untimed run, tokens of that run); `batch` rows per call."""
-    batch = batch or len(prompts)
-
-    def once():
+def timed(gens, model, tokenizer, prompts, new_tokens, repeats, sync, plain_batch):
+    """{label: (median tokens/s, tokens)} of each generator over `repeats` rounds that take turns (one untimed run
+    each first), so that a slow spell of the machine falls on all of them. Each run draws from the same seed."""
+    def once(fn):
+        batch = plain_batch if fn is plain_loop else len(prompts)
         torch.manual_seed(0)
         sync()
         start = time.perf_counter()
         n = sum(fn(model, tokenizer, prompts[i:i + batch], new_tokens, 0.7) for i in range(0, len(prompts), batch))
         sync()
         return n / (time.perf_counter() - start), n
-    once()
-    return max(once() for _ in range(repeats))
+    for _, fn in gens:
+        once(fn)
+    rounds = [[once(fn) for _, fn in gens] for _ in range(repeats)]  # rounds[r][g]: (tokens/s, tokens)
+    return {label: (statistics.median(r[g][0] for r in rounds), rounds[0][g][1]) for g, (label, _) in enumerate(gens)}
 
 
 def load(args):
@@ -134,7 +137,8 @@ def main():
     p.add_argument("--decode", default="eager", help="Engine decode modes to time, comma-separated (eager, "
                    "compiled).")
     p.add_argument("--hf", action="store_true", help="Also time transformers' generate (static cache, compiled).")
-    p.add_argument("--repeats", type=int, default=2, help="Timed runs of each; the best counts.")
+    p.add_argument("--repeats", type=int, default=5, help="Timed rounds (each generator once a round, in turn); the "
+                   "median counts.")
     args = p.parse_args()
     device = M.pick_device(args.device)
     args.dtype = args.dtype or ("bfloat16" if M.native_bf16(device) else "float32")
@@ -155,14 +159,11 @@ def main():
                 base = torch.randint(10, len(tokenizer) - 10, (n_prompts, length), generator=g).tolist()
             prompts = [q for q in base for _ in range(k)]  # each prompt's k samples side by side
             shown = length or round(statistics.mean(map(len, base)), 1)
-            first = None
             with use_adapter(model, "policy"):
-                for label, fn in gens:
-                    batch = args.plain_batch if fn is plain_loop else None
-                    rate, n = timed(fn, model, tokenizer, prompts, new_tokens, args.repeats, sync, batch)
-                    first = first or rate
-                    print(f"| {shape} | {shown} | {label} | {n} | {rate:.1f} | {rate / first:.2f} |", flush=True)
-
+                rates = timed(gens, model, tokenizer, prompts, new_tokens, args.repeats, sync, args.plain_batch)
+            for label, (rate, n) in rates.items():
+                print(f"| {shape} | {shown} | {label} | {n} | {rate:.1f} | {rate / rates['plain loop'][0]:.2f} |",
+                      flush=True)
 
 if __name__ == "__main__":
     main()
