@@ -43,6 +43,7 @@ from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
+from nanorlhf.engine import DECODE, DECODE_HELP, check_lengths
 from nanorlhf.kernels import entropy_grad
 from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
 from nanorlhf.model import load_policy, trainable
@@ -89,6 +90,7 @@ class Args(RunArgs):
     temperature: float = arg(0.7, "Sampling temperature, used in every logprob pass too, so the ratio and KL compare "
                              "the distributions sampled from.", gt=0)
     top_p: float = arg(1.0, "Nucleus sampling; < 1 makes logprobs differ from the sampling distribution.", gt=0)
+    decode: str = arg("auto", DECODE_HELP, choices=DECODE)
     advantage: str = arg("grpo", "grpo: group mean and std; rloo: leave-one-out mean; reinforce++: batch-"
                          "whitened returns with the KL in the reward.", choices=["grpo", "rloo", "reinforce++"])
     scale_rewards: str = arg("group", "What grpo divides by: the group's reward std, the batch's, or nothing "
@@ -318,6 +320,7 @@ def train(args):
     if args.minibatch_size % args.batch_size or n % args.minibatch_size:
         raise UserError(f"--rollout-batch-size × --num-generations ({n}) must be a multiple of --minibatch-size "
                         f"({args.minibatch_size}), and that of --batch-size ({args.batch_size})")
+    check_lengths(M.load_config(args.model, "--actor"), args.max_prompt_length, args.max_new_tokens)
     check_out(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
@@ -350,7 +353,7 @@ def train(args):
         queries = [p.ids for p in rows]
         with phases.time("generate"):
             batch, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature,
-                                           args.top_p)
+                                           args.top_p, decode=args.decode)
         mask = batch["mask"]
 
         # 2. score: the reward (one scalar per response) and the logprobs the update compares against

@@ -26,6 +26,7 @@ from nanorlhf import dist
 from nanorlhf import model as M
 from nanorlhf.cli import UserError, arg, main
 from nanorlhf.data import load_prompts
+from nanorlhf.engine import DECODE, DECODE_HELP, check_lengths
 from nanorlhf.kernels import entropy_grad
 from nanorlhf.lora import add_lora, use_adapter
 from nanorlhf.loop import Loop, RunArgs, adamw, check_out, cosine_with_warmup, total_steps
@@ -84,6 +85,7 @@ class Args(RunArgs):
     temperature: float = arg(0.7, "Sampling temperature, used in every logprob pass too, so the KL and the ratio "
                              "compare the distributions sampled from.", gt=0)
     top_p: float = arg(1.0, "Nucleus sampling; < 1 makes logprobs differ from the sampling distribution.", gt=0)
+    decode: str = arg("auto", DECODE_HELP, choices=DECODE)
     kl_coef: float = arg(0.05, "β, the per-token KL penalty coefficient (initial value when adaptive).", ge=0)
     target_kl: float | None = arg(None, "Adaptive β: steer the per-sequence KL towards this (Ziegler et al.).", gt=0)
     kl_horizon: int = arg(10000, "Horizon of the adaptive controller, in rollouts.", gt=0)
@@ -248,6 +250,7 @@ def train(args):
         raise UserError("--critic-from-rm starts the critic from the first --rm; give one (--rm FOLDER)")
     if args.critic_from_rm and args.critic == "head":
         raise UserError("--critic-from-rm starts an adapter critic from the RM's weights; --critic head has none")
+    check_lengths(M.load_config(args.model, "--actor"), args.max_prompt_length, args.max_new_tokens)
     check_out(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(args, flag="--actor", adapter="policy")
@@ -289,7 +292,8 @@ def train(args):
         picked = [prompts[i] for i in loop.take(args.rollout_batch_size)]  # this rank's share
         queries = [p.ids for p in picked]
         with phases.time("generate"):
-            batch, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature, args.top_p)
+            batch, lengths, ended = sample(model, tokenizer, queries, args.max_new_tokens, args.temperature, args.top_p,
+                                           decode=args.decode)
         mask = batch["mask"]
 
         # 2. score: per token (B, R) what the update compares against; per response (B,) the score (RMs and/or

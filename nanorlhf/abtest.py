@@ -44,6 +44,7 @@ import torch
 from . import model as M
 from .cli import UserError, arg, main
 from .data import load_prompts
+from .engine import check_lengths
 from .evaluate import WINNERS, Sampling, battle, mean_se, sample
 from .formats import read_records
 
@@ -77,6 +78,7 @@ def prepare(args):
         raise UserError(f"{votes_path} holds the votes on the tasks there; prepare into a new --out")
     if os.path.exists(tasks_path) and not args.overwrite:
         raise UserError(f"{tasks_path} exists; --overwrite replaces it (nobody has voted on it yet)")
+    check_lengths(M.load_config(args.baseline, "--baseline"), args.max_prompt_length, args.max_new_tokens)
     base, tokenizer = M.load_model(args.baseline, device=args.device, dtype=args.dtype, flag="--baseline")
     prompts = load_prompts(args.data, tokenizer, args.max_prompt_length, args.format, args.limit,
                            flag="--max-prompt-length")

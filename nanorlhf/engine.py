@@ -34,6 +34,12 @@ from .kernels import chunk_rows
 from .model import lm_head
 
 
+DECODE = ["auto", "eager", "compiled"]
+DECODE_HELP = ("How a decoding step runs: compiled as CUDA graphs (torch.compile's reduce-overhead mode, static "
+               "shapes), eager, or auto: compiled on a GPU, eager on a CPU (compiled, it was slower on a 2-core CPU). "
+               "Both sample the same distribution.")
+
+
 def sample_token(logits, temperature, top_p=1.0, u=None):
     """(B,) one token per row of logits (B, V): drawn from softmax(logits / temperature), renormalised over the top-p
     nucleus (the fewest most likely tokens whose mass reaches top_p; Holtzman et al. 2020) when top_p < 1;
@@ -82,11 +88,12 @@ def context_length(config):
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def check_lengths(config, max_prompt_length, max_new_tokens, what="--max-prompt-length"):
-    """Refuse, before anything runs, a prompt budget plus response budget the model's positions cannot hold."""
+def check_lengths(config, max_prompt_length, max_new_tokens):
+    """Refuse, before anything runs or is written, a prompt budget plus response budget that the model's positions
+    cannot hold."""
     n = context_length(config)
     if n is not None and max_prompt_length + max_new_tokens > n:
-        raise UserError(f"{what} {max_prompt_length} + --max-new-tokens {max_new_tokens} = "
+        raise UserError(f"--max-prompt-length {max_prompt_length} + --max-new-tokens {max_new_tokens} = "
                         f"{max_prompt_length + max_new_tokens} tokens exceed the model's context of {n}; lower one")
 
 
@@ -277,7 +284,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
 
 
 @torch.no_grad()
-def generate_all(model, tokenizer, prompts, max_new_tokens, temperature=1.0, batch_size=8, desc=None):
+def generate_all(model, tokenizer, prompts, max_new_tokens, temperature=1.0, batch_size=8, desc=None, decode="auto"):
     """`generate` over many token-id prompts, at most `batch_size` rows at a time, with a progress bar when `desc` is
     given. Returns each response's token ids (cut after its stop token) and whether it ended with one, in prompt
     order.
@@ -300,7 +307,7 @@ def generate_all(model, tokenizer, prompts, max_new_tokens, temperature=1.0, bat
     responses, ended = [None] * len(prompts), [None] * len(prompts)
     for rows in tqdm(batches, desc=desc, disable=desc is None, dynamic_ncols=True):
         out = generate(model, tokenizer, [prompts[j] for j in rows], max_new_tokens, temperature,
-                       seeds=[seeds[j] for j in rows])
+                       seeds=[seeds[j] for j in rows], decode=decode)
         for j, r, n, e in zip(rows, out["responses"].cpu(), out["lengths"].cpu(), out["ended"].tolist()):
             responses[j], ended[j] = r[:n].tolist(), e
     return responses, ended

@@ -32,7 +32,7 @@ import torch
 from . import model as M
 from .cli import UserError, arg, main
 from .data import by_length, collate, load_examples, load_prompts, render_prompt
-from .engine import generate_all
+from .engine import DECODE, DECODE_HELP, check_lengths, generate_all
 from .preference import summed_logprobs
 from .rewards import Rewarder
 
@@ -49,7 +49,9 @@ class Sampling:
     max_prompt_length: int = arg(256, "Skip prompts longer than this many tokens.", gt=0, alias="--max-length")
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
     temperature: float = arg(0.7, "Sampling temperature (the KL estimate uses logprobs at this temperature).", gt=0)
-    batch_size: int = arg(8, "Prompts per generation batch.", gt=0)
+    batch_size: int = arg(8, "Prompts per generation batch. More rows make a decoding step's matmuls more efficient.",
+                          gt=0)
+    decode: str = arg("auto", DECODE_HELP, choices=DECODE)
     seed: int = arg(0, "Sampling seed, reset before each model so all see the same random stream.")
     device: str = arg("auto", "cuda, cpu or auto.")
     dtype: str = arg("auto", "Compute dtype; auto = bf16 on GPUs that support it, else fp32.",
@@ -83,7 +85,8 @@ def sample(model, tok, prompts, tokenizer, args):
     chat template; texts without special tokens."""
     queries = [p.ids for p in prompts] if tok is tokenizer else [render_prompt(tok, p.messages) for p in prompts]
     torch.manual_seed(args.seed)
-    responses, ended = generate_all(model, tok, queries, args.max_new_tokens, args.temperature, args.batch_size)
+    responses, ended = generate_all(model, tok, queries, args.max_new_tokens, args.temperature, args.batch_size,
+                                    decode=args.decode)
     return queries, responses, ended, [tok.decode(r, skip_special_tokens=True) for r in responses]
 
 
@@ -230,6 +233,7 @@ def evaluate(args):
                         "required")
     if args.battles and not args.judge:
         raise UserError("--battles writes the verdicts of a --judge; give --judge MODEL")
+    check_lengths(M.load_config(args.baseline, "--baseline"), args.max_prompt_length, args.max_new_tokens)
     base, tokenizer = M.load_model(args.baseline, device=args.device, dtype=args.dtype, flag="--baseline")
     rewarder = (Rewarder(tokenizer, args.rm, reward_fn=args.reward_fn, device=args.device, dtype=args.dtype)
                 if args.rm or args.reward_fn else None)

@@ -34,7 +34,7 @@ import torch
 from . import model as M
 from .cli import UserError, arg, main
 from .data import load_prompts
-from .engine import generate_all
+from .engine import DECODE, DECODE_HELP, check_lengths, generate_all
 from .rewards import Rewarder
 
 
@@ -63,7 +63,10 @@ class Args:
     max_prompt_length: int = arg(256, "Skip prompts longer than this many tokens.", gt=0, alias="--max-length")
     max_new_tokens: int = arg(64, "Response length limit.", gt=0)
     temperature: float = arg(0.7, "Sampling temperature.", gt=0)
-    batch_size: int = arg(16, "Responses generated (and scored) per batch.", gt=0)
+    batch_size: int = arg(64, "Responses generated (and scored) per batch. A batch holds whole groups of a prompt's "
+                          "--k responses, which share one prefill, and more rows make a decoding step's matmuls "
+                          "more efficient: on a 2-core CPU 256 rows sampled 2.1x the tokens per second of 64.", gt=0)
+    decode: str = arg("auto", DECODE_HELP, choices=DECODE)
     seed: int = arg(0, "Sampling seed.")
     device: str = arg("auto", "cuda, cpu or auto.")
     dtype: str = arg("auto", "Compute dtype; auto = bf16 on GPUs that support it, else fp32.",
@@ -115,6 +118,10 @@ def label(args):
         raise UserError(f"--out {args.out} is a file; expected a folder")
     if any(os.path.exists(os.path.join(args.out, n)) for n in names) and not args.overwrite:
         raise UserError(f"--out {args.out} already holds labelled data; pass --overwrite to replace it")
+    if args.k > args.batch_size:
+        raise UserError(f"--k {args.k} is more than --batch-size {args.batch_size}: a prompt's k responses share one "
+                        "prefill, so a batch must hold them all")
+    check_lengths(M.load_config(args.model), args.max_prompt_length, args.max_new_tokens)
     model, tokenizer = M.load_model(args.model, device=args.device, dtype=args.dtype)
     model.eval()
     rewarder = Rewarder(tokenizer, args.rm, args.rm_weight, args.reward_fn, reward_weights=args.reward_weight,
@@ -125,7 +132,7 @@ def label(args):
     queries = [p.ids for p in rows]
     torch.manual_seed(args.seed)
     responses, ended = generate_all(model, tokenizer, queries, args.max_new_tokens, args.temperature,
-                                      args.batch_size, desc=f"sampling {args.k} x {len(prompts)}")
+                                    args.batch_size, desc=f"sampling {args.k} x {len(prompts)}", decode=args.decode)
     scores, texts = [], []
     for i in range(0, len(responses), args.batch_size):
         sl = slice(i, i + args.batch_size)

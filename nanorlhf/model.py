@@ -256,10 +256,18 @@ def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def load_config(name, flag="--model"):
+    """The model's config alone (no weights): what a script checks before it writes anything."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(resolve(name, flag))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {name}: could not load its config ({str(e).splitlines()[0]})")
+
+
 def load_reward_model(name, flag="--rm", **kw):
     """A frozen reward model saved by train_rm.py (any *ForSequenceClassification with one label)."""
-    from transformers import AutoConfig
-    architectures = AutoConfig.from_pretrained(resolve(name, flag)).architectures or []
+    architectures = load_config(name, flag).architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise UserError(f"{flag} {name}: not a sequence-classification model (architectures: {architectures}); "
                         "train one with train_rm.py")

@@ -15,12 +15,13 @@ from .lora import use_adapter
 
 
 @torch.no_grad()
-def sample(model, tokenizer, queries, max_new_tokens, temperature, top_p=1.0, adapter="policy"):
-    """Responses of adapter `adapter` to token-id prompts, cut after the first EOS (docs/ppo-details.md §3).
+def sample(model, tokenizer, queries, max_new_tokens, temperature, top_p=1.0, adapter="policy", decode="auto"):
+    """Responses of adapter `adapter` to token-id prompts, cut after the first EOS (docs/ppo-details.md §3), from the
+    engine (`decode`: how its steps run, nanorlhf/engine.py).
 
     Returns the rollout batch {queries, query_mask, responses, mask}, lengths (B,) and ended (B,)."""
     with use_adapter(model, adapter):
-        out = generate(model, tokenizer, queries, max_new_tokens, temperature, top_p)
+        out = generate(model, tokenizer, queries, max_new_tokens, temperature, top_p, decode=decode)
     return {k: out[k] for k in ("queries", "query_mask", "responses", "mask")}, out["lengths"], out["ended"]
 
 

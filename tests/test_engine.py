@@ -278,7 +278,7 @@ def test_generate_all_keeps_a_prompts_copies_in_one_batch(monkeypatch):
     from nanorlhf import engine
     seen = []
 
-    def fake_generate(model, tokenizer, batch, max_new_tokens, temperature, seeds):
+    def fake_generate(model, tokenizer, batch, max_new_tokens, temperature, seeds, decode):
         seen.append(batch)
         return {"responses": torch.tensor([[len(p), 9] for p in batch]), "lengths": torch.full((len(batch),), 2),
                 "ended": torch.ones(len(batch), dtype=torch.bool)}

@@ -69,7 +69,7 @@ def test_length_sorted_batches_keep_each_prompts_response_and_ties(tiny_dir, tin
     prompts = [[7] * n for n in (5, 1, 9, 3, 1, 7)]
     seen = []
 
-    def fake_generate(model, tokenizer, batch, max_new_tokens, temperature, seeds):  # answers with each prompt's length
+    def fake_generate(model, tokenizer, batch, max_new_tokens, temperature, seeds, decode):  # each prompt's length
         seen.append([len(p) for p in batch])
         responses = torch.tensor([[len(p), 2] for p in batch])
         return {"responses": responses, "lengths": torch.full((len(batch),), 2), "ended": torch.ones(len(batch)) > 0}

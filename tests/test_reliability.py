@@ -200,6 +200,17 @@ def bad_inputs(tiny_dir, tiny_rm_dir, tmp_path_factory):
         ("critic from another tokenizer", ["train_ppo.py", "--actor", tiny_dir, "--rm", str(other_rm),
                                            "--critic-from-rm", "--data", str(prompts)] + out("o22"),
          "--critic-from-rm: --rm .*other_rm has another tokenizer"),
+        # the tiny model has 1024 positions: refused before anything is written (checked below)
+        ("response past the context", ["train_grpo.py", "--actor", tiny_dir, "--reward-fn", "x:y", "--data",
+                                       str(prompts), "--max-new-tokens", "2000"] + out("o23"),
+         r"--max-prompt-length 256 \+ --max-new-tokens 2000 = 2256 tokens exceed the model's context of 1024"),
+        ("prompt fills the context", ["-m", "nanorlhf.evaluate", "--model", tiny_dir, "--baseline", tiny_dir,
+                                      "--reward-fn", "x:y", "--data", str(prompts), "--max-length", "1024",
+                                      "--max-new-tokens", "8", "--out", str(d / "o24.json")],
+         r"--max-prompt-length 1024 \+ --max-new-tokens 8 = 1032 tokens exceed"),
+        ("k larger than a batch", ["-m", "nanorlhf.label", "--model", tiny_dir, "--data", str(prompts), "--reward-fn",
+                                   "x:y", "--k", "8", "--batch-size", "4"] + out("o25"),
+         "--k 8 is more than --batch-size 4"),
     ]
 
 
@@ -217,6 +228,9 @@ def test_bad_input_is_one_line_exit_2_no_traceback(bad_inputs):
         assert r.returncode == 2, (name, r.returncode, r.stderr[-1500:])
         assert "Traceback" not in r.stderr, (name, r.stderr[-1500:])
         assert len(errors) == 1 and re.search(expected, errors[0]), (name, r.stderr[-1500:])
+    for name in ("response past the context", "prompt fills the context", "k larger than a batch"):
+        argv = next(argv for case, argv, *_ in bad_inputs if case == name)
+        assert not os.path.exists(argv[argv.index("--out") + 1]), name  # nothing written, not even a folder
     finished = next(argv[argv.index("--out") + 1] for name, argv, *_ in bad_inputs if name == "finished out")
     assert open(os.path.join(finished, "config.json")).read() == "{}"  # untouched
     a_file = next(argv[argv.index("--out") + 1] for name, argv, *_ in bad_inputs if name == "out is a file")
